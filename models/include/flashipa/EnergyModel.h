@@ -1,0 +1,76 @@
+#ifndef FLASHIPA_ENERGY_MODEL_H_
+#define FLASHIPA_ENERGY_MODEL_H_
+
+#include "flashipa/FlashIPALayer.h"
+#include "flashipa/ModelConfig.h"
+#include <map>
+#include <string>
+#include <torch/torch.h>
+
+namespace FlashIPAPlugin {
+
+/** A batch of structures for the EnergyModel. */
+struct StructureBatch {
+    torch::Tensor atoms;     ///< frame atoms [B, L, 3 (a, b, c), 3] in nm
+    torch::Tensor types;     ///< residue types [B, L] (int64, see ResidueType)
+    torch::Tensor chains;    ///< chain ids [B, L] (int64); neighbours and positions respect them
+    torch::Tensor mask;      ///< [B, L] bool, true = real residue; undefined = all real
+};
+
+/**
+ * The learned energy E_theta(x, sigma) in units of kT (DESIGN 2.6): node features (type embedding,
+ * Fourier features of log sigma, each residue's own and its chain neighbours' frame atoms expressed in
+ * its frame), factorised pair features, a trunk of FlashIPA blocks, and a per-residue energy head.
+ * E = sum_i e_i / sigma, so that sigma * grad E stays O(1) across noise levels.
+ * One definition serves training (math backend), the Reference platform and the CUDA platform.
+ */
+class EnergyModelImpl : public torch::nn::Module {
+public:
+    explicit EnergyModelImpl(const ModelConfig& config);
+
+    /**
+     * Energies [B] in kT.
+     * @param sigma          noise level in nm, [B] or a scalar tensor
+     * @param checkedFrames  throw on degenerate frames (true) or guard them (false, for generation)
+     */
+    torch::Tensor forward(const StructureBatch& batch, const torch::Tensor& sigma, AttentionBackend backend,
+                          bool checkedFrames = true);
+
+    /** The architecture this model was built with. */
+    const ModelConfig& config() const { return config_; }
+
+    /** Per-residue features invariant under global rotation and translation, [B, L, n]. */
+    static torch::Tensor localGeometry(const torch::Tensor& atoms, const Frames& frames, const torch::Tensor& chains,
+                                       const torch::Tensor& mask);
+    /** Sequence positions [B, L]: index along the batch row plus a gap of 64 at each chain change. */
+    static torch::Tensor sequencePositions(const torch::Tensor& chains);
+
+    torch::nn::Embedding typeEmbedding{nullptr};
+    torch::nn::Linear sigmaEmbedding{nullptr}, geometryIn{nullptr}, geometryHidden{nullptr};
+    torch::nn::LayerNorm inputNorm{nullptr};
+    torch::nn::Linear pairLeft{nullptr}, pairRight{nullptr};
+    torch::nn::ModuleList ipaLayers, ipaNorms, transitions, transitionNorms;
+    torch::nn::Linear energyHidden{nullptr}, energyOut{nullptr};
+
+private:
+    ModelConfig config_;
+};
+TORCH_MODULE(EnergyModel);
+
+/** Writes the model's parameters and configuration (plus extraMetadata) as a safetensors file. */
+void saveEnergyModel(EnergyModel& model, const std::string& path,
+                     const std::map<std::string, std::string>& extraMetadata = {});
+
+/**
+ * Loads a checkpoint written by saveEnergyModel. Validates the format, the configuration, and every
+ * parameter's name, shape and dtype; throws std::runtime_error with the cause on any mismatch.
+ * @param metadata  if not null, receives the checkpoint's metadata
+ */
+EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
+
+/** Sets every parameter of a module from a seeded generator (deterministic, independent of global RNG state). */
+void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale);
+
+} // namespace FlashIPAPlugin
+
+#endif

@@ -1,0 +1,40 @@
+#ifndef FLASHIPA_FRAME_BUILDER_H_
+#define FLASHIPA_FRAME_BUILDER_H_
+
+#include <torch/torch.h>
+
+namespace FlashIPAPlugin {
+
+/** Rigid frames T_i = (R_i, t_i): R is [..., 3, 3] with the axes as columns, t is [..., 3]. */
+struct Frames {
+    torch::Tensor rotations;
+    torch::Tensor translations;
+};
+
+/**
+ * Builds residue frames from three atoms by Gram-Schmidt (DESIGN 2.1), differentiably:
+ * e1 = unit(c - b), e2 = unit((a - b) - (e1.(a - b)) e1), e3 = e1 x e2, t = b.
+ * Protein: (a, b, c) = (N, CA, C); RNA: (C3', C4', O4').
+ */
+class FrameBuilder {
+public:
+    /** Smallest |c - b| (nm) accepted as a bond. */
+    static constexpr double MinBondLength = 1e-3;
+    /** Smallest sine of the a-b-c angle accepted as non-collinear. */
+    static constexpr double MinSine = 1e-3;
+
+    /**
+     * Frames of atoms [..., 3 (a, b, c), 3 (xyz)].
+     * @param checked  if true, throw std::invalid_argument naming the first residue whose atoms are
+     *                 coincident, collinear or not finite; if false, guard the normalisations so that
+     *                 degenerate input gives finite (if arbitrary) frames, for noisy generation.
+     */
+    static Frames build(const torch::Tensor& atoms, bool checked = true);
+
+    /** Throws std::invalid_argument if any residue of atoms [..., 3, 3] is degenerate (see build). */
+    static void check(const torch::Tensor& atoms);
+};
+
+} // namespace FlashIPAPlugin
+
+#endif

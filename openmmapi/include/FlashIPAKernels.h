@@ -1,0 +1,30 @@
+#ifndef FLASHIPA_KERNELS_H_
+#define FLASHIPA_KERNELS_H_
+
+#include "FlashIPAForce.h"
+#include "openmm/KernelImpl.h"
+#include "openmm/Platform.h"
+#include "openmm/System.h"
+#include <string>
+
+namespace FlashIPAPlugin {
+
+/** The kernel that evaluates a FlashIPAForce; each platform implements it. */
+class CalcFlashIPAForceKernel : public OpenMM::KernelImpl {
+public:
+    static std::string Name() { return "CalcFlashIPAForce"; }
+    CalcFlashIPAForceKernel(std::string name, const OpenMM::Platform& platform) : OpenMM::KernelImpl(name, platform) {}
+    /** Load the model and record the residues. */
+    virtual void initialize(const OpenMM::System& system, const FlashIPAForce& force) = 0;
+    /**
+     * Evaluate the force: add forces to the context's force buffer when includeForces, and the
+     * energy-parameter derivatives; return the energy in kJ/mol (0 when !includeEnergy, if cheaper).
+     */
+    virtual double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy) = 0;
+    /** Copy changed residue parameters from the force. */
+    virtual void copyParametersToContext(OpenMM::ContextImpl& context, const FlashIPAForce& force) = 0;
+};
+
+} // namespace FlashIPAPlugin
+
+#endif
