@@ -48,11 +48,11 @@ public:
 
 private:
     struct Projected;
-    Projected project(const IPAInputs& inputs) const;
-    torch::Tensor attendMath(const Projected& p, const IPAInputs& inputs) const;
-    torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs) const;
+    Projected project(const IPAInputs& inputs);
+    torch::Tensor attendMath(const Projected& p, const IPAInputs& inputs);
+    torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs);
     torch::Tensor unlift(const Projected& p, const torch::Tensor& scalar, const torch::Tensor& pointsGlobal,
-                         const torch::Tensor& pairAggregate, const IPAInputs& inputs) const;
+                         const torch::Tensor& pairAggregate, const IPAInputs& inputs);
     ModelConfig config;
 };
 TORCH_MODULE(FlashIPALayer);

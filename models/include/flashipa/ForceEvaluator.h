@@ -1,0 +1,59 @@
+#ifndef FLASHIPA_FORCE_EVALUATOR_H_
+#define FLASHIPA_FORCE_EVALUATOR_H_
+
+#include "flashipa/EnergyModel.h"
+#include <torch/torch.h>
+#include <vector>
+
+namespace FlashIPAPlugin {
+
+/** Boltzmann's constant in kJ/mol/K (kT = BoltzmannKJPerMolK * T). */
+constexpr double BoltzmannKJPerMolK = 0.0083144626;
+
+/** The result of one evaluation of U = scale * kT * E(x, sigma). */
+struct ForceEvaluation {
+    double energy = 0;                   ///< U in kJ/mol
+    torch::Tensor frameAtomForces;       ///< -dU/dx for the frame atoms [L, 3, 3] in kJ/mol/nm (undefined if not asked)
+    double dEnergyDScale = 0;            ///< dU/d(flashipaScale), kJ/mol
+    double dEnergyDSigma = 0;            ///< dU/d(flashipaSigma), kJ/mol/nm
+    double dEnergyDTemperature = 0;      ///< dU/d(flashipaTemperature), kJ/mol/K
+};
+
+/**
+ * Evaluates a FlashIPAForce's energy, forces and parameter derivatives from a positions tensor, on
+ * whatever device and dtype the evaluator was built for. Platform kernels only gather positions and
+ * scatter forces; everything model-related happens here, so Reference and CUDA share it.
+ */
+class ForceEvaluator {
+public:
+    /** @param model moved to device/dtype; @param backend attention backend for every evaluation */
+    ForceEvaluator(EnergyModel model, torch::Device device, torch::Dtype dtype, AttentionBackend backend);
+    /**
+     * Set the residues: frameAtoms holds 3 particle indices per residue (a, b, c); types and chains one
+     * value per residue.
+     */
+    void setResidues(const std::vector<int64_t>& frameAtoms, const std::vector<int64_t>& types, const std::vector<int64_t>& chains);
+    /** Number of residues. */
+    int64_t numResidues() const { return types.size(0); }
+    /** Particle indices of the frame atoms, [L, 3] int64 on the evaluator's device. */
+    const torch::Tensor& frameAtomIndices() const { return atomIndices; }
+    /**
+     * Evaluate from positions [numParticles, 3] (nm; any dtype, on the evaluator's device).
+     * With computeForces, also forces and the three parameter derivatives.
+     * Throws std::invalid_argument for degenerate or non-finite frame atoms.
+     */
+    ForceEvaluation evaluate(const torch::Tensor& positions, double scale, double sigma, double temperature, bool computeForces);
+    /** The model. */
+    EnergyModel& model() { return model_; }
+
+private:
+    EnergyModel model_;
+    torch::Device device;
+    torch::Dtype dtype;
+    AttentionBackend backend;
+    torch::Tensor atomIndices, types, chains;
+};
+
+} // namespace FlashIPAPlugin
+
+#endif

@@ -1,0 +1,72 @@
+#include "flashipa/FrameBuilder.h"
+#include <sstream>
+#include <stdexcept>
+
+namespace FlashIPAPlugin {
+
+using torch::indexing::Ellipsis;
+using torch::indexing::Slice;
+
+namespace {
+// Guard for unchecked (generation) mode: keeps normalisation finite when a vector vanishes.
+constexpr double GuardEpsilon = 1e-12;
+
+torch::Tensor unit(const torch::Tensor& v, bool guarded) {
+    torch::Tensor squared = (v * v).sum(-1, true);
+    if (guarded)
+        squared = squared + GuardEpsilon;
+    return v / torch::sqrt(squared);
+}
+
+std::string describeResidue(int64_t flatIndex, const torch::IntArrayRef& batchShape) {
+    // Name the residue by its multi-index, e.g. "structure 0, residue 17".
+    std::ostringstream out;
+    if (batchShape.size() >= 2) {
+        int64_t residues = batchShape.back();
+        out << "structure " << flatIndex / residues << ", residue " << flatIndex % residues;
+    } else
+        out << "residue " << flatIndex;
+    return out.str();
+}
+} // namespace
+
+void FrameBuilder::check(const torch::Tensor& atoms) {
+    if (atoms.dim() < 2 || atoms.size(-1) != 3 || atoms.size(-2) != 3)
+        throw std::invalid_argument("frame atoms must have shape [..., 3, 3]");
+    torch::NoGradGuard noGrad;
+    torch::Tensor flat = atoms.detach().to(torch::kDouble).reshape({-1, 3, 3});
+    torch::IntArrayRef batchShape = atoms.sizes().slice(0, atoms.dim() - 2);
+    torch::Tensor finite = torch::isfinite(flat).all(-1).all(-1);
+    torch::Tensor a = flat.select(1, 0), b = flat.select(1, 1), c = flat.select(1, 2);
+    torch::Tensor bc = c - b, ba = a - b;
+    torch::Tensor bondLength = bc.norm(2, -1);
+    torch::Tensor sine = torch::linalg_cross(bc, ba).norm(2, -1) / (bondLength * ba.norm(2, -1) + 1e-300);
+    auto firstBad = [&](const torch::Tensor& bad) -> int64_t {
+        torch::Tensor index = torch::nonzero(bad);
+        return index.numel() == 0 ? -1 : index[0][0].item<int64_t>();
+    };
+    int64_t bad = firstBad(~finite);
+    if (bad >= 0)
+        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) + " have non-finite coordinates");
+    bad = firstBad(bondLength < MinBondLength);
+    if (bad >= 0)
+        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
+                                    " are coincident (|c - b| below 1e-3 nm): cannot build a frame");
+    bad = firstBad((ba.norm(2, -1) < MinBondLength).logical_or(sine < MinSine));
+    if (bad >= 0)
+        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
+                                    " are collinear or coincident (a, b, c on one line): cannot build a frame");
+}
+
+Frames FrameBuilder::build(const torch::Tensor& atoms, bool checked) {
+    if (checked)
+        check(atoms);
+    torch::Tensor a = atoms.select(-2, 0), b = atoms.select(-2, 1), c = atoms.select(-2, 2);
+    torch::Tensor e1 = unit(c - b, !checked);
+    torch::Tensor u = a - b;
+    torch::Tensor e2 = unit(u - (e1 * u).sum(-1, true) * e1, !checked);
+    torch::Tensor e3 = torch::linalg_cross(e1, e2);
+    return {torch::stack({e1, e2, e3}, -1), b};
+}
+
+} // namespace FlashIPAPlugin

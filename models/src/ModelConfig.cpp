@@ -1,0 +1,96 @@
+#include "flashipa/ModelConfig.h"
+#include <stdexcept>
+#include <vector>
+
+namespace FlashIPAPlugin {
+
+namespace {
+// One table drives validation and (de)serialisation, so a new field cannot be forgotten in one of them.
+struct IntField {
+    const char* name;
+    int ModelConfig::*member;
+    int minimum;
+};
+const std::vector<IntField>& intFields() {
+    static const std::vector<IntField> fields = {
+        {"nodeDim", &ModelConfig::nodeDim, 1},         {"headDim", &ModelConfig::headDim, 1},
+        {"numHeads", &ModelConfig::numHeads, 1},       {"queryPoints", &ModelConfig::queryPoints, 1},
+        {"valuePoints", &ModelConfig::valuePoints, 1}, {"pairRank", &ModelConfig::pairRank, 0},
+        {"pairDim", &ModelConfig::pairDim, 1},         {"relPosFrequencies", &ModelConfig::relPosFrequencies, 0},
+        {"numBlocks", &ModelConfig::numBlocks, 1},     {"transitionFactor", &ModelConfig::transitionFactor, 1},
+        {"sigmaFeatures", &ModelConfig::sigmaFeatures, 1},
+    };
+    return fields;
+}
+struct DoubleField {
+    const char* name;
+    double ModelConfig::*member;
+};
+const std::vector<DoubleField>& doubleFields() {
+    static const std::vector<DoubleField> fields = {{"sigmaMin", &ModelConfig::sigmaMin}, {"sigmaMax", &ModelConfig::sigmaMax}};
+    return fields;
+}
+const std::string& lookup(const std::map<std::string, std::string>& metadata, const std::string& key) {
+    auto it = metadata.find(key);
+    if (it == metadata.end())
+        throw std::invalid_argument("model configuration: metadata lacks '" + key + "'");
+    return it->second;
+}
+} // namespace
+
+int ModelConfig::pairValueDim() const { return pairRank > 0 ? std::max(1, pairDim / 4) : 0; }
+
+int ModelConfig::biasRank() const { return pairRank + 2 * relPosFrequencies; }
+
+void ModelConfig::validate() const {
+    for (const auto& f : intFields())
+        if (this->*(f.member) < f.minimum)
+            throw std::invalid_argument("model configuration: " + std::string(f.name) + " = " +
+                                        std::to_string(this->*(f.member)) + " must be >= " + std::to_string(f.minimum));
+    if (!(sigmaMin > 0 && sigmaMax > sigmaMin))
+        throw std::invalid_argument("model configuration: need 0 < sigmaMin < sigmaMax (nm)");
+}
+
+std::map<std::string, std::string> ModelConfig::toMetadata() const {
+    std::map<std::string, std::string> out;
+    for (const auto& f : intFields())
+        out["config." + std::string(f.name)] = std::to_string(this->*(f.member));
+    for (const auto& f : doubleFields()) {
+        char buffer[64];
+        snprintf(buffer, sizeof(buffer), "%.17g", this->*(f.member));
+        out["config." + std::string(f.name)] = buffer;
+    }
+    return out;
+}
+
+ModelConfig ModelConfig::fromMetadata(const std::map<std::string, std::string>& metadata) {
+    ModelConfig config;
+    for (const auto& f : intFields()) {
+        const std::string key = "config." + std::string(f.name);
+        const std::string& text = lookup(metadata, key);
+        size_t used = 0;
+        try {
+            config.*(f.member) = std::stoi(text, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != text.size())
+            throw std::invalid_argument("model configuration: '" + key + "' = '" + text + "' is not an integer");
+    }
+    for (const auto& f : doubleFields()) {
+        const std::string key = "config." + std::string(f.name);
+        const std::string& text = lookup(metadata, key);
+        size_t used = 0;
+        try {
+            config.*(f.member) = std::stod(text, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != text.size())
+            throw std::invalid_argument("model configuration: '" + key + "' = '" + text + "' is not a number");
+    }
+    config.validate();
+    return config;
+}
+
+} // namespace FlashIPAPlugin

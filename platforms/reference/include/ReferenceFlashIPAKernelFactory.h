@@ -1,0 +1,16 @@
+#ifndef REFERENCE_FLASHIPA_KERNEL_FACTORY_H_
+#define REFERENCE_FLASHIPA_KERNEL_FACTORY_H_
+
+#include "openmm/KernelFactory.h"
+
+namespace FlashIPAPlugin {
+
+/** Creates the Reference platform's FlashIPA kernels. */
+class ReferenceFlashIPAKernelFactory : public OpenMM::KernelFactory {
+public:
+    OpenMM::KernelImpl* createKernelImpl(std::string name, const OpenMM::Platform& platform, OpenMM::ContextImpl& context) const override;
+};
+
+} // namespace FlashIPAPlugin
+
+#endif

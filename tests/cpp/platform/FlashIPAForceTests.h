@@ -1,0 +1,305 @@
+// The body of the FlashIPAForce tests, shared by every platform. The including file defines
+//   const char* const TestPlatform;      the OpenMM platform name
+//   void registerTestKernels();          registers the plugin's kernels for that platform
+//   double TestTolerance;                relative tolerance for comparisons with double-precision oracles
+#include "FlashIPAForce.h"
+#include "TestStructures.h"
+#include "flashipa/ResidueTypes.h"
+#include "openmm/Context.h"
+#include "openmm/CustomExternalForce.h"
+#include "openmm/OpenMMException.h"
+#include "openmm/Platform.h"
+#include "openmm/System.h"
+#include "openmm/VerletIntegrator.h"
+#include "openmm/serialization/XmlSerializer.h"
+#include <gtest/gtest.h>
+#include <memory>
+#include <sstream>
+
+using namespace FlashIPAPlugin;
+using namespace OpenMM;
+
+namespace {
+
+struct TestSystem {
+    System system;
+    FlashIPAForce* force; // owned by system
+    std::vector<Vec3> positions;
+};
+
+/** L residues (first half protein, second half RNA), three particles each, helical geometry. */
+std::unique_ptr<TestSystem> makeSystem(int L, unsigned seed = 1) {
+    auto test = std::make_unique<TestSystem>();
+    torch::Tensor atoms = FlashIPATest::helixAtoms(L, seed).view({-1, 3});
+    test->force = new FlashIPAForce();
+    for (int i = 0; i < L; i++) {
+        bool rna = i >= L / 2;
+        for (int k = 0; k < 3; k++) {
+            test->system.addParticle(12.0);
+            test->positions.emplace_back(atoms[3 * i + k][0].item<double>(), atoms[3 * i + k][1].item<double>(),
+                                         atoms[3 * i + k][2].item<double>());
+        }
+        test->force->addResidue(3 * i, 3 * i + 1, 3 * i + 2, rna ? ResidueType::FirstNucleotide + i % 4 : i % 20, rna ? 1 : 0);
+    }
+    test->system.addForce(test->force);
+    return test;
+}
+
+Platform& platform() {
+    registerTestKernels();
+    return Platform::getPlatformByName(TestPlatform);
+}
+
+double energyOf(Context& context, const std::vector<Vec3>& positions) {
+    context.setPositions(positions);
+    return context.getState(State::Energy).getPotentialEnergy();
+}
+
+TEST(FlashIPAForce, ForcesMatchFiniteDifferences) {
+    auto test = makeSystem(8);
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    context.setPositions(test->positions);
+    State state = context.getState(State::Forces | State::Energy);
+    ASSERT_TRUE(std::isfinite(state.getPotentialEnergy()));
+    const double h = 1e-5;
+    double errorSquared = 0, normSquared = 0;
+    for (size_t i = 0; i < test->positions.size(); i++)
+        for (int d = 0; d < 3; d++) {
+            std::vector<Vec3> plus = test->positions, minus = test->positions;
+            plus[i][d] += h;
+            minus[i][d] -= h;
+            double fd = -(energyOf(context, plus) - energyOf(context, minus)) / (2 * h);
+            double analytic = state.getForces()[i][d];
+            errorSquared += (fd - analytic) * (fd - analytic);
+            normSquared += analytic * analytic;
+        }
+    ASSERT_GT(normSquared, 0.0);
+    EXPECT_LT(std::sqrt(errorSquared / normSquared), 1e-4);
+}
+
+TEST(FlashIPAForce, ParameterDerivativesMatchFiniteDifferences) {
+    auto test = makeSystem(6);
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    context.setPositions(test->positions);
+    context.setParameter(FlashIPAForce::Sigma(), 0.2);
+    context.setParameter(FlashIPAForce::Scale(), 1.5);
+    auto derivatives = context.getState(State::ParameterDerivatives).getEnergyParameterDerivatives();
+    for (const std::string& name : {FlashIPAForce::Scale(), FlashIPAForce::Sigma(), FlashIPAForce::Temperature()}) {
+        double value = context.getParameter(name), h = 1e-5 * value;
+        context.setParameter(name, value + h);
+        double plus = context.getState(State::Energy).getPotentialEnergy();
+        context.setParameter(name, value - h);
+        double minus = context.getState(State::Energy).getPotentialEnergy();
+        context.setParameter(name, value);
+        double fd = (plus - minus) / (2 * h);
+        ASSERT_TRUE(derivatives.count(name)) << name;
+        EXPECT_NEAR(derivatives[name], fd, 1e-4 * std::abs(fd) + 1e-10) << name;
+    }
+}
+
+TEST(FlashIPAForce, ScaleAndTemperatureAreLinear) {
+    auto test = makeSystem(6);
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    context.setPositions(test->positions);
+    double base = context.getState(State::Energy).getPotentialEnergy();
+    EXPECT_NE(base, 0.0);
+    context.setParameter(FlashIPAForce::Scale(), 0.0);
+    EXPECT_EQ(context.getState(State::Energy).getPotentialEnergy(), 0.0);
+    context.setParameter(FlashIPAForce::Scale(), 2.0);
+    EXPECT_NEAR(context.getState(State::Energy).getPotentialEnergy(), 2 * base, 1e-12 * std::abs(base));
+    context.setParameter(FlashIPAForce::Temperature(), 600.0);
+    EXPECT_NEAR(context.getState(State::Energy).getPotentialEnergy(), 4 * base, 1e-12 * std::abs(base));
+}
+
+TEST(FlashIPAForce, InvariantFarFromOrigin) {
+    auto test = makeSystem(10);
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    context.setPositions(test->positions);
+    State before = context.getState(State::Energy | State::Forces);
+    torch::Tensor R = FlashIPATest::randomRotation(5);
+    auto r = [&](int a, int b) { return R[a][b].item<double>(); };
+    auto rotate = [&](const Vec3& v) {
+        return Vec3(r(0, 0) * v[0] + r(0, 1) * v[1] + r(0, 2) * v[2], r(1, 0) * v[0] + r(1, 1) * v[1] + r(1, 2) * v[2],
+                    r(2, 0) * v[0] + r(2, 1) * v[1] + r(2, 2) * v[2]);
+    };
+    Vec3 shift(60.0, -60.0, 48.0); // 100 nm from the origin
+    std::vector<Vec3> moved;
+    for (const Vec3& p : test->positions)
+        moved.push_back(rotate(p) + shift);
+    context.setPositions(moved);
+    State after = context.getState(State::Energy | State::Forces);
+    EXPECT_NEAR(after.getPotentialEnergy(), before.getPotentialEnergy(), 1e-6 * std::abs(before.getPotentialEnergy()));
+    double error = 0, norm = 0;
+    for (size_t i = 0; i < moved.size(); i++) {
+        Vec3 diff = after.getForces()[i] - rotate(before.getForces()[i]);
+        error += diff.dot(diff);
+        norm += before.getForces()[i].dot(before.getForces()[i]);
+    }
+    EXPECT_LT(std::sqrt(error / norm), 1e-6);
+}
+
+TEST(FlashIPAForce, SerializationRoundTrip) {
+    auto test = makeSystem(6);
+    test->force->setForceGroup(3);
+    test->force->setDefaultSigma(0.3);
+    test->force->setDefaultScale(0.7);
+    test->force->setDefaultTemperature(310.0);
+    test->force->setAttentionBackend("math");
+    test->force->setProperty("useCUDAGraphs", "false");
+    test->force->setName("learned");
+    std::stringstream buffer;
+    XmlSerializer::serialize<Force>(test->force, "Force", buffer);
+    std::unique_ptr<Force> copy(XmlSerializer::deserialize<Force>(buffer));
+    auto* restored = dynamic_cast<FlashIPAForce*>(copy.get());
+    ASSERT_NE(restored, nullptr);
+    EXPECT_EQ(restored->getModelPath(), test->force->getModelPath());
+    EXPECT_EQ(restored->getModelChecksum(), test->force->getModelChecksum());
+    EXPECT_EQ(restored->getAttentionBackend(), "math");
+    EXPECT_EQ(restored->getForceGroup(), 3);
+    EXPECT_EQ(restored->getName(), "learned");
+    EXPECT_EQ(restored->getDefaultSigma(), 0.3);
+    EXPECT_EQ(restored->getDefaultScale(), 0.7);
+    EXPECT_EQ(restored->getDefaultTemperature(), 310.0);
+    EXPECT_EQ(restored->getProperties(), test->force->getProperties());
+    ASSERT_EQ(restored->getNumResidues(), test->force->getNumResidues());
+    for (int i = 0; i < restored->getNumResidues(); i++) {
+        int a1, b1, c1, t1, ch1, a2, b2, c2, t2, ch2;
+        test->force->getResidueParameters(i, a1, b1, c1, t1, ch1);
+        restored->getResidueParameters(i, a2, b2, c2, t2, ch2);
+        EXPECT_EQ(std::vector<int>({a1, b1, c1, t1, ch1}), std::vector<int>({a2, b2, c2, t2, ch2}));
+    }
+    // Identical energy in a new Context with the restored force.
+    System other;
+    for (int i = 0; i < test->system.getNumParticles(); i++)
+        other.addParticle(12.0);
+    other.addForce(copy.release());
+    VerletIntegrator i1(0.001), i2(0.001);
+    Context c1(test->system, i1, platform()), c2(other, i2, platform());
+    EXPECT_EQ(energyOf(c1, test->positions), energyOf(c2, test->positions));
+}
+
+TEST(FlashIPAForce, ChangedCheckpointIsRefusedWhenDeserialising) {
+    auto test = makeSystem(3);
+    std::stringstream buffer;
+    XmlSerializer::serialize<Force>(test->force, "Force", buffer);
+    std::string xml = buffer.str();
+    size_t at = xml.find(test->force->getModelChecksum());
+    ASSERT_NE(at, std::string::npos);
+    xml.replace(at, 4, "0000");
+    std::stringstream tampered(xml);
+    EXPECT_THROW(XmlSerializer::deserialize<Force>(tampered), OpenMMException);
+}
+
+TEST(FlashIPAForce, ForceGroupsAndUpdateParameters) {
+    auto test = makeSystem(6);
+    test->force->setForceGroup(2);
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    context.setPositions(test->positions);
+    double energy = context.getState(State::Energy, false, 1 << 2).getPotentialEnergy();
+    EXPECT_NE(energy, 0.0);
+    EXPECT_EQ(context.getState(State::Energy, false, 1 << 1).getPotentialEnergy(), 0.0);
+    // Change one residue's type: the energy changes, and equals a fresh Context's.
+    int a, b, c, type, chain;
+    test->force->getResidueParameters(0, a, b, c, type, chain);
+    test->force->setResidueParameters(0, a, b, c, (type + 5) % 20, chain);
+    test->force->updateParametersInContext(context);
+    double updated = context.getState(State::Energy).getPotentialEnergy();
+    EXPECT_NE(updated, energy);
+    VerletIntegrator integrator2(0.001);
+    Context fresh(test->system, integrator2, platform());
+    EXPECT_EQ(energyOf(fresh, test->positions), updated);
+}
+
+TEST(FlashIPAForce, PeriodicSystemSeesWholeChains) {
+    // A small periodic box: the chain spans several boxes. The model is non-periodic, and OpenMM's
+    // wrapping moves whole molecules (the force bonds each chain), so energies are unchanged.
+    auto test = makeSystem(12);
+    test->system.setDefaultPeriodicBoxVectors(Vec3(1.0, 0, 0), Vec3(0, 1.0, 0), Vec3(0, 0, 1.0));
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform());
+    double energy = energyOf(context, test->positions);
+    std::vector<Vec3> wrapped = context.getState(State::Positions, true).getPositions();
+    EXPECT_NEAR(energyOf(context, wrapped), energy, 1e-9 * std::abs(energy));
+    auto plain = makeSystem(12);
+    VerletIntegrator integrator2(0.001);
+    Context nonPeriodic(plain->system, integrator2, platform());
+    EXPECT_NEAR(energyOf(nonPeriodic, test->positions), energy, 1e-12 * std::abs(energy));
+}
+
+void expectError(const std::function<void()>& action, const std::string& text) {
+    try {
+        action();
+        ADD_FAILURE() << "expected an OpenMMException containing '" << text << "'";
+    } catch (const OpenMMException& e) {
+        EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+}
+
+TEST(FlashIPAForce, BadInputGivesClearErrors) {
+    auto makeContext = [](TestSystem& test) {
+        VerletIntegrator integrator(0.001);
+        Context context(test.system, integrator, platform());
+        context.setPositions(test.positions);
+        context.getState(State::Energy | State::Forces);
+    };
+    {
+        auto test = makeSystem(4);
+        test->positions[4] = test->positions[5]; // residue 1: b == c
+        expectError([&] { makeContext(*test); }, "coincident");
+    }
+    {
+        auto test = makeSystem(4);
+        test->positions[3] = test->positions[4] + (test->positions[5] - test->positions[4]) * 2.0; // a, b, c on a line
+        expectError([&] { makeContext(*test); }, "collinear");
+    }
+    {
+        auto test = makeSystem(4);
+        test->positions[7] = Vec3(NAN, 0, 0);
+        expectError([&] { makeContext(*test); }, "non-finite");
+    }
+    {
+        auto test = makeSystem(4);
+        test->force->setResidueParameters(1, 3, 4, 99, 2, 0);
+        expectError([&] { makeContext(*test); }, "out of range");
+    }
+    {
+        auto test = makeSystem(4);
+        test->force->setResidueParameters(1, 3, 4, 4, 2, 0);
+        expectError([&] { makeContext(*test); }, "used twice");
+    }
+    {
+        auto test = makeSystem(4);
+        test->force->setResidueParameters(1, 3, 4, 1, 2, 0);
+        expectError([&] { makeContext(*test); }, "already belongs");
+    }
+    {
+        auto test = makeSystem(4);
+        test->force->setResidueParameters(1, 3, 4, 5, 26, 0);
+        expectError([&] { makeContext(*test); }, "residue type 26");
+    }
+    {
+        TestSystem empty;
+        empty.system.addParticle(1.0);
+        empty.positions.emplace_back(0, 0, 0);
+        empty.system.addForce(new FlashIPAForce());
+        expectError([&] { makeContext(empty); }, "no residues");
+    }
+    expectError([] { FlashIPAForce("/nonexistent/model.safetensors"); }, "model.safetensors");
+    expectError([] { FlashIPAForce().setAttentionBackend("flash"); }, "unknown attention backend");
+    expectError([] { FlashIPAForce().setDefaultSigma(-1.0); }, "sigma");
+    {
+        auto test = makeSystem(4);
+        VerletIntegrator integrator(0.001);
+        Context context(test->system, integrator, platform());
+        context.setPositions(test->positions);
+        context.setParameter(FlashIPAForce::Sigma(), 0.0);
+        expectError([&] { context.getState(State::Energy); }, "must be positive");
+    }
+}
+
+} // namespace
