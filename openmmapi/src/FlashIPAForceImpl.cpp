@@ -59,19 +59,20 @@ std::vector<std::string> FlashIPAForceImpl::getKernelNames() {
 }
 
 std::vector<std::pair<int, int>> FlashIPAForceImpl::getBondedParticles() const {
-    // Each frame's atoms, and consecutive frame origins of one chain, are bonded: OpenMM then treats a
-    // chain as one molecule and never wraps it apart, so the non-periodic model always sees it whole.
+    // Each frame's atoms, and consecutive frame origins, are bonded: OpenMM then treats all residues of
+    // the force (every chain of a complex) as one molecule and never wraps them apart, so the
+    // non-periodic model always sees the complex whole, with its chains in place relative to each other.
     std::vector<std::pair<int, int>> bonds;
-    int previousOrigin = -1, previousChain = -1;
     for (int i = 0; i < owner.getNumResidues(); i++) {
         int a, b, c, type, chain;
         owner.getResidueParameters(i, a, b, c, type, chain);
         bonds.emplace_back(a, b);
         bonds.emplace_back(b, c);
-        if (previousOrigin >= 0 && chain == previousChain)
-            bonds.emplace_back(previousOrigin, b);
-        previousOrigin = b;
-        previousChain = chain;
+        if (i > 0) {
+            int a0, b0, c0, type0, chain0;
+            owner.getResidueParameters(i - 1, a0, b0, c0, type0, chain0);
+            bonds.emplace_back(b0, b);
+        }
     }
     return bonds;
 }

@@ -34,7 +34,7 @@ public:
      */
     void setResidues(const std::vector<int64_t>& frameAtoms, const std::vector<int64_t>& types, const std::vector<int64_t>& chains);
     /** Number of residues. */
-    int64_t numResidues() const { return types.size(0); }
+    int64_t numResidues() const { return types.defined() ? types.size(1) : 0; }
     /** Particle indices of the frame atoms, [L, 3] int64 on the evaluator's device. */
     const torch::Tensor& frameAtomIndices() const { return atomIndices; }
     /**
