@@ -73,7 +73,7 @@ torch::Tensor EnergyModelImpl::localGeometry(const torch::Tensor& atoms, const F
     torch::Tensor origin = frames.translations.unsqueeze(2); // [B, L, 1, 3]
     // Express atoms [B, L, n, 3] (given per residue i) in frame i: R_i^T (x - t_i).
     auto inFrame = [&](const torch::Tensor& x) { return torch::einsum("blji,blnj->blni", {R, x - origin}); };
-    torch::Tensor own = inFrame(atoms).index({Slice(), Slice(), torch::tensor({0, 2})}); // a and c
+    torch::Tensor own = inFrame(atoms).index({Slice(), Slice(), Slice(0, 3, 2)}); // a and c
     // Neighbours along the chain: same chain, both residues real.
     torch::Tensor sameChain = chains.index({Slice(), Slice(1, None)}) == chains.index({Slice(), Slice(None, -1)});
     torch::Tensor bothReal = mask.index({Slice(), Slice(1, None)}).logical_and(mask.index({Slice(), Slice(None, -1)}));
@@ -89,7 +89,7 @@ torch::Tensor EnergyModelImpl::localGeometry(const torch::Tensor& atoms, const F
 }
 
 torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch::Tensor& sigma, AttentionBackend backend,
-                                       bool checkedFrames) {
+                                       bool validate) {
     const ModelConfig& cfg = config_;
     if (batch.atoms.dim() != 4 || batch.atoms.size(2) != 3 || batch.atoms.size(3) != 3)
         throw std::invalid_argument("atoms must have shape [B, L, 3, 3]");
@@ -98,16 +98,18 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
         throw std::invalid_argument("the structure has no residues");
     if (batch.types.sizes() != torch::IntArrayRef({B, L}) || batch.chains.sizes() != torch::IntArrayRef({B, L}))
         throw std::invalid_argument("types and chains must have shape [B, L]");
-    if (batch.types.numel() > 0 && (batch.types.min().item<int64_t>() < 0 || batch.types.max().item<int64_t>() >= ResidueType::Count))
+    if (validate && (batch.types.min().item<int64_t>() < 0 || batch.types.max().item<int64_t>() >= ResidueType::Count))
         throw std::invalid_argument("residue types must lie in [0, " + std::to_string(ResidueType::Count) + ")");
     torch::Tensor mask = batch.mask.defined() ? batch.mask.to(torch::kBool)
                                               : torch::ones({B, L}, batch.atoms.options().dtype(torch::kBool));
-    torch::Tensor atoms = torch::where(mask.view({B, L, 1, 1}), batch.atoms, placeholderResidue(batch.atoms.options()));
+    torch::Tensor atoms = batch.mask.defined()
+                              ? torch::where(mask.view({B, L, 1, 1}), batch.atoms, placeholderResidue(batch.atoms.options()))
+                              : batch.atoms;
     torch::Tensor sig = sigma.to(atoms.options()).reshape({-1}).expand({B});
-    if (!(sig > 0).all().item<bool>())
+    if (validate && !(sig > 0).all().item<bool>())
         throw std::invalid_argument("sigma must be positive");
 
-    Frames frames = FrameBuilder::build(atoms, checkedFrames);
+    Frames frames = FrameBuilder::build(atoms, validate);
 
     // Node features.
     torch::Tensor u = (torch::log(sig) - std::log(cfg.sigmaMin)) / (std::log(cfg.sigmaMax) - std::log(cfg.sigmaMin));

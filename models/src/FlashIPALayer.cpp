@@ -11,8 +11,6 @@ using torch::indexing::Slice;
 
 namespace {
 constexpr double PointNormEpsilon = 1e-8;
-// Relative-position frequencies: periods of 4, 8, 16, ... residues.
-double relPosFrequency(int k) { return 2.0 * M_PI / (4.0 * std::pow(2.0, k)); }
 } // namespace
 
 /** Everything the attention needs, projected from the inputs; points are global and centred. */
@@ -100,11 +98,9 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in) {
     }
     if (config.relPosFrequencies > 0) {
         // cos(w (i - j)) = cos(wi) cos(wj) + sin(wi) sin(wj): exact relative position, factorised.
-        std::vector<double> omega;
-        for (int k = 0; k < config.relPosFrequencies; k++)
-            omega.push_back(relPosFrequency(k));
-        torch::Tensor angles = in.positions.to(s.dtype()).unsqueeze(-1) *
-                               torch::tensor(omega, s.options()).view({1, 1, -1}); // [B, L, K]
+        // omega_k = 2 pi / (4 * 2^k), made on the device (no host-to-device copy, so CUDA graphs can capture it).
+        torch::Tensor omega = torch::pow(2.0, -torch::arange(config.relPosFrequencies, s.options())) * (M_PI / 2.0);
+        torch::Tensor angles = in.positions.to(s.dtype()).unsqueeze(-1) * omega.view({1, 1, -1}); // [B, L, K]
         torch::Tensor trig = torch::cat({torch::cos(angles), torch::sin(angles)}, -1);   // [B, L, 2K]
         torch::Tensor alpha = torch::cat({relPosWeights, relPosWeights}, -1);            // [H, 2K]
         left.push_back(trig.unsqueeze(2) * alpha.view({1, 1, H, -1}));

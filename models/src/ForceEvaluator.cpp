@@ -28,28 +28,46 @@ ForceEvaluation ForceEvaluator::evaluate(const torch::Tensor& positions, double 
     if (!atomIndices.defined())
         throw std::invalid_argument("ForceEvaluator: no residues");
     const double kT = BoltzmannKJPerMolK * temperature;
-    torch::Tensor atoms = positions.to(dtype).index_select(0, atomIndices.view({-1})).view({1, -1, 3, 3}).detach();
-    torch::Tensor sigmaTensor = torch::full({1}, sigma, torch::TensorOptions().dtype(dtype).device(device));
+    torch::Tensor atoms = positions.to(device, dtype).index_select(0, atomIndices.view({-1})).view({1, -1, 3, 3});
     ForceEvaluation result;
     StructureBatch batch{atoms, types, chains, torch::Tensor()};
     if (!computeForces) {
         torch::NoGradGuard noGrad;
+        torch::Tensor sigmaTensor = torch::full({1}, sigma, torch::TensorOptions().dtype(dtype).device(device));
         double modelEnergy = model_->forward(batch, sigmaTensor, backend).sum().item<double>();
         result.energy = scale * kT * modelEnergy;
         result.dEnergyDScale = kT * modelEnergy;
         result.dEnergyDTemperature = scale * BoltzmannKJPerMolK * modelEnergy;
         return result;
     }
-    atoms.set_requires_grad(true);
-    sigmaTensor.set_requires_grad(true);
-    torch::Tensor energy = model_->forward(batch, sigmaTensor, backend).sum();
-    auto gradients = torch::autograd::grad({energy}, {atoms, sigmaTensor});
-    const double modelEnergy = energy.item<double>();
-    result.energy = scale * kT * modelEnergy;
-    result.frameAtomForces = gradients[0].squeeze(0) * (-scale * kT);
-    result.dEnergyDScale = kT * modelEnergy;
-    result.dEnergyDSigma = scale * kT * gradients[1].item<double>();
-    result.dEnergyDTemperature = scale * BoltzmannKJPerMolK * modelEnergy;
+    FrameBuilder::check(atoms); // clear errors on the host path; the device path reports them asynchronously
+    torch::Tensor parameters = torch::tensor({scale, sigma, temperature}, torch::TensorOptions().dtype(dtype)).to(device);
+    DeviceForceEvaluation d = evaluateOnDevice(atoms.squeeze(0), parameters);
+    torch::Tensor derivatives = d.parameterDerivatives.to(torch::kCPU, torch::kFloat64);
+    result.energy = d.energy.item<double>();
+    result.frameAtomForces = d.frameAtomForces;
+    result.dEnergyDScale = derivatives[0].item<double>();
+    result.dEnergyDSigma = derivatives[1].item<double>();
+    result.dEnergyDTemperature = derivatives[2].item<double>();
+    return result;
+}
+
+DeviceForceEvaluation ForceEvaluator::evaluateOnDevice(const torch::Tensor& frameAtoms, const torch::Tensor& parameters) {
+    DeviceForceEvaluation result;
+    result.invalid = FrameBuilder::degenerate(frameAtoms).any();
+    torch::Tensor atoms = frameAtoms.detach().unsqueeze(0).requires_grad_(true);
+    torch::Tensor sigma = parameters.narrow(0, 1, 1).detach().requires_grad_(true);
+    torch::Tensor scale = parameters[0], temperature = parameters[2];
+    StructureBatch batch{atoms, types, chains, torch::Tensor()};
+    torch::Tensor energy = model_->forward(batch, sigma, backend, false).sum();
+    auto gradients = torch::autograd::grad({energy}, {atoms, sigma});
+    torch::Tensor kT = temperature * BoltzmannKJPerMolK;
+    torch::Tensor valid = result.invalid.logical_not().to(energy.dtype());
+    energy = energy.detach();
+    result.energy = scale * kT * energy * valid;
+    result.frameAtomForces = gradients[0].squeeze(0) * (-scale * kT * valid);
+    result.parameterDerivatives =
+        torch::stack({kT * energy, scale * kT * gradients[1].squeeze(0), scale * BoltzmannKJPerMolK * energy}) * valid;
     return result;
 }
 

@@ -30,29 +30,51 @@ std::string describeResidue(int64_t flatIndex, const torch::IntArrayRef& batchSh
 }
 } // namespace
 
+namespace {
+struct Degeneracy {
+    torch::Tensor nonFinite, coincident, collinear; // [N] bool each
+};
+
+Degeneracy classify(const torch::Tensor& flat) {
+    torch::Tensor a = flat.select(1, 0), b = flat.select(1, 1), c = flat.select(1, 2);
+    torch::Tensor bc = c - b, ba = a - b;
+    torch::Tensor bondLength = bc.norm(2, -1), otherLength = ba.norm(2, -1);
+    torch::Tensor sine = torch::linalg_cross(bc, ba).norm(2, -1) / (bondLength * otherLength + 1e-300);
+    Degeneracy d;
+    d.nonFinite = torch::isfinite(flat).all(-1).all(-1).logical_not();
+    d.coincident = bondLength < FrameBuilder::MinBondLength;
+    d.collinear = (otherLength < FrameBuilder::MinBondLength).logical_or(sine < FrameBuilder::MinSine);
+    return d;
+}
+} // namespace
+
+torch::Tensor FrameBuilder::degenerate(const torch::Tensor& atoms) {
+    torch::NoGradGuard noGrad;
+    torch::Tensor flat = atoms.detach().reshape({-1, 3, 3});
+    if (flat.scalar_type() != torch::kFloat64)
+        flat = flat.to(torch::kFloat32);
+    Degeneracy d = classify(flat);
+    return d.nonFinite.logical_or(d.coincident).logical_or(d.collinear).view(atoms.sizes().slice(0, atoms.dim() - 2));
+}
+
 void FrameBuilder::check(const torch::Tensor& atoms) {
     if (atoms.dim() < 2 || atoms.size(-1) != 3 || atoms.size(-2) != 3)
         throw std::invalid_argument("frame atoms must have shape [..., 3, 3]");
     torch::NoGradGuard noGrad;
-    torch::Tensor flat = atoms.detach().to(torch::kDouble).reshape({-1, 3, 3});
     torch::IntArrayRef batchShape = atoms.sizes().slice(0, atoms.dim() - 2);
-    torch::Tensor finite = torch::isfinite(flat).all(-1).all(-1);
-    torch::Tensor a = flat.select(1, 0), b = flat.select(1, 1), c = flat.select(1, 2);
-    torch::Tensor bc = c - b, ba = a - b;
-    torch::Tensor bondLength = bc.norm(2, -1);
-    torch::Tensor sine = torch::linalg_cross(bc, ba).norm(2, -1) / (bondLength * ba.norm(2, -1) + 1e-300);
+    Degeneracy d = classify(atoms.detach().to(torch::kCPU, torch::kFloat64).reshape({-1, 3, 3}));
     auto firstBad = [&](const torch::Tensor& bad) -> int64_t {
         torch::Tensor index = torch::nonzero(bad);
         return index.numel() == 0 ? -1 : index[0][0].item<int64_t>();
     };
-    int64_t bad = firstBad(~finite);
+    int64_t bad = firstBad(d.nonFinite);
     if (bad >= 0)
         throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) + " have non-finite coordinates");
-    bad = firstBad(bondLength < MinBondLength);
+    bad = firstBad(d.coincident);
     if (bad >= 0)
         throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
                                     " are coincident (|c - b| below 1e-3 nm): cannot build a frame");
-    bad = firstBad((ba.norm(2, -1) < MinBondLength).logical_or(sine < MinSine));
+    bad = firstBad(d.collinear);
     if (bad >= 0)
         throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
                                     " are collinear or coincident (a, b, c on one line): cannot build a frame");

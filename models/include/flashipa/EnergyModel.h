@@ -30,11 +30,15 @@ public:
 
     /**
      * Energies [B] in kT.
-     * @param sigma          noise level in nm, [B] or a scalar tensor
-     * @param checkedFrames  throw on degenerate frames (true) or guard them (false, for generation)
+     * @param sigma     noise level in nm, [B] or a scalar tensor
+     * @param validate  check the inputs on the host and throw std::invalid_argument on degenerate frames,
+     *                  bad residue types or non-positive sigma (true); or skip every host check and guard
+     *                  degenerate frames numerically (false): for generation from noise, and for GPU callers
+     *                  that must not synchronise (they validate types once and test
+     *                  FrameBuilder::degenerate() asynchronously)
      */
     torch::Tensor forward(const StructureBatch& batch, const torch::Tensor& sigma, AttentionBackend backend,
-                          bool checkedFrames = true);
+                          bool validate = true);
 
     /** The architecture this model was built with. */
     const ModelConfig& config() const { return config_; }

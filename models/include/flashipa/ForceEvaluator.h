@@ -20,6 +20,17 @@ struct ForceEvaluation {
 };
 
 /**
+ * The same quantities as ForceEvaluation, as tensors on the evaluator's device (nothing copied to the
+ * host): what GPU platforms consume without synchronising.
+ */
+struct DeviceForceEvaluation {
+    torch::Tensor energy;            ///< [] kJ/mol
+    torch::Tensor frameAtomForces;   ///< [L, 3, 3] kJ/mol/nm (zero when invalid)
+    torch::Tensor parameterDerivatives; ///< [3]: dU/dscale, dU/dsigma, dU/dtemperature
+    torch::Tensor invalid;           ///< [] bool: some frame was degenerate or non-finite
+};
+
+/**
  * Evaluates a FlashIPAForce's energy, forces and parameter derivatives from a positions tensor, on
  * whatever device and dtype the evaluator was built for. Platform kernels only gather positions and
  * scatter forces; everything model-related happens here, so Reference and CUDA share it.
@@ -43,6 +54,13 @@ public:
      * Throws std::invalid_argument for degenerate or non-finite frame atoms.
      */
     ForceEvaluation evaluate(const torch::Tensor& positions, double scale, double sigma, double temperature, bool computeForces);
+    /**
+     * Evaluate from frame atoms already gathered on the device, [L, 3, 3] in the evaluator's dtype, with
+     * parameters [3] = (scale, sigma, temperature) on the device. Never synchronises with the host and
+     * allocates nothing outside LibTorch's caching allocator, so it can be captured in a CUDA graph.
+     * Degenerate frames are guarded numerically and reported through DeviceForceEvaluation::invalid.
+     */
+    DeviceForceEvaluation evaluateOnDevice(const torch::Tensor& frameAtoms, const torch::Tensor& parameters);
     /** The model. */
     EnergyModel& model() { return model_; }
 

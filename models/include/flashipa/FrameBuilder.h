@@ -33,6 +33,13 @@ public:
 
     /** Throws std::invalid_argument if any residue of atoms [..., 3, 3] is degenerate (see build). */
     static void check(const torch::Tensor& atoms);
+
+    /**
+     * Per residue, whether its atoms are degenerate (non-finite, coincident or collinear), as a bool
+     * tensor [...] on the atoms' device. Never synchronises with the host, so GPU callers can test it
+     * asynchronously.
+     */
+    static torch::Tensor degenerate(const torch::Tensor& atoms);
 };
 
 } // namespace FlashIPAPlugin
