@@ -1,7 +1,7 @@
 // The body of the FlashIPAForce tests, shared by every platform. The including file defines
-//   const char* const TestPlatform;      the OpenMM platform name
-//   void registerTestKernels();          registers the plugin's kernels for that platform
-//   double TestTolerance;                relative tolerance for comparisons with double-precision oracles
+//   const char* const TestPlatform;               the OpenMM platform name
+//   bool platformAvailable();                     registers the plugin's kernels; false skips every test
+//   std::map<std::string, std::string> properties();  Context properties (e.g. double precision on CUDA)
 #include "FlashIPAForce.h"
 #include "TestStructures.h"
 #include "flashipa/ResidueTypes.h"
@@ -46,19 +46,27 @@ std::unique_ptr<TestSystem> makeSystem(int L, unsigned seed = 1) {
 }
 
 Platform& platform() {
-    registerTestKernels();
     return Platform::getPlatformByName(TestPlatform);
 }
+
+/** Skips every test where the platform cannot run (no GPU on a CI machine). */
+class FlashIPAForceTest : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (!platformAvailable())
+            GTEST_SKIP() << TestPlatform << " platform not available here";
+    }
+};
 
 double energyOf(Context& context, const std::vector<Vec3>& positions) {
     context.setPositions(positions);
     return context.getState(State::Energy).getPotentialEnergy();
 }
 
-TEST(FlashIPAForce, ForcesMatchFiniteDifferences) {
+TEST_F(FlashIPAForceTest, ForcesMatchFiniteDifferences) {
     auto test = makeSystem(8);
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     context.setPositions(test->positions);
     State state = context.getState(State::Forces | State::Energy);
     ASSERT_TRUE(std::isfinite(state.getPotentialEnergy()));
@@ -78,10 +86,10 @@ TEST(FlashIPAForce, ForcesMatchFiniteDifferences) {
     EXPECT_LT(std::sqrt(errorSquared / normSquared), 1e-4);
 }
 
-TEST(FlashIPAForce, ParameterDerivativesMatchFiniteDifferences) {
+TEST_F(FlashIPAForceTest, ParameterDerivativesMatchFiniteDifferences) {
     auto test = makeSystem(6);
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     context.setPositions(test->positions);
     context.setParameter(FlashIPAForce::Sigma(), 0.2);
     context.setParameter(FlashIPAForce::Scale(), 1.5);
@@ -99,10 +107,10 @@ TEST(FlashIPAForce, ParameterDerivativesMatchFiniteDifferences) {
     }
 }
 
-TEST(FlashIPAForce, ScaleAndTemperatureAreLinear) {
+TEST_F(FlashIPAForceTest, ScaleAndTemperatureAreLinear) {
     auto test = makeSystem(6);
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     context.setPositions(test->positions);
     double base = context.getState(State::Energy).getPotentialEnergy();
     EXPECT_NE(base, 0.0);
@@ -114,10 +122,10 @@ TEST(FlashIPAForce, ScaleAndTemperatureAreLinear) {
     EXPECT_NEAR(context.getState(State::Energy).getPotentialEnergy(), 4 * base, 1e-12 * std::abs(base));
 }
 
-TEST(FlashIPAForce, InvariantFarFromOrigin) {
+TEST_F(FlashIPAForceTest, InvariantFarFromOrigin) {
     auto test = makeSystem(10);
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     context.setPositions(test->positions);
     State before = context.getState(State::Energy | State::Forces);
     torch::Tensor R = FlashIPATest::randomRotation(5);
@@ -142,7 +150,7 @@ TEST(FlashIPAForce, InvariantFarFromOrigin) {
     EXPECT_LT(std::sqrt(error / norm), 1e-6);
 }
 
-TEST(FlashIPAForce, SerializationRoundTrip) {
+TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     auto test = makeSystem(6);
     test->force->setForceGroup(3);
     test->force->setDefaultSigma(0.3);
@@ -178,11 +186,11 @@ TEST(FlashIPAForce, SerializationRoundTrip) {
         other.addParticle(12.0);
     other.addForce(copy.release());
     VerletIntegrator i1(0.001), i2(0.001);
-    Context c1(test->system, i1, platform()), c2(other, i2, platform());
+    Context c1(test->system, i1, platform(), properties()), c2(other, i2, platform());
     EXPECT_EQ(energyOf(c1, test->positions), energyOf(c2, test->positions));
 }
 
-TEST(FlashIPAForce, ChangedCheckpointIsRefusedWhenDeserialising) {
+TEST_F(FlashIPAForceTest, ChangedCheckpointIsRefusedWhenDeserialising) {
     auto test = makeSystem(3);
     std::stringstream buffer;
     XmlSerializer::serialize<Force>(test->force, "Force", buffer);
@@ -194,11 +202,11 @@ TEST(FlashIPAForce, ChangedCheckpointIsRefusedWhenDeserialising) {
     EXPECT_THROW(XmlSerializer::deserialize<Force>(tampered), OpenMMException);
 }
 
-TEST(FlashIPAForce, ForceGroupsAndUpdateParameters) {
+TEST_F(FlashIPAForceTest, ForceGroupsAndUpdateParameters) {
     auto test = makeSystem(6);
     test->force->setForceGroup(2);
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     context.setPositions(test->positions);
     double energy = context.getState(State::Energy, false, 1 << 2).getPotentialEnergy();
     EXPECT_NE(energy, 0.0);
@@ -211,23 +219,23 @@ TEST(FlashIPAForce, ForceGroupsAndUpdateParameters) {
     double updated = context.getState(State::Energy).getPotentialEnergy();
     EXPECT_NE(updated, energy);
     VerletIntegrator integrator2(0.001);
-    Context fresh(test->system, integrator2, platform());
+    Context fresh(test->system, integrator2, platform(), properties());
     EXPECT_EQ(energyOf(fresh, test->positions), updated);
 }
 
-TEST(FlashIPAForce, PeriodicSystemSeesWholeChains) {
+TEST_F(FlashIPAForceTest, PeriodicSystemSeesWholeChains) {
     // A small periodic box: the chain spans several boxes. The model is non-periodic, and OpenMM's
     // wrapping moves whole molecules (the force bonds each chain), so energies are unchanged.
     auto test = makeSystem(12);
     test->system.setDefaultPeriodicBoxVectors(Vec3(1.0, 0, 0), Vec3(0, 1.0, 0), Vec3(0, 0, 1.0));
     VerletIntegrator integrator(0.001);
-    Context context(test->system, integrator, platform());
+    Context context(test->system, integrator, platform(), properties());
     double energy = energyOf(context, test->positions);
     std::vector<Vec3> wrapped = context.getState(State::Positions, true).getPositions();
     EXPECT_NEAR(energyOf(context, wrapped), energy, 1e-9 * std::abs(energy));
     auto plain = makeSystem(12);
     VerletIntegrator integrator2(0.001);
-    Context nonPeriodic(plain->system, integrator2, platform());
+    Context nonPeriodic(plain->system, integrator2, platform(), properties());
     EXPECT_NEAR(energyOf(nonPeriodic, test->positions), energy, 1e-12 * std::abs(energy));
 }
 
@@ -240,10 +248,10 @@ void expectError(const std::function<void()>& action, const std::string& text) {
     }
 }
 
-TEST(FlashIPAForce, BadInputGivesClearErrors) {
+TEST_F(FlashIPAForceTest, BadInputGivesClearErrors) {
     auto makeContext = [](TestSystem& test) {
         VerletIntegrator integrator(0.001);
-        Context context(test.system, integrator, platform());
+        Context context(test.system, integrator, platform(), properties());
         context.setPositions(test.positions);
         context.getState(State::Energy | State::Forces);
     };
@@ -295,7 +303,7 @@ TEST(FlashIPAForce, BadInputGivesClearErrors) {
     {
         auto test = makeSystem(4);
         VerletIntegrator integrator(0.001);
-        Context context(test->system, integrator, platform());
+        Context context(test->system, integrator, platform(), properties());
         context.setPositions(test->positions);
         context.setParameter(FlashIPAForce::Sigma(), 0.0);
         expectError([&] { context.getState(State::Energy); }, "must be positive");

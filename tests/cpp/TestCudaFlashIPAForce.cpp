@@ -1,0 +1,196 @@
+// FlashIPAForce on the CUDA platform: the shared body (in double precision, against the same oracles
+// as Reference) plus CUDA-only behaviour. The plugin libraries are loaded at run time, so this program
+// starts on machines without a GPU or driver and reports every test as skipped there.
+#include "openmm/Context.h"
+#include "openmm/CustomCVForce.h"
+#include "openmm/System.h"
+#include "openmm/VerletIntegrator.h"
+#include <cstdio>
+#include "openmm/LocalEnergyMinimizer.h"
+#include "openmm/NonbondedForce.h"
+#include "openmm/Platform.h"
+#include "openmm/reference/ReferencePlatform.h"
+#include <map>
+#include <string>
+
+extern "C" void registerFlashIPAReferenceKernelFactories();
+static const char* const TestPlatform = "CUDA";
+
+static bool platformAvailable() {
+    static int state = -1;
+    if (state < 0) {
+        state = 0;
+        try {
+            registerFlashIPAReferenceKernelFactories();
+            OpenMM::Platform::loadPluginLibrary(FLASHIPA_OPENMM_PLUGIN_DIR "/libOpenMMCUDA.so");
+            OpenMM::Platform::loadPluginLibrary(FLASHIPA_LIB_DIR "/libOpenMMFlashIPACUDA.so");
+            OpenMM::System system;
+            system.addParticle(1.0);
+            OpenMM::VerletIntegrator integrator(0.001);
+            OpenMM::Context context(system, integrator, OpenMM::Platform::getPlatformByName("CUDA"));
+            state = 1;
+        } catch (const std::exception& e) {
+            std::printf("CUDA tests skipped: %s\n", e.what());
+        }
+    }
+    return state == 1;
+}
+
+static std::map<std::string, std::string> properties() {
+    return {{"Precision", "double"}};
+}
+
+#include "platform/FlashIPAForceTests.h"
+
+namespace {
+
+struct Evaluation {
+    double energy;
+    std::vector<Vec3> forces;
+};
+
+Evaluation evaluate(System& system, const std::vector<Vec3>& positions, const std::string& platformName,
+                    const std::map<std::string, std::string>& props = {}) {
+    VerletIntegrator integrator(0.001);
+    Context context(system, integrator, Platform::getPlatformByName(platformName), props);
+    context.setPositions(positions);
+    State state = context.getState(State::Energy | State::Forces);
+    return {state.getPotentialEnergy(), state.getForces()};
+}
+
+double relativeForceError(const std::vector<Vec3>& a, const std::vector<Vec3>& b) {
+    double error = 0, norm = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        error += (a[i] - b[i]).dot(a[i] - b[i]);
+        norm += b[i].dot(b[i]);
+    }
+    return std::sqrt(error / norm);
+}
+
+TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
+    auto test = makeSystem(40);
+    Evaluation reference = evaluate(test->system, test->positions, "Reference");
+    const std::map<std::string, double> tolerance = {{"double", 1e-6}, {"mixed", 1e-4}, {"single", 1e-4}};
+    for (const auto& [precision, tol] : tolerance) {
+        for (const std::string graphs : {"true", "false"}) {
+            test->force->setProperty("useCUDAGraphs", graphs);
+            Evaluation cuda = evaluate(test->system, test->positions, "CUDA", {{"Precision", precision}});
+            EXPECT_NEAR(cuda.energy, reference.energy, tol * std::abs(reference.energy)) << precision << " graphs=" << graphs;
+            EXPECT_LT(relativeForceError(cuda.forces, reference.forces), tol) << precision << " graphs=" << graphs;
+        }
+    }
+}
+
+TEST_F(FlashIPAForceTest, GraphReplayEqualsEagerOver100Steps) {
+    auto withGraphs = makeSystem(24), eager = makeSystem(24);
+    eager->force->setProperty("useCUDAGraphs", "false");
+    VerletIntegrator i1(0.0005), i2(0.0005);
+    Context c1(withGraphs->system, i1, platform(), {{"Precision", "mixed"}});
+    Context c2(eager->system, i2, platform(), {{"Precision", "mixed"}});
+    c1.setPositions(withGraphs->positions);
+    c2.setPositions(eager->positions);
+    for (int step = 0; step < 100; step++) {
+        i1.step(1);
+        i2.step(1);
+        if (step % 10 == 9) {
+            State s1 = c1.getState(State::Energy | State::Forces), s2 = c2.getState(State::Energy | State::Forces);
+            EXPECT_NEAR(s1.getPotentialEnergy(), s2.getPotentialEnergy(), 1e-5 * std::abs(s2.getPotentialEnergy())) << step;
+            EXPECT_LT(relativeForceError(s1.getForces(), s2.getForces()), 1e-5) << step;
+        }
+    }
+}
+
+TEST_F(FlashIPAForceTest, ParameterChangesBetweenStepsTakeEffect) {
+    auto test = makeSystem(16);
+    VerletIntegrator integrator(0.0005);
+    Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
+    context.setPositions(test->positions);
+    integrator.step(5); // the graph is captured by now
+    std::vector<Vec3> positions = context.getState(State::Positions).getPositions();
+    for (double sigma : {0.05, 0.3, 1.0}) {
+        context.setParameter(FlashIPAForce::Sigma(), sigma);
+        context.setParameter(FlashIPAForce::Scale(), 2 * sigma);
+        integrator.step(1);
+        context.setPositions(positions);
+        double graphed = context.getState(State::Energy).getPotentialEnergy();
+        test->force->setDefaultSigma(sigma);
+        test->force->setDefaultScale(2 * sigma);
+        Evaluation reference = evaluate(test->system, positions, "Reference");
+        EXPECT_NEAR(graphed, reference.energy, 1e-4 * std::abs(reference.energy)) << sigma;
+    }
+}
+
+TEST_F(FlashIPAForceTest, TwoContextsOnOneGPU) {
+    auto a = makeSystem(12, 1), b = makeSystem(20, 2);
+    VerletIntegrator i1(0.001), i2(0.001);
+    Context c1(a->system, i1, platform(), properties()), c2(b->system, i2, platform(), properties());
+    c1.setPositions(a->positions);
+    c2.setPositions(b->positions);
+    for (int round = 0; round < 3; round++) {
+        double e1 = c1.getState(State::Energy).getPotentialEnergy();
+        double e2 = c2.getState(State::Energy).getPotentialEnergy();
+        EXPECT_NEAR(e1, evaluate(a->system, a->positions, "Reference").energy, 1e-6 * std::abs(e1));
+        EXPECT_NEAR(e2, evaluate(b->system, b->positions, "Reference").energy, 1e-6 * std::abs(e2));
+    }
+}
+
+TEST_F(FlashIPAForceTest, SolvatedPeriodicBoxWithReordering) {
+    // PME solvent around the chain in a box smaller than the chain: OpenMM reorders and wraps molecules
+    // every so often; the force must still see the chain whole and match Reference on the same positions.
+    auto test = makeSystem(30);
+    const double box = 3.0;
+    test->system.setDefaultPeriodicBoxVectors(Vec3(box, 0, 0), Vec3(0, box, 0), Vec3(0, 0, box));
+    auto* nonbonded = new NonbondedForce();
+    nonbonded->setNonbondedMethod(NonbondedForce::PME);
+    nonbonded->setCutoffDistance(0.9);
+    nonbonded->setForceGroup(1);
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<double> uniform(0.0, box);
+    for (int i = 0; i < test->system.getNumParticles(); i++)
+        nonbonded->addParticle(0.0, 0.3, 0.1);
+    for (int i = 0; i < 600; i++) {
+        test->system.addParticle(18.0);
+        nonbonded->addParticle(i % 2 ? 0.4 : -0.4, 0.3, 0.5);
+        test->positions.emplace_back(uniform(rng), uniform(rng), uniform(rng));
+    }
+    test->system.addForce(nonbonded);
+    test->force->setForceGroup(2);
+    VerletIntegrator integrator(0.0002);
+    Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
+    context.setPositions(test->positions);
+    LocalEnergyMinimizer::minimize(context, 100.0, 200);
+    integrator.step(300); // several reorderings
+    std::vector<Vec3> positions = context.getState(State::Positions).getPositions();
+    double cuda = context.getState(State::Energy, false, 1 << 2).getPotentialEnergy();
+    auto plain = makeSystem(30);
+    std::vector<Vec3> chain(positions.begin(), positions.begin() + plain->positions.size());
+    double reference = evaluate(plain->system, chain, "Reference").energy;
+    EXPECT_NEAR(cuda, reference, 1e-4 * std::abs(reference));
+}
+
+TEST_F(FlashIPAForceTest, InsideCustomCVForceAndMinimizer) {
+    auto test = makeSystem(10);
+    double direct = evaluate(test->system, test->positions, "Reference").energy;
+    System system;
+    for (int i = 0; i < test->system.getNumParticles(); i++)
+        system.addParticle(12.0);
+    auto* cv = new CustomCVForce("2*learned");
+    auto* learned = new FlashIPAForce();
+    for (int i = 0; i < test->force->getNumResidues(); i++) {
+        int a, b, c, type, chain;
+        test->force->getResidueParameters(i, a, b, c, type, chain);
+        learned->addResidue(a, b, c, type, chain);
+    }
+    cv->addCollectiveVariable("learned", learned);
+    system.addForce(cv);
+    VerletIntegrator integrator(0.001);
+    Context context(system, integrator, platform(), properties());
+    context.setPositions(test->positions);
+    EXPECT_NEAR(context.getState(State::Energy).getPotentialEnergy(), 2 * direct, 1e-6 * std::abs(direct));
+    LocalEnergyMinimizer::minimize(context, 10.0, 50);
+    double minimised = context.getState(State::Energy).getPotentialEnergy();
+    EXPECT_TRUE(std::isfinite(minimised));
+    EXPECT_LE(minimised, 2 * direct);
+}
+
+} // namespace
