@@ -1,0 +1,88 @@
+"""openmmflashipa: a learned FlashIPA frame-model energy for OpenMM.
+
+Importing the package loads the plugin's kernels into OpenMM (the Reference platform, and the CUDA
+platform where that plugin was built and a GPU is usable), so that a :class:`FlashIPAForce` added to a
+``System`` can be evaluated in a ``Context``.
+
+Main entry points:
+
+- :class:`FlashIPAForce` -- the force (an ``openmm.Force``); ``FlashIPAForce.cast(force)`` and
+  ``FlashIPAForce.isinstance(force)`` recover it from ``System.getForce()`` or ``XmlSerializer``.
+- :func:`createForce` -- build a FlashIPAForce from an ``openmm.app.Topology``, choosing the frame atoms
+  of every protein and RNA residue.
+- :class:`ResidueType` -- the model's residue-type vocabulary.
+"""
+
+import openmm as _openmm
+
+from .openmmflashipa import (
+    FlashIPAForce,
+    residueTypeName as _residueTypeName,
+    residueTypeFromName as _residueTypeFromName,
+    RESIDUE_TYPE_COUNT as _RESIDUE_TYPE_COUNT,
+    NUM_AMINO_ACIDS as _NUM_AMINO_ACIDS,
+    UNKNOWN_AMINO_ACID as _UNKNOWN_AMINO_ACID,
+    FIRST_NUCLEOTIDE as _FIRST_NUCLEOTIDE,
+    UNKNOWN_NUCLEOTIDE as _UNKNOWN_NUCLEOTIDE,
+)
+from . import _plugins
+from .topology import FrameResidue, selectFrameResidues, createForce
+
+__all__ = [
+    "FlashIPAForce",
+    "ResidueType",
+    "FrameResidue",
+    "selectFrameResidues",
+    "createForce",
+    "pluginLibraries",
+    "pluginLoadFailures",
+    "hasPlatformKernels",
+]
+
+
+class ResidueType:
+    """The residue-type vocabulary of the model (mirrors ``FlashIPAPlugin::ResidueType`` in C++).
+
+    0-19: the 20 amino acids in alphabetical three-letter order (ALA ... VAL); 20: unknown amino acid;
+    21-24: A C G U; 25: unknown nucleotide.
+    """
+
+    NumAminoAcids = _NUM_AMINO_ACIDS
+    UnknownAminoAcid = _UNKNOWN_AMINO_ACID
+    FirstNucleotide = _FIRST_NUCLEOTIDE
+    UnknownNucleotide = _UNKNOWN_NUCLEOTIDE
+    Count = _RESIDUE_TYPE_COUNT
+
+    @staticmethod
+    def name(residueType):
+        """The three-letter (protein) or one-letter (RNA) name of a type; 'UNK'/'N' for the unknowns."""
+        return _residueTypeName(int(residueType))
+
+    @staticmethod
+    def fromName(residueName):
+        """The type of a residue name (also common variants: HIE, CYX, MSE, RA5, ...); -1 if unknown."""
+        return _residueTypeFromName(str(residueName))
+
+    @staticmethod
+    def isNucleotide(residueType):
+        """True for types 21-25, whose frames use C3', C4', O4'."""
+        return ResidueType.FirstNucleotide <= residueType < ResidueType.Count
+
+
+_plugins.load()
+
+#: Plugin libraries loaded into OpenMM by this package (full paths).
+pluginLibraries = _plugins.loaded
+#: Plugin libraries that exist but could not be loaded, as {path: error message} (e.g. the CUDA plugin
+#: on a machine without a usable GPU driver).
+pluginLoadFailures = _plugins.failures
+
+
+def hasPlatformKernels(platformName):
+    """True if FlashIPAForce can run on the named OpenMM platform ('Reference', 'CUDA', ...)."""
+    try:
+        platform = _openmm.Platform.getPlatformByName(platformName)
+    except Exception:
+        return False
+    return platform.supportsKernels(["CalcFlashIPAForce"])
+
