@@ -1,4 +1,5 @@
 #include "CudaCalcFlashIPAForceKernel.h"
+#include "FlashIPAForceInfo.h"
 #include "flashipa/DefaultModel.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/common/ContextSelector.h"
@@ -83,6 +84,7 @@ void CudaCalcFlashIPAForceKernel::initialize(const System& system, const FlashIP
     useGraphs = parseBoolProperty(force.getProperties(), "useCUDAGraphs", true);
     for (const std::string& name : {FlashIPAForce::Scale(), FlashIPAForce::Sigma(), FlashIPAForce::Temperature()})
         cu.addEnergyParameterDerivative(name);
+    cu.addForce(new FlashIPAForceInfo(force));
     {
         ContextSelector selector(cu);
         checkDriver(cuEventCreate(&openmmReady, CU_EVENT_DISABLE_TIMING), "cuEventCreate");

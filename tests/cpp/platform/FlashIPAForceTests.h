@@ -187,7 +187,8 @@ TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     other.addForce(copy.release());
     VerletIntegrator i1(0.001), i2(0.001);
     Context c1(test->system, i1, platform(), properties()), c2(other, i2, platform());
-    EXPECT_EQ(energyOf(c1, test->positions), energyOf(c2, test->positions));
+    double e1 = energyOf(c1, test->positions), e2 = energyOf(c2, test->positions);
+    EXPECT_NEAR(e1, e2, 1e-12 * std::abs(e1)); // GPU reductions may differ in the last bit
 }
 
 TEST_F(FlashIPAForceTest, ChangedCheckpointIsRefusedWhenDeserialising) {
@@ -220,7 +221,7 @@ TEST_F(FlashIPAForceTest, ForceGroupsAndUpdateParameters) {
     EXPECT_NE(updated, energy);
     VerletIntegrator integrator2(0.001);
     Context fresh(test->system, integrator2, platform(), properties());
-    EXPECT_EQ(energyOf(fresh, test->positions), updated);
+    EXPECT_NEAR(energyOf(fresh, test->positions), updated, 1e-12 * std::abs(updated));
 }
 
 TEST_F(FlashIPAForceTest, PeriodicSystemSeesWholeChains) {
