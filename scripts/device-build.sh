@@ -7,6 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${BUILD:-/tmp/flashipa-build}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
 export PYTHONPATH=/tmp/site
+export SWIG_LIB="$(ls -d /tmp/site/swig/data/share/swig/*/ | head -1)"
 mkdir -p /tmp/gtest && for deb in "$ROOT"/.whl/*.deb; do dpkg -x "$deb" /tmp/gtest; done
 OPENMM_DIR="$(python3 -c 'import os, openmm.version as v; print(os.path.dirname(v.openmm_library_path))')"
 TORCH_PREFIX="$(python3 -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
