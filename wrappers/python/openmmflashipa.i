@@ -171,14 +171,11 @@ Residues of one chain must be added in sequence order. Returns the index of the 
         """Return `force` (an openmm.Force, e.g. from System.getForce or XmlSerializer.deserialize) as a
         FlashIPAForce. Raises openmm.OpenMMException if it is not one.
 
-        If `force` owns its C++ object (e.g. it came from XmlSerializer.deserialize), ownership moves to
-        the returned object; otherwise the returned object keeps `force` alive."""
+        The returned object never owns the C++ object: it keeps `force` alive instead, so whichever of
+        the two is dropped first, the other stays valid (moving ownership left `force` dangling)."""
         result = FlashIPAForce._cast(force)
-        if force.thisown:
-            force.thisown = False
-            result.thisown = True
-        else:
-            result._flashipa_owner = force
+        result.thisown = False
+        result._flashipa_owner = force
         return result
 
     @staticmethod

@@ -12,7 +12,9 @@ extern "C" OPENMM_EXPORT void registerPlatforms() {}
 extern "C" OPENMM_EXPORT void registerKernelFactories() {
     for (int i = 0; i < Platform::getNumPlatforms(); i++) {
         Platform& platform = Platform::getPlatform(i);
-        if (platform.getName() == "Reference")
+        // The CPU platform keeps Reference's platform data, so the same kernel serves it (OpenMM's
+        // minimiser may fall back to a CPU context in double precision).
+        if (platform.getName() == "Reference" || platform.getName() == "CPU")
             platform.registerKernelFactory(CalcFlashIPAForceKernel::Name(), new ReferenceFlashIPAKernelFactory());
     }
 }

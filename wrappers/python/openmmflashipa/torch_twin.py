@@ -1,0 +1,728 @@
+"""A pure-PyTorch twin of the C++ EnergyModel (models/src/EnergyModel.cpp, FlashIPALayer.cpp, FrameBuilder.cpp).
+
+It computes the same function as the plugin, from the same safetensors checkpoint, with ordinary
+``torch.nn`` modules and autograd: the baseline "same network in PyTorch" that the CUDA benchmark drives
+through ``openmm.PythonForce`` (see :mod:`openmmflashipa.pythonforce`), and an independent check of the
+C++ model in the tests.
+
+Main entry points:
+
+- :func:`read_safetensors` -- a small, code-free safetensors reader (header length, JSON header, raw data).
+- :func:`load_energy_model` -- build an :class:`EnergyModel` from a checkpoint's metadata and load its
+  parameters (names exactly as the C++ ``named_parameters()``).
+- :func:`energy` -- E(x, sigma) in kT for frame atoms ``[B, L, 3, 3]`` (nm).
+- :func:`energy_and_forces` -- ``U = scale * kT * E`` in kJ/mol and ``-dU/dx`` in kJ/mol/nm, as the force.
+
+Only ``torch`` and the Python standard library are used; importing this module needs nothing else.
+"""
+
+import json
+import math
+import os
+import re
+import struct
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BOLTZMANN_KJ_PER_MOL_K",
+    "SafetensorsError",
+    "read_safetensors",
+    "ModelConfig",
+    "FlashIPALayer",
+    "EnergyModel",
+    "check_frames",
+    "build_frames",
+    "default_model_path",
+    "load_energy_model",
+    "energy",
+    "energy_and_forces",
+]
+
+#: Boltzmann's constant in kJ/mol/K (kT = BOLTZMANN_KJ_PER_MOL_K * T), as FlashIPAPlugin::BoltzmannKJPerMolK.
+BOLTZMANN_KJ_PER_MOL_K = 0.0083144626
+
+#: Number of residue types (FlashIPAPlugin::ResidueType::Count).
+RESIDUE_TYPE_COUNT = 26
+
+FORMAT_NAME = "openmm-flashipa-energy-model"
+FORMAT_VERSION = "1"
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------------------------------
+
+#: Largest header accepted (as the C++ reader and the reference implementation).
+MAX_HEADER_SIZE = 100_000_000
+
+# name -> (torch dtype, bytes per element)
+_DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+
+
+class SafetensorsError(ValueError):
+    """A malformed safetensors file (the message names the file and the defect)."""
+
+
+def _unique_object(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        seen = set()
+        for key in keys:
+            if key in seen:
+                raise ValueError("duplicate key %r" % key)
+            seen.add(key)
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise ValueError("invalid JSON constant %s" % name)
+
+
+def _as_count(value, what):
+    # bool is an int subclass in Python; JSON true/false are not counts.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("%s is not an integer (%r)" % (what, value))
+    if value < 0:
+        raise ValueError("%s is negative (%d)" % (what, value))
+    return value
+
+
+def parse_safetensors(data, name="<bytes>"):
+    """Parse an in-memory safetensors file.
+
+    Returns ``(tensors, metadata)``: a dict name -> CPU tensor (file order, each owning its memory) and
+    a dict of string metadata. Nothing in the file is executed; every defect raises
+    :class:`SafetensorsError`.
+    """
+    data = memoryview(data).cast("B")
+
+    def fail(cause):
+        raise SafetensorsError("safetensors file '%s': %s" % (name, cause))
+
+    if len(data) < 8:
+        fail("file is %d bytes long, too short for the 8-byte header length" % len(data))
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > MAX_HEADER_SIZE:
+        fail("header size %d exceeds the maximum of %d bytes" % (header_size, MAX_HEADER_SIZE))
+    if header_size > len(data) - 8:
+        fail("header size %d exceeds the %d bytes that follow the length field" % (header_size, len(data) - 8))
+    try:
+        text = bytes(data[8:8 + header_size]).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as error:
+        fail("invalid JSON header: %s" % error)
+    if not isinstance(header, dict):
+        fail("header is a JSON %s, not an object" % type(header).__name__)
+
+    data_start = 8 + header_size
+    data_size = len(data) - data_start
+    metadata = {}
+    entries = []  # (name, dtype, itemsize, shape, begin, end)
+    for key, value in header.items():
+        if key == "__metadata__":
+            if not isinstance(value, dict):
+                fail("__metadata__ is not an object")
+            for meta_key, meta_value in value.items():
+                if not isinstance(meta_value, str):
+                    fail("metadata value '%s' is not a string" % meta_key)
+                metadata[meta_key] = meta_value
+            continue
+        label = "tensor '%s'" % key
+        if not isinstance(value, dict):
+            fail("%s is not an object" % label)
+        dtype_name = value.get("dtype")
+        if not isinstance(dtype_name, str):
+            fail("%s has no dtype string" % label)
+        if dtype_name not in _DTYPES:
+            fail("%s has unknown dtype '%s' (supported: %s)" % (label, dtype_name, ", ".join(_DTYPES)))
+        dtype, itemsize = _DTYPES[dtype_name]
+        shape = value.get("shape")
+        if not isinstance(shape, list):
+            fail("%s has no shape array" % label)
+        try:
+            shape = [_as_count(n, "%s: shape entry" % label) for n in shape]
+        except ValueError as error:
+            fail(str(error))
+        numel = math.prod(shape)
+        offsets = value.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            fail("%s: data_offsets must be [begin, end]" % label)
+        try:
+            begin = _as_count(offsets[0], "%s: data_offsets begin" % label)
+            end = _as_count(offsets[1], "%s: data_offsets end" % label)
+        except ValueError as error:
+            fail(str(error))
+        if end < begin:
+            fail("%s: data_offsets [%d, %d] end before they begin" % (label, begin, end))
+        if end > data_size:
+            fail("%s: data_offsets [%d, %d] lie outside the data section of %d bytes"
+                 % (label, begin, end, data_size))
+        if end - begin != numel * itemsize:
+            fail("%s: data_offsets [%d, %d] hold %d bytes but shape %s of %s needs %d"
+                 % (label, begin, end, end - begin, shape, dtype_name, numel * itemsize))
+        entries.append((key, dtype, itemsize, shape, begin, end))
+
+    # Non-empty byte ranges must not overlap.
+    furthest = None
+    for entry in sorted(entries, key=lambda e: (e[4], e[5])):
+        if entry[4] == entry[5]:
+            continue
+        if furthest is not None and entry[4] < furthest[5]:
+            fail("tensors '%s' [%d, %d] and '%s' [%d, %d] overlap"
+                 % (furthest[0], furthest[4], furthest[5], entry[0], entry[4], entry[5]))
+        if furthest is None or entry[5] > furthest[5]:
+            furthest = entry
+
+    tensors = {}
+    for key, dtype, itemsize, shape, begin, end in entries:
+        raw = bytearray(data[data_start + begin:data_start + end])  # a copy the tensor owns
+        if dtype == torch.bool and any(byte > 1 for byte in raw):
+            fail("tensor '%s' is BOOL but holds a byte other than 0 or 1" % key)
+        if raw:
+            flat = torch.frombuffer(raw, dtype=torch.uint8 if dtype == torch.bool else dtype)
+            if dtype == torch.bool:
+                flat = flat.to(torch.bool)
+            if itemsize > 1 and struct.pack("=H", 1) != struct.pack("<H", 1):  # big-endian host
+                flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(dtype).view(-1)
+            tensor = flat.reshape(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+        tensors[key] = tensor
+    return tensors, metadata
+
+
+def read_safetensors(path):
+    """Read a safetensors file: ``(tensors, metadata)``; see :func:`parse_safetensors`."""
+    path = os.fspath(path)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return parse_safetensors(data, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model configuration
+# ---------------------------------------------------------------------------------------------------
+
+_INT_FIELDS = {  # name -> minimum
+    "nodeDim": 1, "headDim": 1, "numHeads": 1, "queryPoints": 1, "valuePoints": 1, "pairRank": 0,
+    "pairDim": 1, "relPosFrequencies": 0, "numBlocks": 1, "transitionFactor": 1, "sigmaFeatures": 1,
+}
+_FLOAT_FIELDS = ("sigmaMin", "sigmaMax")
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+
+
+class ModelConfig:
+    """The architecture of an EnergyModel (FlashIPAPlugin::ModelConfig), read from checkpoint metadata."""
+
+    def __init__(self, **fields):
+        defaults = dict(nodeDim=64, headDim=16, numHeads=4, queryPoints=4, valuePoints=8, pairRank=2, pairDim=16,
+                        relPosFrequencies=4, numBlocks=2, transitionFactor=2, sigmaFeatures=8,
+                        sigmaMin=0.01, sigmaMax=2.0)
+        unknown = set(fields) - set(defaults)
+        if unknown:
+            raise ValueError("model configuration: unknown field(s) %s" % ", ".join(sorted(unknown)))
+        defaults.update(fields)
+        for key, value in defaults.items():
+            setattr(self, key, value)
+        self.validate()
+
+    def validate(self):
+        for key, minimum in _INT_FIELDS.items():
+            if getattr(self, key) < minimum:
+                raise ValueError("model configuration: %s = %d must be >= %d" % (key, getattr(self, key), minimum))
+        if not (self.sigmaMin > 0 and self.sigmaMax > self.sigmaMin):
+            raise ValueError("model configuration: need 0 < sigmaMin < sigmaMax (nm)")
+
+    @property
+    def pairValueDim(self):
+        return max(1, self.pairDim // 4) if self.pairRank > 0 else 0
+
+    @property
+    def biasRank(self):
+        return self.pairRank + 2 * self.relPosFrequencies
+
+    @classmethod
+    def from_metadata(cls, metadata):
+        fields = {}
+        for key in _INT_FIELDS:
+            text = metadata.get("config." + key)
+            if text is None:
+                raise ValueError("model configuration: metadata lacks 'config.%s'" % key)
+            if not _INTEGER.match(text):
+                raise ValueError("model configuration: 'config.%s' = '%s' is not an integer" % (key, text))
+            fields[key] = int(text)
+        for key in _FLOAT_FIELDS:
+            text = metadata.get("config." + key)
+            if text is None:
+                raise ValueError("model configuration: metadata lacks 'config.%s'" % key)
+            if not _NUMBER.match(text):
+                raise ValueError("model configuration: 'config.%s' = '%s' is not a number" % (key, text))
+            fields[key] = float(text)
+        return cls(**fields)
+
+    def __repr__(self):
+        items = ", ".join("%s=%r" % (key, getattr(self, key)) for key in list(_INT_FIELDS) + list(_FLOAT_FIELDS))
+        return "ModelConfig(%s)" % items
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frames (FrameBuilder.cpp)
+# ---------------------------------------------------------------------------------------------------
+
+MIN_BOND_LENGTH = 1e-3  # nm, FrameBuilder::MinBondLength
+MIN_SINE = 1e-3  # FrameBuilder::MinSine
+_GUARD_EPSILON = 1e-12
+
+
+def _describe_residue(flat_index, batch_shape):
+    if len(batch_shape) >= 2:
+        residues = batch_shape[-1]
+        return "structure %d, residue %d" % (flat_index // residues, flat_index % residues)
+    return "residue %d" % flat_index
+
+
+def check_frames(atoms):
+    """Raise ValueError naming the first residue of atoms ``[..., 3, 3]`` whose frame atoms are not
+    finite, coincident or collinear (the same tests and thresholds as FrameBuilder::check)."""
+    if atoms.dim() < 2 or atoms.shape[-1] != 3 or atoms.shape[-2] != 3:
+        raise ValueError("frame atoms must have shape [..., 3, 3]")
+    with torch.no_grad():
+        flat = atoms.detach().to(torch.float64).reshape(-1, 3, 3)
+        batch_shape = tuple(atoms.shape[:-2])
+        a, b, c = flat[:, 0], flat[:, 1], flat[:, 2]
+        bc, ba = c - b, a - b
+        bond = bc.norm(dim=-1)
+        ba_length = ba.norm(dim=-1)
+        sine = torch.linalg.cross(bc, ba).norm(dim=-1) / (bond * ba_length + 1e-300)
+        not_finite = ~torch.isfinite(flat).all(-1).all(-1)
+        coincident = bond < MIN_BOND_LENGTH
+        collinear = (ba_length < MIN_BOND_LENGTH) | (sine < MIN_SINE)
+        # One host synchronisation for the common (valid) case.
+        if not bool((not_finite | coincident | collinear).any()):
+            return
+        for bad, why in ((not_finite, "have non-finite coordinates"),
+                         (coincident, "are coincident (|c - b| below 1e-3 nm): cannot build a frame"),
+                         (collinear, "are collinear or coincident (a, b, c on one line): cannot build a frame")):
+            index = torch.nonzero(bad)
+            if index.numel():
+                raise ValueError("frame atoms of %s %s" % (_describe_residue(int(index[0, 0]), batch_shape), why))
+
+
+def _unit(v, guarded):
+    squared = (v * v).sum(-1, keepdim=True)
+    if guarded:
+        squared = squared + _GUARD_EPSILON
+    return v / torch.sqrt(squared)
+
+
+def build_frames(atoms, checked=True):
+    """Gram-Schmidt frames (R [..., 3, 3] with axes as columns, t [..., 3]) from atoms [..., 3 (a, b, c), 3]."""
+    if checked:
+        check_frames(atoms)
+    a, b, c = atoms[..., 0, :], atoms[..., 1, :], atoms[..., 2, :]
+    e1 = _unit(c - b, not checked)
+    u = a - b
+    e2 = _unit(u - (e1 * u).sum(-1, keepdim=True) * e1, not checked)
+    e3 = torch.linalg.cross(e1, e2)
+    return torch.stack([e1, e2, e3], -1), b
+
+
+# ---------------------------------------------------------------------------------------------------
+# FlashIPA layer (FlashIPALayer.cpp)
+# ---------------------------------------------------------------------------------------------------
+
+_POINT_NORM_EPSILON = 1e-8
+
+
+def _rel_pos_frequency(k):
+    return 2.0 * math.pi / (4.0 * math.pow(2.0, k))
+
+
+class FlashIPALayer(nn.Module):
+    """Invariant Point Attention with a factorised pair representation; "math" and "sdpa" backends."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        H, c, cs = config.numHeads, config.headDim, config.nodeDim
+        self.headWeights = nn.Parameter(torch.full((H,), math.log(math.e - 1.0)))
+        self.relPosWeights = nn.Parameter(torch.zeros(H, max(config.relPosFrequencies, 0)))
+        self.linearQ = nn.Linear(cs, H * c)
+        self.linearK = nn.Linear(cs, H * c)
+        self.linearV = nn.Linear(cs, H * c)
+        self.linearQPoints = nn.Linear(cs, H * config.queryPoints * 3)
+        self.linearKPoints = nn.Linear(cs, H * config.queryPoints * 3)
+        self.linearVPoints = nn.Linear(cs, H * config.valuePoints * 3)
+        if config.pairRank > 0:
+            self.linearBias = nn.Linear(config.pairDim, H, bias=False)
+            self.linearPairDown = nn.Linear(config.pairDim, config.pairValueDim, bias=False)
+        else:
+            self.linearBias = None
+            self.linearPairDown = None
+        self.linearOut = nn.Linear(H * (c + 4 * config.valuePoints + config.pairValueDim), cs)
+        self.register_buffer("omega", torch.tensor([_rel_pos_frequency(k) for k in range(config.relPosFrequencies)],
+                                                   dtype=torch.float64), persistent=False)
+
+    def _project(self, s, z1, z2, rotations, translations, positions, mask):
+        cfg = self.config
+        B, L = s.shape[0], s.shape[1]
+        H, c = cfg.numHeads, cfg.headDim
+        p = {}
+        p["mask"] = mask if mask is not None else torch.ones(B, L, dtype=torch.bool, device=s.device)
+        p["q"] = self.linearQ(s).view(B, L, H, c)
+        p["k"] = self.linearK(s).view(B, L, H, c)
+        p["v"] = self.linearV(s).view(B, L, H, c)
+        # Centre on the mean frame origin of the real residues (the function is unchanged).
+        weights = p["mask"].to(s.dtype).unsqueeze(-1)
+        centre = (translations * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+        centred = translations - centre
+        p["rotations"], p["centred"] = rotations, centred
+
+        def to_global(local):
+            return torch.einsum("blij,blhpj->blhpi", rotations, local) + centred.view(B, L, 1, 1, 3)
+
+        p["qPoints"] = to_global(self.linearQPoints(s).view(B, L, H, cfg.queryPoints, 3))
+        p["kPoints"] = to_global(self.linearKPoints(s).view(B, L, H, cfg.queryPoints, 3))
+        p["vPoints"] = to_global(self.linearVPoints(s).view(B, L, H, cfg.valuePoints, 3))
+
+        left, right = [], []
+        p["pairLeft"] = p["pairRight"] = None
+        if cfg.pairRank > 0:
+            left.append(self.linearBias(z1).permute(0, 1, 3, 2))  # [B, L, H, r]
+            right.append(self.linearBias(z2).permute(0, 1, 3, 2))
+            p["pairLeft"] = self.linearPairDown(z1)  # [B, L, r, c_z/4]
+            p["pairRight"] = self.linearPairDown(z2)
+        if cfg.relPosFrequencies > 0:
+            # cos(w (i - j)) = cos(wi) cos(wj) + sin(wi) sin(wj)
+            angles = positions.to(s.dtype).unsqueeze(-1) * self.omega.to(s.dtype).view(1, 1, -1)  # [B, L, K]
+            trig = torch.cat([torch.cos(angles), torch.sin(angles)], -1)  # [B, L, 2K]
+            alpha = torch.cat([self.relPosWeights, self.relPosWeights], -1)  # [H, 2K]
+            left.append(trig.unsqueeze(2) * alpha.view(1, 1, H, -1))
+            right.append(trig.unsqueeze(2).expand(B, L, H, trig.shape[-1]))
+        p["biasLeft"] = torch.cat(left, -1) if left else None
+        p["biasRight"] = torch.cat(right, -1) if right else None
+        p["gamma"] = F.softplus(self.headWeights)
+        return p
+
+    def _attend_math(self, p):
+        cfg = self.config
+        wL, wC = math.sqrt(1.0 / 3.0), math.sqrt(2.0 / (9.0 * cfg.queryPoints))
+        logits = torch.einsum("bihc,bjhc->bhij", p["q"], p["k"]) / math.sqrt(cfg.headDim)
+        if p["biasLeft"] is not None:
+            logits = logits + torch.einsum("bihr,bjhr->bhij", p["biasLeft"], p["biasRight"])
+        diff = p["qPoints"].unsqueeze(2) - p["kPoints"].unsqueeze(1)  # [B, L, L, H, P, 3]
+        distance2 = diff.pow(2).sum((-1, -2)).permute(0, 3, 1, 2)  # [B, H, L, L]
+        logits = wL * (logits - (p["gamma"] * (wC / 2)).view(1, -1, 1, 1) * distance2)
+        mask = p["mask"]
+        logits = logits.masked_fill(mask.logical_not().view(mask.shape[0], 1, 1, -1), float("-inf"))
+        a = torch.softmax(logits, -1)
+        scalar = torch.einsum("bhij,bjhc->bihc", a, p["v"])
+        points = torch.einsum("bhij,bjhpx->bihpx", a, p["vPoints"])
+        pair = torch.einsum("bhij,bjrd->bihrd", a, p["pairRight"]) if p["pairRight"] is not None else None
+        return scalar, points, pair
+
+    def _attend_sdpa(self, p, mask):
+        cfg = self.config
+        B, L = p["q"].shape[0], p["q"].shape[1]
+        H, c, Pv = cfg.numHeads, cfg.headDim, cfg.valuePoints
+        wL, wC = math.sqrt(1.0 / 3.0), math.sqrt(2.0 / (9.0 * cfg.queryPoints))
+        w = (p["gamma"] * (wL * wC)).view(1, 1, H, 1)
+        q_norm2 = p["qPoints"].pow(2).sum(-1)  # [B, L, H, Pq]
+        k_norm2 = p["kPoints"].pow(2).sum(-1)
+        ones = torch.ones_like(q_norm2)
+        q_parts = [p["q"], w * p["qPoints"].flatten(3), q_norm2, ones]
+        k_parts = [p["k"] * (wL / math.sqrt(c)), p["kPoints"].flatten(3), -0.5 * w * ones, -0.5 * w * k_norm2]
+        if p["biasLeft"] is not None:
+            q_parts.append(p["biasLeft"])
+            k_parts.append(wL * p["biasRight"])
+        v_parts = [p["v"], p["vPoints"].flatten(3)]
+        if p["pairRight"] is not None:
+            v_parts.append(p["pairRight"].flatten(2).unsqueeze(2).expand(B, L, H, -1))
+        Q, K, V = torch.cat(q_parts, -1), torch.cat(k_parts, -1), torch.cat(v_parts, -1)
+        width = max(Q.shape[-1], V.shape[-1])
+
+        def pad(t):
+            return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+        Q, K, V = pad(Q).transpose(1, 2), pad(K).transpose(1, 2), pad(V).transpose(1, 2)  # [B, H, L, D]
+        key_mask = p["mask"].view(B, 1, 1, L) if mask is not None else None
+        out = F.scaled_dot_product_attention(Q, K, V, attn_mask=key_mask, dropout_p=0.0, is_causal=False,
+                                             scale=1.0).transpose(1, 2)  # [B, L, H, D]
+        scalar = out[..., :c]
+        points = out[..., c:c + 3 * Pv].reshape(B, L, H, Pv, 3)
+        pair = None
+        if p["pairRight"] is not None:
+            r, dz = cfg.pairRank, cfg.pairValueDim
+            pair = out[..., c + 3 * Pv:c + 3 * Pv + r * dz].reshape(B, L, H, r, dz)
+        return scalar, points, pair
+
+    def _unlift(self, p, scalar, points_global, pair):
+        B, L = scalar.shape[0], scalar.shape[1]
+        local = torch.einsum("blji,blhpj->blhpi", p["rotations"], points_global - p["centred"].view(B, L, 1, 1, 3))
+        norms = torch.sqrt(local.pow(2).sum(-1) + _POINT_NORM_EPSILON)
+        features = [scalar.flatten(2), local.flatten(2), norms.flatten(2)]
+        if pair is not None:
+            features.append((p["pairLeft"].unsqueeze(2) * pair).sum(3).flatten(2))
+        out = self.linearOut(torch.cat(features, -1))
+        return out * p["mask"].unsqueeze(-1).to(out.dtype)
+
+    def forward(self, s, z1, z2, rotations, translations, positions, mask=None, backend="sdpa"):
+        """The update to the node representation [B, L, c_s]; mask None = all residues real."""
+        p = self._project(s, z1, z2, rotations, translations, positions, mask)
+        if backend == "math":
+            scalar, points, pair = self._attend_math(p)
+        elif backend == "sdpa":
+            scalar, points, pair = self._attend_sdpa(p, mask)
+        elif backend == "fused":
+            raise ValueError("the fused attention backend exists only in the C++ plugin; use \"sdpa\" or \"math\"")
+        else:
+            raise ValueError("unknown attention backend '%s' (expected \"sdpa\" or \"math\")" % backend)
+        return self._unlift(p, scalar, points, pair)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Energy model (EnergyModel.cpp)
+# ---------------------------------------------------------------------------------------------------
+
+_GEOMETRY_FEATURES = 26
+_CHAIN_GAP = 64.0
+_PLACEHOLDER_RESIDUE = ((0.0, 0.145, 0.0), (0.0, 0.0, 0.0), (0.153, 0.0, 0.0))
+
+
+def _squash(v):
+    return 2.5 * v / torch.sqrt(1.0 + v.pow(2).sum(-1, keepdim=True))
+
+
+def sequence_positions(chains):
+    """Sequence positions [B, L] (float64): the index plus a gap of 64 at each chain change."""
+    changes = (chains[:, 1:] != chains[:, :-1]).to(torch.float64)
+    breaks = torch.cat([torch.zeros(chains.shape[0], 1, dtype=torch.float64, device=chains.device),
+                        changes.cumsum(1)], 1)
+    index = torch.arange(chains.shape[1], dtype=torch.float64, device=chains.device).unsqueeze(0)
+    return index + _CHAIN_GAP * breaks
+
+
+def local_geometry(atoms, rotations, translations, chains, mask):
+    """Per-residue SE(3)-invariant features [B, L, 26] (own a and c, chain neighbours' atoms, flags)."""
+    B, L = atoms.shape[0], atoms.shape[1]
+    origin = translations.unsqueeze(2)
+
+    def in_frame(x):
+        return torch.einsum("blji,blnj->blni", rotations, x - origin)
+
+    own = in_frame(atoms)[:, :, [0, 2]]
+    same_chain = chains[:, 1:] == chains[:, :-1]
+    both_real = mask[:, 1:] & mask[:, :-1]
+    linked = (same_chain & both_real).to(atoms.dtype)
+    zero_link = torch.zeros(B, 1, dtype=atoms.dtype, device=atoms.device)
+    has_prev, has_next = torch.cat([zero_link, linked], 1), torch.cat([linked, zero_link], 1)
+    zero_atoms = torch.zeros(B, 1, 3, 3, dtype=atoms.dtype, device=atoms.device)
+    prev_atoms = torch.cat([zero_atoms, atoms[:, :-1]], 1)
+    next_atoms = torch.cat([atoms[:, 1:], zero_atoms], 1)
+    prev = _squash(in_frame(prev_atoms)) * has_prev.view(B, L, 1, 1)
+    nxt = _squash(in_frame(next_atoms)) * has_next.view(B, L, 1, 1)
+    return torch.cat([_squash(own).flatten(2), prev.flatten(2), nxt.flatten(2),
+                      has_prev.unsqueeze(-1), has_next.unsqueeze(-1)], -1)
+
+
+class EnergyModel(nn.Module):
+    """E_theta(x, sigma) in kT (EnergyModelImpl): parameter names match the C++ named_parameters()."""
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        cs = config.nodeDim
+        self.typeEmbedding = nn.Embedding(RESIDUE_TYPE_COUNT, cs)
+        self.sigmaEmbedding = nn.Linear(config.sigmaFeatures + 1, cs)
+        self.geometryIn = nn.Linear(_GEOMETRY_FEATURES, cs)
+        self.geometryHidden = nn.Linear(cs, cs)
+        self.inputNorm = nn.LayerNorm(cs)
+        if config.pairRank > 0:
+            self.pairLeft = nn.Linear(cs, config.pairRank * config.pairDim)
+            self.pairRight = nn.Linear(cs, config.pairRank * config.pairDim)
+        else:
+            self.pairLeft = self.pairRight = None
+        self.ipaLayers = nn.ModuleList([FlashIPALayer(config) for _ in range(config.numBlocks)])
+        self.ipaNorms = nn.ModuleList([nn.LayerNorm(cs) for _ in range(config.numBlocks)])
+        self.transitions = nn.ModuleList([
+            nn.Sequential(nn.Linear(cs, config.transitionFactor * cs), nn.SiLU(),
+                          nn.Linear(config.transitionFactor * cs, cs))
+            for _ in range(config.numBlocks)])
+        self.transitionNorms = nn.ModuleList([nn.LayerNorm(cs) for _ in range(config.numBlocks)])
+        self.energyHidden = nn.Linear(cs, cs)
+        self.energyOut = nn.Linear(cs, 1)
+        #: attention backend used when forward() is not told one
+        self.backend = "sdpa"
+
+    def forward(self, atoms, types, chains, sigma, mask=None, backend=None, checked=True):
+        """Energies [B] in kT.
+
+        atoms [B, L, 3, 3] nm; types, chains [B, L] int64; sigma (nm) a number or a [B] / scalar tensor;
+        mask [B, L] bool (True = real residue) or None; backend "sdpa" or "math" (default: self.backend);
+        checked: validate on the host (ValueError for degenerate frames, residue types outside [0, 26) or
+        sigma <= 0), as the C++ forward(validate=true); or skip every host check and guard degenerate frames
+        numerically (False), as forward(validate=false).
+        """
+        cfg = self.config
+        backend = self.backend if backend is None else backend
+        if atoms.dim() != 4 or atoms.shape[2] != 3 or atoms.shape[3] != 3:
+            raise ValueError("atoms must have shape [B, L, 3, 3]")
+        B, L = atoms.shape[0], atoms.shape[1]
+        if L == 0:
+            raise ValueError("the structure has no residues")
+        if tuple(types.shape) != (B, L) or tuple(chains.shape) != (B, L):
+            raise ValueError("types and chains must have shape [B, L]")
+        if checked and types.numel() > 0 and bool(((types < 0) | (types >= RESIDUE_TYPE_COUNT)).any()):
+            raise ValueError("residue types must lie in [0, %d)" % RESIDUE_TYPE_COUNT)
+        real = mask.to(torch.bool) if mask is not None else torch.ones(B, L, dtype=torch.bool, device=atoms.device)
+        if mask is not None:
+            placeholder = torch.tensor(_PLACEHOLDER_RESIDUE, dtype=torch.float64).to(atoms.device, atoms.dtype)
+            atoms = torch.where(real.view(B, L, 1, 1), atoms, placeholder)
+        if not torch.is_tensor(sigma):
+            sigma = torch.tensor(float(sigma), dtype=torch.float64)
+        sig = sigma.to(atoms.device, atoms.dtype).reshape(-1).expand(B)
+        if checked and not bool((sig > 0).all()):
+            raise ValueError("sigma must be positive")
+
+        rotations, translations = build_frames(atoms, checked)
+
+        # Node features.
+        u = (torch.log(sig) - math.log(cfg.sigmaMin)) / (math.log(cfg.sigmaMax) - math.log(cfg.sigmaMin))
+        parts = [u.unsqueeze(-1)]
+        for k in range(cfg.sigmaFeatures):
+            angle = u * (math.pi * (k // 2 + 1))
+            parts.append((torch.sin(angle) if k % 2 == 0 else torch.cos(angle)).unsqueeze(-1))
+        sigma_features = self.sigmaEmbedding(torch.cat(parts, -1)).unsqueeze(1)  # [B, 1, cs]
+        geometry = self.geometryHidden(F.silu(self.geometryIn(local_geometry(atoms, rotations, translations,
+                                                                              chains, real))))
+        s = self.inputNorm(self.typeEmbedding(types) + sigma_features + geometry)
+
+        positions = sequence_positions(chains).to(atoms.dtype)
+        z1 = z2 = None
+        if cfg.pairRank > 0:
+            z1 = self.pairLeft(s).view(B, L, cfg.pairRank, cfg.pairDim)
+            z2 = self.pairRight(s).view(B, L, cfg.pairRank, cfg.pairDim)
+        layer_mask = real if mask is not None else None
+        for ipa, ipa_norm, transition, transition_norm in zip(self.ipaLayers, self.ipaNorms, self.transitions,
+                                                              self.transitionNorms):
+            s = ipa_norm(s + ipa(s, z1, z2, rotations, translations, positions, layer_mask, backend))
+            s = transition_norm(s + transition(s))
+        per_residue = self.energyOut(F.silu(self.energyHidden(s))).squeeze(-1) * real.to(s.dtype)  # [B, L]
+        return per_residue.sum(1) / sig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+def default_model_path():
+    """The shipped model, resolved as the plugin does: $FLASHIPA_DEFAULT_MODEL, else the file next to
+    libFlashIPAModels (asked from the compiled FlashIPAForce)."""
+    path = os.environ.get("FLASHIPA_DEFAULT_MODEL")
+    if path:
+        return path
+    from .openmmflashipa import FlashIPAForce  # the plugin knows where it installed its model
+    return FlashIPAForce("").getResolvedModelPath()
+
+
+def load_energy_model(path=None, device="cpu", dtype=torch.float64, backend="sdpa"):
+    """Build an :class:`EnergyModel` from a checkpoint written by the C++ saveEnergyModel.
+
+    The architecture comes from the metadata (``config.*``; ``format`` must be
+    "openmm-flashipa-energy-model" and ``format_version`` "1"); every parameter's name, shape and dtype
+    (F32 or F64) is checked and values must be finite, as loadEnergyModel does. ``path`` None selects
+    the shipped model. The model is returned in eval mode, on device/dtype, with parameters that do not
+    require gradients (forces need gradients with respect to positions only).
+    """
+    path = default_model_path() if path is None else os.fspath(path)
+    tensors, metadata = read_safetensors(path)
+
+    def fail(cause):
+        raise ValueError("model checkpoint '%s': %s" % (path, cause))
+
+    if metadata.get("format") != FORMAT_NAME:
+        fail("not an openmm-flashipa energy model (metadata 'format' must be '%s')" % FORMAT_NAME)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        fail("unsupported format version (this reader reads version %s)" % FORMAT_VERSION)
+    try:
+        config = ModelConfig.from_metadata(metadata)
+    except ValueError as error:
+        fail(str(error))
+    model = EnergyModel(config)
+    used = set()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            value = tensors.get(name)
+            if value is None:
+                fail("missing tensor '%s'" % name)
+            if value.dtype not in (torch.float32, torch.float64):
+                fail("tensor '%s' has dtype %s, expected F32 or F64" % (name, value.dtype))
+            if tuple(value.shape) != tuple(parameter.shape):
+                fail("tensor '%s' has shape %s, expected %s" % (name, list(value.shape), list(parameter.shape)))
+            if not bool(torch.isfinite(value).all()):
+                fail("tensor '%s' holds non-finite values" % name)
+            parameter.copy_(value)
+            used.add(name)
+    unexpected = [name for name in tensors if name not in used]
+    if unexpected:
+        fail("unexpected tensor '%s' (not part of the architecture in the metadata)" % unexpected[0])
+    model.metadata = metadata
+    model.path = path
+    model.backend = backend
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def energy(model, atoms, types, chains, sigma, mask=None, backend=None, checked=True):
+    """E(x, sigma) in kT, [B], for frame atoms [B, L, 3, 3] in nm (see :meth:`EnergyModel.forward`)."""
+    return model(atoms, types, chains, sigma, mask=mask, backend=backend, checked=checked)
+
+
+def energy_and_forces(model, atoms, types, chains, sigma, scale=1.0, temperature=300.0, backend=None,
+                      checked=True):
+    """``U = scale * kT * sum_b E_b(x, sigma)`` in kJ/mol and ``F = -dU/dx`` in kJ/mol/nm, as the force.
+
+    atoms [L, 3, 3] or [B, L, 3, 3] (nm; converted to the model's device and dtype); types and chains
+    [L] or [B, L]. Returns (energy: 0-d tensor, forces: tensor shaped like atoms), on the model's device.
+
+    Like the plugin's ForceEvaluator, ``checked`` tests the frames on the host (ValueError naming the
+    first degenerate residue) and the model then runs with guarded normalisations (``|v|^2 + 1e-12``),
+    which differs from the unguarded :func:`energy` by about 1e-12 / |v|^2 relative. ``checked=False``
+    skips the host test (no synchronisation; degenerate input gives finite, arbitrary values).
+    """
+    parameter = next(model.parameters())
+    single = atoms.dim() == 3
+    x = atoms.detach().to(parameter.device, parameter.dtype)
+    types, chains = types.to(parameter.device), chains.to(parameter.device)
+    if single:
+        x, types, chains = x.unsqueeze(0), types.reshape(1, -1), chains.reshape(1, -1)
+    kT = BOLTZMANN_KJ_PER_MOL_K * float(temperature)
+    if checked:
+        # As the plugin's ForceEvaluator: a clear error for degenerate frames on the host, then the model
+        # with guarded normalisations (validate = false), the function the plugin differentiates.
+        check_frames(x)
+        if not torch.is_tensor(sigma) and not float(sigma) > 0:
+            raise ValueError("sigma must be positive")
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        e = model(x, types, chains, sigma, backend=backend, checked=False).sum()
+        (gradient,) = torch.autograd.grad(e, x)
+    factor = float(scale) * kT
+    forces = gradient * (-factor)
+    return (e.detach() * factor), (forces.squeeze(0) if single else forces)
