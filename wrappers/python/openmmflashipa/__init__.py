@@ -13,6 +13,10 @@ Main entry points:
 - :class:`ResidueType` -- the model's residue-type vocabulary.
 """
 
+# LibTorch must be initialised by its own Python module before our extension (which links it) is loaded:
+# importing torch afterwards aborted the interpreter once a CUDA Context existed.
+import torch as _torch  # noqa: F401
+
 import openmm as _openmm
 
 from .openmmflashipa import (
