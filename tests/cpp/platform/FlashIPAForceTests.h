@@ -186,10 +186,9 @@ TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
         other.addParticle(12.0);
     other.addForce(copy.release());
     VerletIntegrator i1(0.001), i2(0.001);
-    Context c1(test->system, i1, platform(), properties()), c2(other, i2, platform());
+    Context c1(test->system, i1, platform(), properties()), c2(other, i2, platform(), properties());
     double e1 = energyOf(c1, test->positions), e2 = energyOf(c2, test->positions);
-    EXPECT_NEAR(e1, e2, 1e-12 * std::abs(e1)) << "original " << c1.getPlatform().getPropertyValue(c1, "Precision") << ", restored "
-                                              << c2.getPlatform().getPropertyValue(c2, "Precision");
+    EXPECT_NEAR(e1, e2, 1e-12 * std::abs(e1)); // GPU reductions may differ in the last bits
 }
 
 TEST_F(FlashIPAForceTest, ChangedCheckpointIsRefusedWhenDeserialising) {
