@@ -19,9 +19,9 @@ and for each, OpenMM steps/s and ns/day with LangevinMiddleIntegrator(300 K, 1/p
   d  openmmtorch.TorchForce driving a traced twin (when openmmtorch can be imported)
   e  the same System without any learned force (baseline)
 
-In "force alone" mode the model alone (the twin on the same frame atoms, energy + forces by autograd, in a
-CUDA graph where possible) is timed too, and the plugin's per-step overhead beyond the model's own time is
-estimated as  overhead = 1/steps_per_s(a) - t_model - 1/steps_per_s(e).
+In "force alone" mode the model alone is timed too (for (a): the plugin's C++ model replayed from a CUDA
+graph by the build's flashipa-bench-model; for (b): the PyTorch twin, eager), and the plugin's per-step
+overhead beyond the model's own time is estimated as  overhead = 1/steps_per_s(a) - t_model - 1/steps_per_s(e).
 
 Prints one Markdown table (progress goes to stderr); --out also writes it to a file, with the raw numbers
 as JSON next to it. See benchmarks/README.md.
@@ -357,26 +357,33 @@ def timeModel(topology, positions, args):
 
     result = {"model_device": str(device), "model_dtype": str(dtype).replace("torch.", "")}
     result["model_eager_ms"], result["model_eager_reps"] = timeLoop(evaluate)
+    # The graph-replayed model time is the plugin's own model (same C++ code as the CUDA platform),
+    # measured by flashipa-bench-model: the right base for the plugin's overhead.
     result["model_graph_ms"] = None
     if not cuda:
         result["model_graph_note"] = "no CUDA graph on %s" % device
     else:
         try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    evaluate()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                evaluate()
-            result["model_graph_ms"], result["model_graph_reps"] = timeLoop(graph.replay)
-            del graph
+            result["model_graph_ms"] = pluginModelGraphMs(len(frames))
+            result["model_graph_source"] = "flashipa-bench-model (the plugin's C++ model, graph replay)"
         except Exception as error:
-            result["model_graph_note"] = "graph capture failed: " + shortError(error, 100)
+            result["model_graph_note"] = "flashipa-bench-model failed: " + shortError(error, 100)
     del model
     return result
+
+
+def pluginModelGraphMs(residues):
+    """GPU time (ms) of one graph-replayed evaluation of the plugin's C++ model at this length, from the
+    build's flashipa-bench-model (next to the plugin libraries: <build>/bin)."""
+    import subprocess
+    from openmmflashipa import _plugins
+    binary = os.path.join(os.path.dirname(_plugins.pluginDirectory()), "bin", "flashipa-bench-model")
+    output = subprocess.run([binary, "--lengths", str(residues)], check=True, capture_output=True, text=True).stdout
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] == str(residues):
+            return float(cells[1])
+    raise RuntimeError("no timing for L=%d in flashipa-bench-model output" % residues)
 
 
 def releaseMemory():
@@ -418,7 +425,7 @@ def markdown(meta, rows):
         "- command: `%s`" % meta["command"],
         "",
         "| system | L (residues) | particles | variant | steps | time (s) | steps/s | ns/day | ms/step "
-        "| learned force ms/step (vs e) | twin model ms | plugin overhead ms/step | note |",
+        "| learned force ms/step (vs e) | model ms | plugin overhead ms/step | note |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -429,12 +436,13 @@ def markdown(meta, rows):
             fmt(row.get("overhead_ms")), row.get("note", "").replace("|", "/") or ""))
     lines += [
         "",
-        "Learned force ms/step = ms/step(variant) − ms/step(e) of the same system. Twin model ms: the PyTorch "
-        "twin alone on the same frame atoms (%s), energy + forces by autograd, per evaluation: in a CUDA graph "
-        "(graph) for row (a), eager for row (b). Plugin overhead ms/step = 1/steps_per_s(a or b) − twin model "
-        "time − 1/steps_per_s(e): the per-step cost of the plugin beyond the model's own GPU time (gather, "
-        "scatter, launch, synchronisation), estimated with the twin standing in for the plugin's LibTorch model "
-        "(same network and weights); \"force alone\" systems only." % meta.get("twin", "?"),
+        "Learned force ms/step = ms/step(variant) − ms/step(e) of the same system. Model ms: one evaluation of "
+        "the model alone (energy + forces + parameter derivatives): for row (a) the plugin's own C++ model "
+        "replayed from a CUDA graph (flashipa-bench-model, the exact work the CUDA platform does), for row (b) "
+        "the PyTorch twin run eagerly (%s). Plugin overhead ms/step = 1/steps_per_s(a or b) − model time − "
+        "1/steps_per_s(e): the per-step cost beyond the model's own GPU time (gather, scatter, stream/context "
+        "switches, host work); \"force alone\" systems only. Timings from separate runs; differences below "
+        "~0.1 ms are within run-to-run noise." % meta.get("twin", "?"),
     ]
     return "\n".join(lines) + "\n"
 
