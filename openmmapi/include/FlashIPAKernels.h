@@ -23,6 +23,14 @@ public:
     virtual double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy) = 0;
     /** Copy changed residue parameters from the force. */
     virtual void copyParametersToContext(OpenMM::ContextImpl& context, const FlashIPAForce& force) = 0;
+
+protected:
+    /** The force's three global parameters as a Context holds them now. */
+    struct GlobalParameters {
+        double scale, sigma, temperature;
+    };
+    /** Reads the global parameters; throws OpenMMException if sigma or the temperature is not positive. */
+    static GlobalParameters readGlobalParameters(OpenMM::ContextImpl& context);
 };
 
 } // namespace FlashIPAPlugin

@@ -176,13 +176,8 @@ double CudaCalcFlashIPAForceKernel::execute(ContextImpl& context, bool includeFo
                     derivativeIndex[i] = j;
         derivativeIndicesKnown = true;
     }
-    const double scale = context.getParameter(FlashIPAForce::Scale());
-    const double sigma = context.getParameter(FlashIPAForce::Sigma());
-    const double temperature = context.getParameter(FlashIPAForce::Temperature());
-    if (!(sigma > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Sigma() + " must be positive (got " + std::to_string(sigma) + ")");
-    if (!(temperature > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Temperature() + " must be positive (got " + std::to_string(temperature) + ")");
+    const GlobalParameters globals = readGlobalParameters(context);
+    const double scale = globals.scale, sigma = globals.sigma, temperature = globals.temperature;
 
     CUstream openmmStream = cu.getCurrentStream();
     {

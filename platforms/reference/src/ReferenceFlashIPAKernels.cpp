@@ -47,13 +47,8 @@ double ReferenceCalcFlashIPAForceKernel::execute(ContextImpl& context, bool incl
     const std::vector<Vec3>& positions = *data.positions;
     // Reference keeps positions as integrated (never wrapped), so chains arrive whole.
     torch::Tensor positionTensor = torch::from_blob((void*) positions.data(), {(int64_t) positions.size(), 3}, torch::kFloat64);
-    const double scale = context.getParameter(FlashIPAForce::Scale());
-    const double sigma = context.getParameter(FlashIPAForce::Sigma());
-    const double temperature = context.getParameter(FlashIPAForce::Temperature());
-    if (!(sigma > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Sigma() + " must be positive (got " + std::to_string(sigma) + ")");
-    if (!(temperature > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Temperature() + " must be positive (got " + std::to_string(temperature) + ")");
+    const GlobalParameters globals = readGlobalParameters(context);
+    const double scale = globals.scale, sigma = globals.sigma, temperature = globals.temperature;
     ForceEvaluation result;
     try {
         result = evaluator->evaluate(positionTensor, scale, sigma, temperature, includeForces);
