@@ -1,0 +1,137 @@
+#ifndef FLASHIPA_TRAINER_H_
+#define FLASHIPA_TRAINER_H_
+
+#include "flashipa/Dataset.h"
+#include "flashipa/EnergyModel.h"
+#include "flashipa/ModelConfig.h"
+#include <map>
+#include <memory>
+#include <string>
+#include <torch/torch.h>
+#include <vector>
+
+namespace FlashIPAPlugin {
+
+/** Settings of a training run. With resume, the run's settings come from the checkpoint (see Trainer). */
+struct TrainerOptions {
+    std::string datasetPath;           ///< dataset file (Dataset.h)
+    std::string outDir;                ///< checkpoint.safetensors, training.csv, model.safetensors go here
+    ModelConfig model;                 ///< architecture; its sigmaMin/sigmaMax are the training noise range
+    std::string device = "cpu";        ///< "cpu" or "cuda" (or "cuda:N")
+    torch::Dtype dtype = torch::kFloat32;
+    int batchSize = 4;
+    int crop = 128;                    ///< longest crop, residues
+    int64_t steps = 10000;             ///< total optimiser steps of the run (the learning-rate schedule spans them)
+    uint64_t seed = 0;
+    double learningRate = 1e-3;        ///< peak learning rate
+    int64_t warmupSteps = 200;         ///< linear warm-up, then cosine decay to minLearningRateFraction
+    double minLearningRateFraction = 0.1;
+    double weightDecay = 0.0;          ///< decoupled (AdamW), on matrices only
+    double adamBeta1 = 0.9, adamBeta2 = 0.999, adamEpsilon = 1e-8;
+    double gradClip = 1.0;             ///< global gradient-norm clip (<= 0: none)
+    double emaDecay = 0.999;
+    double rnaProbability = Dataset::DefaultRnaProbability;
+    int64_t validateEvery = 200;       ///< steps between validations (<= 0: only at the start and the end)
+    int validationBatches = 16;        ///< fixed validation batches (each batchSize structures)
+    int64_t checkpointEvery = 200;     ///< steps between checkpoints (<= 0: only at the end of a chunk)
+    double maxMinutes = 0;             ///< stop this chunk (after a checkpoint) before this much wall time (<= 0: no limit)
+    int64_t stopAfterSteps = 0;        ///< stop this chunk after this many steps (<= 0: no limit)
+    bool resume = false;               ///< continue from outDir/checkpoint.safetensors
+    bool verbose = true;               ///< progress lines on stdout
+    std::string commandLine;           ///< recorded in the checkpoint and the exported model's provenance
+};
+
+/** Upper edges (nm) of the noise bands that validation reports separately; the last band is open. */
+const std::vector<double>& validationSigmaBands();
+
+/** Validation losses of the EMA model on the fixed validation batches. */
+struct ValidationResult {
+    double loss = 0;                  ///< all bands together
+    std::vector<double> bandLoss;     ///< one per band (NaN if a band holds no structure)
+    std::vector<int64_t> bandCount;   ///< structures per band
+    double baseline = 0;              ///< the loss of predicting zero (E|eps|^2 per coordinate, ~1)
+};
+
+/** What one optimiser step did. */
+struct StepResult {
+    double loss = 0;       ///< training loss of the batch, before the update
+    double gradNorm = 0;   ///< global gradient norm before clipping
+    double learningRate = 0;
+    bool skipped = false;  ///< non-finite loss or gradient: no update
+};
+
+/**
+ * Denoising score matching for the EnergyModel (DESIGN 2.6): for each structure of a batch, centre it,
+ * rotate it randomly, draw sigma log-uniformly in [sigmaMin, sigmaMax] and noise eps on the real frame
+ * atoms, and minimise the mean over real atom coordinates of (sigma * dE/dx~ (x~, sigma) - eps)^2 with
+ * x~ = x + sigma * eps, through double backward on the math attention backend. AdamW, global-norm
+ * clipping, warm-up + cosine learning rate, and an exponential moving average (EMA) of the weights, which
+ * is the model validated and exported.
+ *
+ * Randomness: every step draws from its own CPU generator seeded from (seed, step), so a run is
+ * reproducible on the CPU and a resumed run continues exactly as an uninterrupted one: the checkpoint
+ * holds model, EMA, Adam moments and the step, and the seed is its RNG state.
+ */
+class Trainer {
+public:
+    /** A fresh run, or (options.resume) the run saved in options.outDir, keeping options' steps,
+     *  maxMinutes, stopAfterSteps, device, validateEvery, checkpointEvery and verbose. */
+    explicit Trainer(const TrainerOptions& options);
+
+    /** Trains until the end of the run or of this chunk (maxMinutes, stopAfterSteps), validating,
+     *  logging and checkpointing; at the end of the run, exports the EMA model. Returns true when the
+     *  run is complete. */
+    bool run();
+
+    /** One optimiser step. */
+    StepResult trainStep();
+    /** Validation loss of the EMA model. */
+    ValidationResult validate();
+    /** Writes the resumable checkpoint (default: outDir/checkpoint.safetensors). */
+    void saveCheckpoint(const std::string& path = "");
+    /** Writes the EMA model with saveEnergyModel (default: outDir/model.safetensors) and provenance metadata. */
+    void exportModel(const std::string& path = "");
+
+    int64_t step() const { return step_; }
+    const TrainerOptions& options() const { return options_; }
+    EnergyModel& model() { return model_; }
+    EnergyModel& ema() { return ema_; }
+    const Dataset& dataset() const { return *dataset_; }
+    /** Training losses of the steps this object ran. */
+    const std::vector<double>& losses() const { return losses_; }
+    /** Learning rate at a step (warm-up, then cosine). */
+    double learningRate(int64_t step) const;
+
+    std::string checkpointPath() const;
+    std::string logPath() const;
+    std::string modelPath() const;
+
+private:
+    struct Noised;
+    Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma);
+    void loadCheckpoint(const std::string& path);
+    void buildValidationSet();
+    void openLog(bool append);
+    void logRow(const StepResult* train, const ValidationResult* val);
+
+    TrainerOptions options_;
+    std::unique_ptr<Dataset> dataset_;
+    std::string datasetSha256_;
+    torch::Device device_;
+    EnergyModel model_{nullptr}, ema_{nullptr};
+    std::vector<torch::Tensor> adamM_, adamV_;
+    int64_t step_ = 0;
+    double wallSeconds_ = 0;       // training wall time of all chunks so far
+    double chunkStart_ = 0;        // monotonic time when this chunk's run() started
+    std::vector<StructureBatch> validationBatches_;
+    std::vector<torch::Tensor> validationSigma_, validationEps_, validationWeight_;
+    std::vector<double> losses_;
+    ValidationResult lastValidation_;
+    bool haveValidation_ = false;
+    StepResult lastStep_;
+    std::string commandLines_;     // every chunk's command line, one per line
+};
+
+} // namespace FlashIPAPlugin
+
+#endif

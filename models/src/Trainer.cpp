@@ -1,0 +1,695 @@
+// Denoising score matching for the EnergyModel: batches, noise, the double-backward loss, AdamW, EMA,
+// validation per noise band, CSV log, and resumable safetensors checkpoints.
+#include "flashipa/Trainer.h"
+#include "flashipa/Checkpoint.h"
+#include <ATen/CPUGeneratorImpl.h>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <sys/stat.h>
+
+namespace FlashIPAPlugin {
+
+namespace {
+
+const char* const CheckpointFormat = "openmm-flashipa-training-checkpoint";
+const char* const CheckpointVersion = "1";
+const char* const CsvHeaderStart = "step,";
+
+// Independent random streams derived from the seed (splitmix64 finaliser over seed, stream and index):
+// each training step, the model initialisation and the validation set get their own CPU generator, so
+// a run's randomness is a function of (seed, step) alone and resuming needs no generator state.
+enum Stream : uint64_t { InitStream = 1, TrainStream = 2, ValidationStream = 3 };
+uint64_t mixSeed(uint64_t seed, uint64_t stream, uint64_t index) {
+    uint64_t z = seed;
+    for (uint64_t word : {stream, index}) {
+        z += 0x9e3779b97f4a7c15ULL + word * 0xd1b54a32d192ed69ULL;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        z ^= z >> 31;
+    }
+    return z;
+}
+
+double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::string formatDouble(double value, int digits = 17) {
+    char buffer[64];
+    snprintf(buffer, sizeof(buffer), "%.*g", digits, value);
+    return buffer;
+}
+
+std::string dtypeName(torch::Dtype dtype) { return dtype == torch::kFloat64 ? "float64" : "float32"; }
+
+// mkdir -p without std::filesystem (see docs/DESIGN-DECISIONS.md, Build).
+void makeDirectories(const std::string& path) {
+    if (path.empty())
+        return;
+    std::string partial;
+    std::stringstream parts(path);
+    std::string part;
+    if (path[0] == '/')
+        partial = "/";
+    while (std::getline(parts, part, '/')) {
+        if (part.empty())
+            continue;
+        partial += part + "/";
+        if (mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+            throw std::runtime_error("cannot create directory '" + partial + "': " + std::strerror(errno));
+    }
+}
+
+bool fileExists(const std::string& path) {
+    struct stat info;
+    return stat(path.c_str(), &info) == 0;
+}
+
+// A random proper rotation per structure from normalised Gaussian quaternions (uniform on SO(3)).
+torch::Tensor randomRotations(int64_t B, at::Generator& generator) {
+    torch::Tensor q = torch::randn({B, 4}, generator, torch::kFloat64);
+    q = q / q.norm(2, 1, true);
+    torch::Tensor w = q.select(1, 0), x = q.select(1, 1), y = q.select(1, 2), z = q.select(1, 3);
+    return torch::stack({1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+                         2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+                         2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)}, 1)
+        .view({B, 3, 3});
+}
+
+// Metadata readers for the checkpoint.
+struct MetadataReader {
+    const std::map<std::string, std::string>& metadata;
+    std::string path;
+    const std::string& text(const std::string& key) const {
+        auto it = metadata.find(key);
+        if (it == metadata.end())
+            throw std::runtime_error("training checkpoint '" + path + "': metadata lacks '" + key + "'");
+        return it->second;
+    }
+    double real(const std::string& key) const {
+        const std::string& t = text(key);
+        size_t used = 0;
+        double value = 0;
+        try {
+            value = std::stod(t, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != t.size())
+            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not a number");
+        return value;
+    }
+    int64_t integer(const std::string& key) const {
+        const std::string& t = text(key);
+        size_t used = 0;
+        long long value = 0;
+        try {
+            value = std::stoll(t, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != t.size())
+            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not an integer");
+        return value;
+    }
+    uint64_t unsignedInteger(const std::string& key) const {
+        const std::string& t = text(key);
+        size_t used = 0;
+        unsigned long long value = 0;
+        try {
+            value = std::stoull(t, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used == 0 || used != t.size() || t[0] == '-')
+            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not an unsigned integer");
+        return value;
+    }
+};
+
+const std::vector<std::string>& bandColumnNames() {
+    static const std::vector<std::string> names = {"val_sigma_lt_0.05", "val_sigma_0.05_0.2", "val_sigma_0.2_0.5", "val_sigma_ge_0.5"};
+    return names;
+}
+
+} // namespace
+
+const std::vector<double>& validationSigmaBands() {
+    static const std::vector<double> edges = {0.05, 0.2, 0.5};
+    return edges;
+}
+
+/** A noised batch on the training device: x~ in batch.atoms, plus the targets. */
+struct Trainer::Noised {
+    StructureBatch batch;   // atoms = x~ [B, L, 3, 3]
+    torch::Tensor eps;      // [B, L, 3, 3], zero on padding
+    torch::Tensor sigma;    // [B]
+    torch::Tensor weight;   // [B, L, 1, 1] 1 on real residues
+    torch::Tensor count;    // [B] real coordinates (9 per residue)
+};
+
+namespace {
+// Per-structure sums of (sigma * dE/dx~ - eps)^2 over real coordinates, [B]. With createGraph the sums
+// are differentiable w.r.t. the model's parameters (double backward through the math backend).
+torch::Tensor residualSums(EnergyModel& model, const StructureBatch& batch, const torch::Tensor& eps, const torch::Tensor& sigma,
+                           const torch::Tensor& weight, bool createGraph) {
+    torch::Tensor xt = batch.atoms.detach().requires_grad_(true);
+    StructureBatch input = batch;
+    input.atoms = xt;
+    // validate = false: noisy structures at large sigma may hold nearly degenerate frames, which the
+    // model guards numerically; it also avoids host synchronisations.
+    torch::Tensor energy = model->forward(input, sigma, AttentionBackend::Math, false);
+    torch::Tensor grad = torch::autograd::grad({energy.sum()}, {xt}, {}, createGraph, createGraph)[0];
+    torch::Tensor residual = (sigma.view({-1, 1, 1, 1}) * grad - eps) * weight;
+    return residual.pow(2).sum({1, 2, 3});
+}
+} // namespace
+
+Trainer::Trainer(const TrainerOptions& options) : options_(options), device_(torch::kCPU) {
+    if (options_.outDir.empty())
+        throw std::invalid_argument("trainer: outDir is required");
+    commandLines_ = options_.commandLine;
+    if (options_.resume) {
+        loadCheckpoint(checkpointPath());
+    } else {
+        if (options_.datasetPath.empty())
+            throw std::invalid_argument("trainer: datasetPath is required");
+        if (fileExists(checkpointPath()))
+            throw std::runtime_error("trainer: '" + options_.outDir + "' already holds a training checkpoint; continue it with "
+                                     "--resume or choose another --out-dir");
+        if (options_.steps < 1)
+            throw std::invalid_argument("trainer: steps must be >= 1");
+        options_.model.validate();
+        if (options_.batchSize < 1 || options_.crop < 1)
+            throw std::invalid_argument("trainer: batch size and crop must be >= 1");
+        if (options_.dtype != torch::kFloat32 && options_.dtype != torch::kFloat64)
+            throw std::invalid_argument("trainer: dtype must be float32 or float64");
+        if (!(options_.emaDecay >= 0 && options_.emaDecay < 1))
+            throw std::invalid_argument("trainer: emaDecay must lie in [0, 1)");
+        if (!(options_.learningRate > 0))
+            throw std::invalid_argument("trainer: learningRate must be positive");
+        device_ = torch::Device(options_.device);
+        if (device_.is_cuda() && !torch::cuda::is_available())
+            throw std::runtime_error("trainer: device '" + options_.device + "' requested but CUDA is not available");
+        dataset_ = std::make_unique<Dataset>(options_.datasetPath);
+        datasetSha256_ = sha256File(options_.datasetPath);
+        // The initial weights come from LibTorch's default initialisation under a seed derived from the
+        // run's seed (the global generator is reseeded here, so construction order does not matter).
+        torch::manual_seed(mixSeed(options_.seed, InitStream, 0));
+        model_ = EnergyModel(options_.model);
+        model_->to(device_, options_.dtype);
+        ema_ = EnergyModel(options_.model);
+        ema_->to(device_, options_.dtype);
+        torch::NoGradGuard noGrad;
+        auto source = model_->parameters();
+        auto target = ema_->parameters();
+        for (size_t i = 0; i < source.size(); i++) {
+            target[i].copy_(source[i]);
+            adamM_.push_back(torch::zeros_like(source[i]));
+            adamV_.push_back(torch::zeros_like(source[i]));
+        }
+    }
+    for (auto& p : ema_->parameters())
+        p.set_requires_grad(false);
+    makeDirectories(options_.outDir);
+    buildValidationSet();
+}
+
+std::string Trainer::checkpointPath() const { return options_.outDir + "/checkpoint.safetensors"; }
+std::string Trainer::logPath() const { return options_.outDir + "/training.csv"; }
+std::string Trainer::modelPath() const { return options_.outDir + "/model.safetensors"; }
+
+double Trainer::learningRate(int64_t step) const {
+    const double peak = options_.learningRate;
+    if (step < options_.warmupSteps)
+        return peak * (step + 1) / (double) options_.warmupSteps;
+    double span = std::max<double>(1.0, (double) (options_.steps - options_.warmupSteps));
+    double progress = std::min(1.0, std::max(0.0, (step - options_.warmupSteps) / span));
+    double f = options_.minLearningRateFraction;
+    return peak * (f + (1 - f) * 0.5 * (1 + std::cos(M_PI * progress)));
+}
+
+Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma) {
+    // Everything random is drawn on the CPU in double, then moved: the same numbers on every device.
+    const int64_t B = batch.atoms.size(0), L = batch.atoms.size(1);
+    torch::Tensor weight = batch.mask.to(torch::kFloat64).view({B, L, 1, 1});
+    torch::Tensor count = 9.0 * batch.mask.to(torch::kFloat64).sum(1); // [B] real coordinates
+    auto centred = [&](const torch::Tensor& v) {
+        // Subtract each structure's mean over its real atoms; padding stays zero.
+        torch::Tensor mean = (v * weight).sum({1, 2}, true) / (count / 3.0).view({B, 1, 1, 1});
+        return (v - mean) * weight;
+    };
+    torch::Tensor x = centred(batch.atoms.to(torch::kFloat64));
+    torch::Tensor R = randomRotations(B, generator);
+    x = torch::einsum("bij,blkj->blki", {R, x});
+    torch::Tensor u = torch::rand({B}, generator, torch::kFloat64);
+    // sigma log-uniform in [sigmaMin, sigmaMax] of the model's configuration (default 0.01 - 2.0 nm).
+    // 0.01 nm lies below the thermal spread of backbone atoms (~0.03-0.05 nm), so the small-sigma end is
+    // the refinement regime (default flashipaSigma 0.05 nm); 2 nm is the size of a cropped domain (a
+    // 128-residue crop has a radius of gyration of ~1.5 nm), so at sigma_max the noised structure is
+    // close to the centred Gaussian that generation starts from. Log-uniform gives each decade equal weight.
+    const double logMin = std::log(options_.model.sigmaMin), logMax = std::log(options_.model.sigmaMax);
+    torch::Tensor sigma = fixedSigma ? fixedSigma->to(torch::kFloat64) : torch::exp(logMin + u * (logMax - logMin));
+    // Noise on the real frame atoms, without its mean: the energy is translation invariant (its gradient
+    // sums to zero over atoms), so a translation of the noise could never be predicted; removing it keeps
+    // the zero-predictor baseline at (n - 1) / n ~ 1 per coordinate with no irreducible floor.
+    torch::Tensor eps = centred(torch::randn({B, L, 3, 3}, generator, torch::kFloat64));
+
+    auto options = torch::TensorOptions().device(device_).dtype(options_.dtype);
+    Noised n;
+    n.sigma = sigma.to(options);
+    n.eps = eps.to(options);
+    n.weight = weight.to(options);
+    n.count = count.to(options);
+    n.batch.atoms = x.to(options) + n.sigma.view({B, 1, 1, 1}) * n.eps;
+    n.batch.types = batch.types.to(device_);
+    n.batch.chains = batch.chains.to(device_);
+    n.batch.mask = batch.mask.to(device_);
+    return n;
+}
+
+StepResult Trainer::trainStep() {
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, TrainStream, step_));
+    StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Train, options_.batchSize, options_.crop, generator, options_.rnaProbability);
+    Noised n = noise(batch, generator, nullptr);
+
+    model_->train();
+    for (auto& p : model_->parameters())
+        p.mutable_grad().reset();
+    torch::Tensor sums = residualSums(model_, n.batch, n.eps, n.sigma, n.weight, true);
+    torch::Tensor loss = sums.sum() / n.count.sum();
+    loss.backward();
+
+    StepResult result;
+    result.loss = loss.item<double>();
+    result.learningRate = learningRate(step_);
+    std::vector<torch::Tensor> params = model_->parameters();
+    torch::Tensor squaredNorm = torch::zeros({}, torch::TensorOptions().device(device_).dtype(torch::kFloat64));
+    for (auto& p : params)
+        if (p.grad().defined())
+            squaredNorm = squaredNorm + p.grad().to(torch::kFloat64).pow(2).sum();
+    result.gradNorm = std::sqrt(squaredNorm.item<double>());
+    if (!std::isfinite(result.loss) || !std::isfinite(result.gradNorm)) {
+        // Skip the update (the step's batch is a function of the step, so it is not retried).
+        result.skipped = true;
+    } else {
+        torch::NoGradGuard noGrad;
+        const double clip = (options_.gradClip > 0 && result.gradNorm > options_.gradClip) ? options_.gradClip / (result.gradNorm + 1e-12) : 1.0;
+        const double t = (double) (step_ + 1);
+        const double b1 = options_.adamBeta1, b2 = options_.adamBeta2;
+        const double correction1 = 1 - std::pow(b1, t), correction2 = 1 - std::pow(b2, t);
+        const double lr = result.learningRate;
+        // EMA decay warmed up so the average is not dominated by the initial weights early on.
+        const double decay = std::min(options_.emaDecay, (1.0 + t) / (10.0 + t));
+        auto emaParams = ema_->parameters();
+        for (size_t i = 0; i < params.size(); i++) {
+            torch::Tensor& p = params[i];
+            if (p.grad().defined()) {
+                torch::Tensor g = p.grad() * clip;
+                if (options_.weightDecay > 0 && p.dim() >= 2)
+                    p.mul_(1 - lr * options_.weightDecay); // decoupled (AdamW); not on biases, norms, gains
+                adamM_[i].mul_(b1).add_(g, 1 - b1);
+                adamV_[i].mul_(b2).addcmul_(g, g, 1 - b2);
+                torch::Tensor denominator = (adamV_[i] / correction2).sqrt_().add_(options_.adamEpsilon);
+                p.addcdiv_(adamM_[i], denominator, -lr / correction1);
+            }
+            emaParams[i].mul_(decay).add_(p, 1 - decay);
+        }
+    }
+    for (auto& p : params)
+        p.mutable_grad().reset();
+    step_++;
+    losses_.push_back(result.loss);
+    lastStep_ = result;
+    return result;
+}
+
+void Trainer::buildValidationSet() {
+    validationBatches_.clear();
+    validationSigma_.clear();
+    validationEps_.clear();
+    validationWeight_.clear();
+    if (dataset_->chains(DatasetSplit::Validation).empty() || options_.validationBatches < 1)
+        return;
+    // A fixed set: its own generator, and sigma stratified log-uniformly over [sigmaMin, sigmaMax] so
+    // that every band holds structures.
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, ValidationStream, 0));
+    const int64_t total = (int64_t) options_.validationBatches * options_.batchSize;
+    torch::Tensor u = (torch::arange(total, torch::kFloat64) + torch::rand({total}, generator, torch::kFloat64)) / (double) total;
+    const double logMin = std::log(options_.model.sigmaMin), logMax = std::log(options_.model.sigmaMax);
+    torch::Tensor sigma = torch::exp(logMin + u * (logMax - logMin));
+    for (int b = 0; b < options_.validationBatches; b++) {
+        StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Validation, options_.batchSize, options_.crop, generator,
+                                                     options_.rnaProbability);
+        torch::Tensor s = sigma.narrow(0, (int64_t) b * options_.batchSize, options_.batchSize);
+        Noised n = noise(batch, generator, &s);
+        validationBatches_.push_back(n.batch);
+        validationSigma_.push_back(n.sigma);
+        validationEps_.push_back(n.eps);
+        validationWeight_.push_back(n.weight);
+    }
+}
+
+ValidationResult Trainer::validate() {
+    const std::vector<double>& edges = validationSigmaBands();
+    const size_t bands = edges.size() + 1;
+    std::vector<double> sum(bands, 0.0), count(bands, 0.0);
+    std::vector<int64_t> structures(bands, 0);
+    double total = 0, totalCount = 0, baseline = 0;
+    ema_->eval();
+    for (size_t b = 0; b < validationBatches_.size(); b++) {
+        const torch::Tensor& weight = validationWeight_[b];
+        torch::Tensor sums = residualSums(ema_, validationBatches_[b], validationEps_[b], validationSigma_[b], weight, false)
+                                 .detach().to(torch::kCPU, torch::kFloat64);
+        torch::Tensor counts = (9.0 * validationBatches_[b].mask.to(torch::kFloat64).sum(1)).to(torch::kCPU);
+        torch::Tensor zero = (validationEps_[b] * weight).pow(2).sum({1, 2, 3}).to(torch::kCPU, torch::kFloat64);
+        torch::Tensor sigma = validationSigma_[b].to(torch::kCPU, torch::kFloat64);
+        for (int64_t i = 0; i < sums.size(0); i++) {
+            double s = sigma[i].item<double>();
+            size_t band = 0;
+            while (band < edges.size() && s >= edges[band])
+                band++;
+            sum[band] += sums[i].item<double>();
+            count[band] += counts[i].item<double>();
+            structures[band]++;
+            total += sums[i].item<double>();
+            totalCount += counts[i].item<double>();
+            baseline += zero[i].item<double>();
+        }
+    }
+    ValidationResult result;
+    result.loss = totalCount > 0 ? total / totalCount : NAN;
+    result.baseline = totalCount > 0 ? baseline / totalCount : NAN;
+    for (size_t band = 0; band < bands; band++) {
+        result.bandLoss.push_back(count[band] > 0 ? sum[band] / count[band] : NAN);
+        result.bandCount.push_back(structures[band]);
+    }
+    lastValidation_ = result;
+    haveValidation_ = true;
+    return result;
+}
+
+void Trainer::openLog(bool append) {
+    // On resume, drop rows past the checkpoint (logged by a chunk that stopped before saving).
+    std::vector<std::string> kept;
+    if (append && fileExists(logPath())) {
+        std::ifstream in(logPath());
+        std::string line;
+        while (std::getline(in, line)) {
+            if (line.rfind(CsvHeaderStart, 0) == 0)
+                continue;
+            size_t comma = line.find(',');
+            if (comma == std::string::npos)
+                continue;
+            try {
+                if (std::stoll(line.substr(0, comma)) > step_)
+                    continue;
+            } catch (const std::exception&) {
+                continue;
+            }
+            kept.push_back(line);
+        }
+    }
+    std::ofstream out(logPath(), std::ios::trunc);
+    if (!out)
+        throw std::runtime_error("cannot write the training log '" + logPath() + "'");
+    out << "step,wall_s,train_loss,val_loss";
+    for (const auto& name : bandColumnNames())
+        out << "," << name;
+    out << ",val_baseline,lr,grad_norm\n";
+    for (const auto& line : kept)
+        out << line << "\n";
+}
+
+void Trainer::logRow(const StepResult* train, const ValidationResult* val) {
+    std::ofstream out(logPath(), std::ios::app);
+    if (!out)
+        throw std::runtime_error("cannot write the training log '" + logPath() + "'");
+    auto number = [](double v) { return std::isfinite(v) ? formatDouble(v, 9) : std::string(); };
+    out << step_ << "," << formatDouble(wallSeconds_, 6) << "," << (train ? number(train->loss) : "") << ",";
+    out << (val ? number(val->loss) : "");
+    for (size_t band = 0; band < bandColumnNames().size(); band++)
+        out << "," << (val ? number(val->bandLoss[band]) : "");
+    out << "," << (val ? number(val->baseline) : "");
+    out << "," << (train ? number(train->learningRate) : "") << "," << (train ? number(train->gradNorm) : "") << "\n";
+}
+
+bool Trainer::run() {
+    chunkStart_ = now();
+    const double wallBase = wallSeconds_;
+    auto updateWall = [&]() { wallSeconds_ = wallBase + (now() - chunkStart_); };
+    openLog(options_.resume);
+    const bool validation = !validationBatches_.empty();
+    if (!validation && options_.verbose)
+        std::cout << "no validation chains (or --val-batches 0): validation is skipped\n";
+    double validationSeconds = 0, checkpointSeconds = 1.0, longestStep = 0;
+    auto runValidation = [&]() {
+        double t0 = now();
+        ValidationResult v = validate();
+        validationSeconds = now() - t0;
+        return v;
+    };
+    if (step_ == 0 && validation) {
+        ValidationResult v = runValidation();
+        updateWall();
+        logRow(nullptr, &v);
+        if (options_.verbose)
+            std::cout << "step 0: validation loss " << formatDouble(v.loss, 5) << " (zero predictor " << formatDouble(v.baseline, 5)
+                      << ")" << std::endl;
+    }
+    double smoothed = NAN;
+    int64_t chunkSteps = 0;
+    while (step_ < options_.steps) {
+        if (options_.stopAfterSteps > 0 && chunkSteps >= options_.stopAfterSteps)
+            break;
+        const bool validateNext = validation && ((options_.validateEvery > 0 && (step_ + 1) % options_.validateEvery == 0) ||
+                                                 step_ + 1 == options_.steps);
+        if (options_.maxMinutes > 0 && chunkSteps > 0) {
+            // Leave room for one more (slow) step, its validation and the final checkpoint.
+            double needed = 2 * longestStep + (validateNext ? validationSeconds : 0) + 2 * checkpointSeconds;
+            if (now() - chunkStart_ + needed > options_.maxMinutes * 60)
+                break;
+        }
+        double t0 = now();
+        StepResult r = trainStep();
+        chunkSteps++;
+        longestStep = std::max(longestStep, now() - t0);
+        smoothed = std::isfinite(smoothed) ? 0.98 * smoothed + 0.02 * r.loss : r.loss;
+        ValidationResult v;
+        if (validateNext)
+            v = runValidation();
+        updateWall();
+        logRow(&r, validateNext ? &v : nullptr);
+        if (options_.verbose && (validateNext || step_ % 10 == 0 || step_ == 1)) {
+            std::cout << "step " << step_ << "/" << options_.steps << "  loss " << formatDouble(r.loss, 5) << " (avg "
+                      << formatDouble(smoothed, 5) << ")  |g| " << formatDouble(r.gradNorm, 4) << "  lr "
+                      << formatDouble(r.learningRate, 4) << "  " << formatDouble(now() - t0, 3) << " s" << (r.skipped ? "  SKIPPED (non-finite)" : "");
+            if (validateNext) {
+                std::cout << "  | val " << formatDouble(v.loss, 5) << " [";
+                for (size_t band = 0; band < v.bandLoss.size(); band++)
+                    std::cout << (band ? " " : "") << formatDouble(v.bandLoss[band], 4);
+                std::cout << "] zero " << formatDouble(v.baseline, 4);
+            }
+            std::cout << std::endl;
+        }
+        if (options_.checkpointEvery > 0 && step_ % options_.checkpointEvery == 0 && step_ < options_.steps) {
+            double c0 = now();
+            saveCheckpoint();
+            checkpointSeconds = now() - c0;
+        }
+    }
+    updateWall();
+    saveCheckpoint();
+    if (step_ >= options_.steps) {
+        exportModel();
+        if (options_.verbose)
+            std::cout << "training complete: " << step_ << " steps, " << formatDouble(wallSeconds_, 4) << " s; EMA model written to "
+                      << modelPath() << std::endl;
+        return true;
+    }
+    if (options_.verbose)
+        std::cout << "stopped at step " << step_ << " of " << options_.steps << " (checkpoint " << checkpointPath()
+                  << "); continue with --resume" << std::endl;
+    return false;
+}
+
+void Trainer::saveCheckpoint(const std::string& pathIn) {
+    const std::string path = pathIn.empty() ? checkpointPath() : pathIn;
+    std::vector<std::pair<std::string, torch::Tensor>> tensors;
+    auto named = model_->named_parameters();
+    auto emaParams = ema_->parameters();
+    for (size_t i = 0; i < named.size(); i++) {
+        const std::string& name = named[i].key();
+        tensors.emplace_back("model/" + name, named[i].value().detach().to(torch::kCPU));
+        tensors.emplace_back("ema/" + name, emaParams[i].detach().to(torch::kCPU));
+        tensors.emplace_back("adam_m/" + name, adamM_[i].to(torch::kCPU));
+        tensors.emplace_back("adam_v/" + name, adamV_[i].to(torch::kCPU));
+    }
+    tensors.emplace_back("step", torch::tensor({step_}, torch::kInt64));
+    std::map<std::string, std::string> metadata = options_.model.toMetadata();
+    metadata["format"] = CheckpointFormat;
+    metadata["format_version"] = CheckpointVersion;
+    metadata["dataset.path"] = options_.datasetPath;
+    metadata["dataset.sha256"] = datasetSha256_;
+    metadata["trainer.dtype"] = dtypeName(options_.dtype);
+    metadata["trainer.batch_size"] = std::to_string(options_.batchSize);
+    metadata["trainer.crop"] = std::to_string(options_.crop);
+    metadata["trainer.steps"] = std::to_string(options_.steps);
+    metadata["trainer.learning_rate"] = formatDouble(options_.learningRate);
+    metadata["trainer.warmup_steps"] = std::to_string(options_.warmupSteps);
+    metadata["trainer.min_lr_fraction"] = formatDouble(options_.minLearningRateFraction);
+    metadata["trainer.weight_decay"] = formatDouble(options_.weightDecay);
+    metadata["trainer.adam_beta1"] = formatDouble(options_.adamBeta1);
+    metadata["trainer.adam_beta2"] = formatDouble(options_.adamBeta2);
+    metadata["trainer.adam_epsilon"] = formatDouble(options_.adamEpsilon);
+    metadata["trainer.grad_clip"] = formatDouble(options_.gradClip);
+    metadata["trainer.ema_decay"] = formatDouble(options_.emaDecay);
+    metadata["trainer.rna_probability"] = formatDouble(options_.rnaProbability);
+    metadata["trainer.validation_batches"] = std::to_string(options_.validationBatches);
+    metadata["counters.step"] = std::to_string(step_);
+    metadata["counters.wall_seconds"] = formatDouble(wallSeconds_);
+    metadata["rng.seed"] = std::to_string(options_.seed);
+    metadata["rng.scheme"] = "each step draws from a CPU generator seeded with splitmix64(seed, stream 2, step); "
+                             "initialisation stream 1, validation set stream 3";
+    metadata["command_lines"] = commandLines_;
+    Safetensors::write(path, tensors, metadata);
+}
+
+void Trainer::loadCheckpoint(const std::string& path) {
+    if (!fileExists(path))
+        throw std::runtime_error("cannot resume: no checkpoint '" + path + "'");
+    SafetensorsContents contents = Safetensors::read(path);
+    auto fail = [&](const std::string& cause) { throw std::runtime_error("training checkpoint '" + path + "': " + cause); };
+    MetadataReader meta{contents.metadata, path};
+    if (meta.text("format") != CheckpointFormat)
+        fail(std::string("not a FlashIPA training checkpoint (format must be '") + CheckpointFormat + "')");
+    if (meta.text("format_version") != CheckpointVersion)
+        fail("unsupported checkpoint version '" + meta.text("format_version") + "'");
+
+    // The run's settings come from the checkpoint; the caller keeps steps (if > 0), the chunk limits,
+    // the device, the validation/checkpoint intervals, verbosity and the dataset path (if given).
+    TrainerOptions o = options_;
+    try {
+        o.model = ModelConfig::fromMetadata(contents.metadata);
+    } catch (const std::exception& e) {
+        fail(e.what());
+    }
+    const std::string dtype = meta.text("trainer.dtype");
+    if (dtype != "float32" && dtype != "float64")
+        fail("trainer.dtype '" + dtype + "' is not float32 or float64");
+    o.dtype = dtype == "float64" ? torch::kFloat64 : torch::kFloat32;
+    o.batchSize = (int) meta.integer("trainer.batch_size");
+    o.crop = (int) meta.integer("trainer.crop");
+    if (options_.steps <= 0)
+        o.steps = meta.integer("trainer.steps");
+    o.learningRate = meta.real("trainer.learning_rate");
+    o.warmupSteps = meta.integer("trainer.warmup_steps");
+    o.minLearningRateFraction = meta.real("trainer.min_lr_fraction");
+    o.weightDecay = meta.real("trainer.weight_decay");
+    o.adamBeta1 = meta.real("trainer.adam_beta1");
+    o.adamBeta2 = meta.real("trainer.adam_beta2");
+    o.adamEpsilon = meta.real("trainer.adam_epsilon");
+    o.gradClip = meta.real("trainer.grad_clip");
+    o.emaDecay = meta.real("trainer.ema_decay");
+    o.rnaProbability = meta.real("trainer.rna_probability");
+    o.validationBatches = (int) meta.integer("trainer.validation_batches");
+    o.seed = meta.unsignedInteger("rng.seed");
+    if (o.datasetPath.empty())
+        o.datasetPath = meta.text("dataset.path");
+    o.resume = true;
+    options_ = o;
+    step_ = meta.integer("counters.step");
+    wallSeconds_ = meta.real("counters.wall_seconds");
+    commandLines_ = meta.text("command_lines") + (options_.commandLine.empty() ? "" : "\n" + options_.commandLine);
+
+    device_ = torch::Device(options_.device);
+    if (device_.is_cuda() && !torch::cuda::is_available())
+        throw std::runtime_error("trainer: device '" + options_.device + "' requested but CUDA is not available");
+    dataset_ = std::make_unique<Dataset>(options_.datasetPath);
+    datasetSha256_ = sha256File(options_.datasetPath);
+    if (datasetSha256_ != meta.text("dataset.sha256"))
+        fail("the dataset '" + options_.datasetPath + "' (sha256 " + datasetSha256_ + ") is not the one this run trained on (sha256 " +
+             meta.text("dataset.sha256") + ")");
+
+    std::map<std::string, torch::Tensor> stored(contents.tensors.begin(), contents.tensors.end());
+    auto take = [&](const std::string& name, const torch::Tensor& like) {
+        auto it = stored.find(name);
+        if (it == stored.end())
+            fail("missing tensor '" + name + "'");
+        torch::Tensor value = it->second;
+        if (value.scalar_type() != options_.dtype)
+            fail("tensor '" + name + "' has dtype " + std::string(c10::toString(value.scalar_type())) + ", expected " + dtypeName(options_.dtype));
+        if (value.sizes() != like.sizes())
+            fail("tensor '" + name + "' has shape " + c10::str(value.sizes()) + ", expected " + c10::str(like.sizes()));
+        stored.erase(it);
+        return value.to(device_);
+    };
+    model_ = EnergyModel(options_.model);
+    model_->to(device_, options_.dtype);
+    ema_ = EnergyModel(options_.model);
+    ema_->to(device_, options_.dtype);
+    torch::NoGradGuard noGrad;
+    auto named = model_->named_parameters();
+    auto emaParams = ema_->parameters();
+    adamM_.clear();
+    adamV_.clear();
+    for (size_t i = 0; i < named.size(); i++) {
+        const std::string& name = named[i].key();
+        named[i].value().copy_(take("model/" + name, named[i].value()));
+        emaParams[i].copy_(take("ema/" + name, emaParams[i]));
+        adamM_.push_back(take("adam_m/" + name, named[i].value()).clone());
+        adamV_.push_back(take("adam_v/" + name, named[i].value()).clone());
+    }
+    auto stepTensor = stored.find("step");
+    if (stepTensor == stored.end())
+        fail("missing tensor 'step'");
+    if (stepTensor->second.scalar_type() != torch::kInt64 || stepTensor->second.numel() != 1 ||
+        stepTensor->second.item<int64_t>() != step_)
+        fail("tensor 'step' does not match metadata counters.step = " + std::to_string(step_));
+    stored.erase(stepTensor);
+    if (!stored.empty())
+        fail("unexpected tensor '" + stored.begin()->first + "'");
+    if (step_ > options_.steps)
+        fail("the checkpoint is at step " + std::to_string(step_) + ", past the requested " + std::to_string(options_.steps) + " steps");
+}
+
+void Trainer::exportModel(const std::string& pathIn) {
+    const std::string path = pathIn.empty() ? modelPath() : pathIn;
+    std::map<std::string, std::string> metadata;
+    metadata["provenance"] = "trained by flashipa-train (denoising score matching; EMA weights); command line(s):\n" + commandLines_;
+    metadata["training"] = "denoising score matching, " + std::to_string(step_) + " steps";
+    metadata["training.command_lines"] = commandLines_;
+    metadata["training.dataset_path"] = options_.datasetPath;
+    metadata["training.dataset_sha256"] = datasetSha256_;
+    metadata["training.steps"] = std::to_string(step_);
+    metadata["training.wall_seconds"] = formatDouble(wallSeconds_, 6);
+    metadata["training.seed"] = std::to_string(options_.seed);
+    metadata["training.batch_size"] = std::to_string(options_.batchSize);
+    metadata["training.crop"] = std::to_string(options_.crop);
+    metadata["training.dtype"] = dtypeName(options_.dtype);
+    metadata["training.ema_decay"] = formatDouble(options_.emaDecay);
+    if (!losses_.empty()) {
+        // Mean of the last (up to) 100 training losses of this process.
+        size_t n = std::min<size_t>(100, losses_.size());
+        double mean = 0;
+        for (size_t i = losses_.size() - n; i < losses_.size(); i++)
+            mean += losses_[i] / n;
+        metadata["training.final_train_loss"] = formatDouble(mean, 6);
+    }
+    if (haveValidation_) {
+        metadata["training.final_val_loss"] = formatDouble(lastValidation_.loss, 6);
+        metadata["training.final_val_baseline"] = formatDouble(lastValidation_.baseline, 6);
+        for (size_t band = 0; band < lastValidation_.bandLoss.size(); band++)
+            metadata["training.final_" + bandColumnNames()[band]] = formatDouble(lastValidation_.bandLoss[band], 6);
+    }
+    saveEnergyModel(ema_, path, metadata);
+}
+
+} // namespace FlashIPAPlugin
