@@ -116,18 +116,10 @@ class TwinComputation:
 def _residuesOf(source, strict):
     """(frame atoms, types, chains, model path or None, defaults dict) from the accepted inputs."""
     if isinstance(source, openmm.app.Topology):
-        from .topology import selectFrameResidues, _describe
-        import warnings
+        from .topology import reportUnusable, selectFrameResidues
 
         frames, unusable = selectFrameResidues(source)
-        if unusable:
-            listed = "; ".join("%s: %s" % (_describe(residue), reason) for residue, reason in unusable[:20])
-            if len(unusable) > 20:
-                listed += "; ... and %d more" % (len(unusable) - 20)
-            message = "FlashIPA: %d residue(s) left out of the model: %s" % (len(unusable), listed)
-            if strict:
-                raise ValueError(message)
-            warnings.warn(message, stacklevel=3)
+        reportUnusable(unusable, strict, stacklevel=4)
         return ([f.atoms for f in frames], [f.residueType for f in frames], [f.chain for f in frames], None, {})
     if isinstance(source, openmm.Force):
         from .openmmflashipa import FlashIPAForce

@@ -202,14 +202,7 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         If no residue is usable, or (with ``strict=True``) if some residue is unusable.
     """
     frames, unusable = selectFrameResidues(topology)
-    if unusable:
-        listed = "; ".join("%s: %s" % (_describe(residue), reason) for residue, reason in unusable[:20])
-        if len(unusable) > 20:
-            listed += "; ... and %d more" % (len(unusable) - 20)
-        message = "FlashIPA: %d residue(s) left out of the model: %s" % (len(unusable), listed)
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
+    reportUnusable(unusable, strict, stacklevel=3)
     if not frames:
         raise ValueError("FlashIPA: the topology has no amino-acid (N, CA, C) or nucleotide (C3', C4', O4') "
                          "residue to build frames from")
@@ -225,3 +218,17 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
     for frame in frames:
         force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, frame.chain)
     return force
+
+
+def reportUnusable(unusable, strict, stacklevel=2):
+    """Name the residues the model leaves out (from selectFrameResidues): a warning, or a ValueError
+    when strict. stacklevel is passed to warnings.warn, counted from this function."""
+    if not unusable:
+        return
+    listed = "; ".join("%s: %s" % (_describe(residue), reason) for residue, reason in unusable[:20])
+    if len(unusable) > 20:
+        listed += "; ... and %d more" % (len(unusable) - 20)
+    message = "FlashIPA: %d residue(s) left out of the model: %s" % (len(unusable), listed)
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=stacklevel)
