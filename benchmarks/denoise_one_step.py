@@ -20,11 +20,10 @@ import evaluate_model as em  # noqa: E402  (shares the data set, manifest, chain
 from openmmflashipa import torch_twin  # noqa: E402
 
 
-def one_step(model, chain, sigma, seed):
-    """(RMSD before, RMSD after) for one chain perturbed with noise sigma (seeded by chain and sigma)."""
+def one_step(model, chain, sigma_index, sigma, seed):
+    """(RMSD before, RMSD after) for one chain perturbed with the same noise evaluate_model.py minimises."""
     native = chain.atoms
-    rng = em.chain_rng(seed, chain.index, int(round(sigma * 1000)))
-    noisy = native + sigma * rng.standard_normal(native.shape)
+    noisy = native + em.frame_noise(chain, sigma_index, sigma, seed)
     x = torch.tensor(noisy)[None].requires_grad_(True)
     types = torch.tensor(chain.types)[None].long()
     segments = torch.tensor(chain.segments)[None].long()
@@ -55,8 +54,8 @@ def main():
              "|---|---|---|---|---|---|"]
     for moltype in ("protein", "rna"):
         chains = em.select_chains(data, rows, moltype, args.max_chains_per_type, args.max_length, 10, args.seed)
-        for sigma in (float(s) for s in args.sigmas.split(",")):
-            pairs = np.array([one_step(model, chain, sigma, args.seed) for chain in chains])
+        for k, sigma in enumerate(float(s) for s in args.sigmas.split(",")):
+            pairs = np.array([one_step(model, chain, k, sigma, args.seed) for chain in chains])
             before, after = np.median(pairs[:, 0]), np.median(pairs[:, 1])
             lines.append("| %s | %g | %d | %.3f | %.3f | %.2f |" % (moltype, sigma, len(chains), before, after,
                                                                    after / before))

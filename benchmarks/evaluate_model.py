@@ -40,7 +40,6 @@ PNG plots. Progress goes to stderr. The same --seed gives the same chains, noise
 import argparse
 import csv
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -67,6 +66,7 @@ DEFAULT_MANIFEST = os.path.join(ROOT, "data", "manifest.tsv")
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "model_eval")
 
+PATH_OPTIONS = ("model", "dataset", "manifest", "data", "out")
 MOLTYPES = ("protein", "rna")
 BAND_EDGES = (0.05, 0.2, 0.5)  # nm, Trainer.cpp validationSigmaBands()
 BAND_NAMES = ("<0.05", "0.05-0.2", "0.2-0.5", ">=0.5")
@@ -1027,12 +1027,9 @@ def write_plots(report, args):
 # Driver
 # ---------------------------------------------------------------------------------------------------
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def repo_path(path):
+    """A path as the report records it: relative to the repository, so no machine's layout is written."""
+    return os.path.relpath(os.path.abspath(path), ROOT) if isinstance(path, str) and path else path
 
 
 def parse_args(argv=None):
@@ -1096,14 +1093,14 @@ def evaluate(args, chains=None):
         chains = {m: select_chains(data, rows, m, args.max_chains_per_type, args.max_length, args.min_length,
                                    args.seed) for m in MOLTYPES}
     chains = {m: c for m, c in chains.items() if c}
-    log("evaluating %s on %s: %s" % (model_path, args.platform,
+    log("evaluating %s on %s: %s" % (repo_path(model_path), args.platform,
                                      ", ".join("%d %s chains" % (len(c), m) for m, c in chains.items())))
-    report = {"model": {"path": model_path, "sha256": sha256_file(model_path),
+    report = {"model": {"path": repo_path(model_path), "sha256": build_dataset.sha256_file(model_path),
                         "training": model.metadata.get("training", "unknown"),
                         "metadata": dict(model.metadata)},
-              "dataset": {"path": os.path.abspath(args.dataset), "sha256": sha256_file(args.dataset),
+              "dataset": {"path": repo_path(args.dataset), "sha256": build_dataset.sha256_file(args.dataset),
                           "split_sha256": data["metadata"].get("split_sha256")},
-              "config": {k: v for k, v in vars(args).items()},
+              "config": {k: repo_path(v) if k in PATH_OPTIONS else v for k, v in vars(args).items()},
               "versions": {"openmm": openmm.__version__, "torch": torch.__version__, "numpy": np.__version__,
                            "python": sys.version.split()[0]},
               "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -93,44 +93,31 @@ struct MetadataReader {
             throw std::runtime_error("training checkpoint '" + path + "': metadata lacks '" + key + "'");
         return it->second;
     }
-    double real(const std::string& key) const {
+    // The whole value must parse (std::sto* stop quietly at the first bad character).
+    template <typename T, typename Parse>
+    T parsed(const std::string& key, Parse parse, const char* what) const {
         const std::string& t = text(key);
         size_t used = 0;
-        double value = 0;
+        T value = 0;
         try {
-            value = std::stod(t, &used);
+            value = parse(t, &used);
         } catch (const std::exception&) {
             used = 0;
         }
         if (used == 0 || used != t.size())
-            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not a number");
+            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not " + what);
         return value;
+    }
+    double real(const std::string& key) const {
+        return parsed<double>(key, [](const std::string& t, size_t* used) { return std::stod(t, used); }, "a number");
     }
     int64_t integer(const std::string& key) const {
-        const std::string& t = text(key);
-        size_t used = 0;
-        long long value = 0;
-        try {
-            value = std::stoll(t, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used == 0 || used != t.size())
-            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not an integer");
-        return value;
+        return parsed<int64_t>(key, [](const std::string& t, size_t* used) { return std::stoll(t, used); }, "an integer");
     }
     uint64_t unsignedInteger(const std::string& key) const {
-        const std::string& t = text(key);
-        size_t used = 0;
-        unsigned long long value = 0;
-        try {
-            value = std::stoull(t, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used == 0 || used != t.size() || t[0] == '-')
-            throw std::runtime_error("training checkpoint '" + path + "': metadata '" + key + "' = '" + t + "' is not an unsigned integer");
-        return value;
+        // std::stoull accepts "-1" (wrapping it), so a sign is refused here.
+        auto parse = [](const std::string& t, size_t* used) { return t[0] == '-' ? (*used = 0, 0ULL) : std::stoull(t, used); };
+        return parsed<uint64_t>(key, parse, "an unsigned integer");
     }
 };
 
