@@ -55,7 +55,8 @@ import openmm.app as app
 import openmm.unit as unit
 
 import openmmflashipa
-from openmmflashipa import torch_twin
+from openmmflashipa import backbone, torch_twin
+from openmmflashipa.annealing import AnnealingIntegrator
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -248,7 +249,7 @@ def default_platform():
     return "Reference"
 
 
-def make_context(system, platform_name, precision):
+def make_context(system, platform_name, precision, integrator=None):
     platform = openmm.Platform.getPlatformByName(platform_name)
     properties = {}
     names = platform.getPropertyNames()
@@ -256,20 +257,31 @@ def make_context(system, platform_name, precision):
         properties["Precision"] = precision
     if "DeterministicForces" in names:
         properties["DeterministicForces"] = "true"
-    return openmm.Context(system, openmm.VerletIntegrator(0.001), platform, properties)
+    return openmm.Context(system, integrator or openmm.VerletIntegrator(0.001), platform, properties)
 
 
-def frame_system(chain, model_path):
-    """A System of the chain's frame atoms (3 particles per residue) with only the FlashIPAForce; residue i
-    is particles 3i, 3i+1, 3i+2 and its model chain id is its data-set segment."""
+def frame_system(chain, model_path, learned=True, restrained=False):
+    """A System of the chain's frame atoms (3 particles per residue); residue i is particles 3i, 3i+1, 3i+2
+    and its model chain id is its data-set segment. learned: the FlashIPAForce; restrained: the backbone
+    module's ideal frame geometry (bonds, 1-3 distances, links; medians of the training split)."""
     system = openmm.System()
     force = openmmflashipa.FlashIPAForce("" if model_path is None else model_path)
     for i in range(chain.length):
         for mass in FRAME_MASSES[chain.moltype]:
             system.addParticle(mass)
         force.addResidue(3 * i, 3 * i + 1, 3 * i + 2, int(chain.types[i]), int(chain.segments[i]))
-    system.addForce(force)
+    if learned:
+        system.addForce(force)
+    if restrained:
+        backbone.addFrameRestraints(system, [(3 * i, 3 * i + 1, 3 * i + 2) for i in range(chain.length)],
+                                    chain.moltype, [int(s) for s in chain.segments])
     return system
+
+
+# The frame-only minimisations: the learned energy alone (the issue's measurement), the learned energy with
+# ideal frame geometry (the backbone-level System the workflows use) and that geometry alone (the control:
+# how much of the gain is the bonds' doing).
+FRAME_VARIANTS = (("learned", True, False), ("restrained", True, True), ("geometry", False, True))
 
 
 def rms_force(context):
@@ -510,7 +522,9 @@ def denoise_chain(chain, args, forcefield):
     """Every noise level for one chain: learned (frame-only), amber and optionally the hybrid."""
     started = time.time()
     record = dict(chain.describe(), sigmas={})
-    context = make_context(frame_system(chain, args.model), args.platform, args.precision)
+    contexts = {name: make_context(frame_system(chain, args.model, learned, restrained), args.platform,
+                                   args.precision)
+                for name, learned, restrained in FRAME_VARIANTS if name == "learned" or args.restrained}
     allatom, reason, amber_context, hybrid_context = None, None, None, None
     if chain.moltype == "protein" and not args.no_amber:
         allatom, reason = build_allatom(chain, args.data, forcefield, args)
@@ -523,6 +537,10 @@ def denoise_chain(chain, args, forcefield):
             if args.with_hybrid:
                 hybrid_context = make_context(amber_system(allatom.topology, forcefield, args, True, args.model),
                                               args.platform, args.precision)
+    annealer = None
+    if args.annealed_steps:
+        annealer = make_context(frame_system(chain, args.model), args.platform, args.precision,
+                                AnnealingIntegrator(max(args.sigmas), args.annealed_sigma_min, args.annealed_steps))
     native = chain.atoms
     common = allatom.common if allatom is not None else None
     for k, sigma in enumerate(args.sigmas):
@@ -531,19 +549,42 @@ def denoise_chain(chain, args, forcefield):
         start = native + noise
         entry = {"sigma_ref": sigma_ref}
         entry.update(rmsd_entries("before", start, native, common))
-        try:
-            final, details = minimise(context, start.reshape(-1, 3), args.tolerance, args.max_iterations,
-                                      {openmmflashipa.FlashIPAForce.Sigma(): sigma_ref})
-            final = final.reshape(native.shape)
-            entry.update(rmsd_entries("learned", final, native, common))
-            entry.update({"learned_" + key: value for key, value in details.items()})
-        except Exception as error:
-            entry["learned_error"] = str(error).strip().splitlines()[0][:200]
+        for name, context in contexts.items():
+            parameters = {openmmflashipa.FlashIPAForce.Sigma(): sigma_ref} if name != "geometry" else {}
+            try:
+                final, details = minimise(context, start.reshape(-1, 3), args.tolerance, args.max_iterations,
+                                          parameters)
+                final = final.reshape(native.shape)
+                entry.update(rmsd_entries(name, final, native, common))
+                entry.update({name + "_" + key: value for key, value in details.items()})
+            except Exception as error:
+                entry[name + "_error"] = str(error).strip().splitlines()[0][:200]
+        if annealer is not None:
+            entry.update(anneal(annealer, start, native, common, sigma))
         if amber_context is not None:
             entry.update(amber_run(amber_context, hybrid_context, allatom, chain, noise, k, sigma, sigma_ref, args))
         record["sigmas"]["%g" % sigma] = entry
     record["seconds"] = time.time() - started
     return record
+
+
+def anneal(context, start, native, common, sigma):
+    """The probability-flow ODE from sigma down (annealing.py), started at the noisy frame atoms."""
+    integrator = context.getIntegrator()
+    integrator.restart(sigma)
+    context.setPositions(start.reshape(-1, 3))
+    started = time.time()
+    try:
+        integrator.step(integrator.numSteps())
+        final = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        final = np.asarray(final, dtype=np.float64).reshape(native.shape)
+        if not np.all(np.isfinite(final)):
+            raise ValueError("non-finite positions")
+    except Exception as error:
+        return {"annealed_error": str(error).strip().splitlines()[0][:200]}
+    out = rmsd_entries("annealed", final, native, common)
+    out["annealed_seconds"] = time.time() - started
+    return out
 
 
 def amber_run(amber_context, hybrid_context, allatom, chain, noise, k, sigma, sigma_ref, args):
@@ -579,6 +620,13 @@ def summarise_denoising(records, sigmas):
                "learned_improved_fraction": fraction(e["learned"] < e["before"] for e in learned)}
         row["ratio"] = (row["learned"] / row["before"]) if learned and row["before"] else None
         row["learned_median_seconds"] = median(e["learned_seconds"] for e in learned)
+        for variant in ("restrained", "geometry", "annealed"):
+            done = [e for e in entries if variant in e]
+            if done or any(variant + "_error" in e for e in entries):
+                row[variant + "_ok"] = len(done)
+                row[variant + "_before"] = median(e["before"] for e in done)
+                row[variant] = median(e[variant] for e in done)
+                row[variant + "_ratio"] = (row[variant] / row[variant + "_before"]) if done else None
         row["learned_median_rms_force_start"] = median(e["learned_rms_force_start"] for e in learned)
         if any("amber_atoms" in r or "amber_skipped" in r for r in records):
             row["paired_chains"] = len(paired)
@@ -856,6 +904,31 @@ def denoising_tables(denoising, sigmas):
             lines.append("| %s | %g | %d/%d | %s | %s | %s | %s | %s | %s |" % (
                 moltype, sigma, row["learned_ok"], row["learned_failed"], fmt(row["before"]), fmt(row["learned"]),
                 fmt(row["ratio"], 2), fmt(row["learned_improved_fraction"], 2), iterations, " | ".join(paired)))
+    if any("annealed_ok" in result["summary"]["%g" % sigma] for result in denoising.values() for sigma in sigmas):
+        lines += ["", "Annealed denoising (all chains that finished): the probability-flow ODE of the learned score "
+                  "in OpenMM (AnnealingIntegrator: Heun steps, flashipaSigma from the noise sigma down, then "
+                  "Tweedie's step), frame atoms only, learned energy only.", "",
+                  "| type | sigma | chains ok | before | annealed | after/before |", "|---|---|---|---|---|---|"]
+        for moltype, result in denoising.items():
+            for sigma in sigmas:
+                row = result["summary"]["%g" % sigma]
+                lines.append("| %s | %g | %s | %s | %s | %s |" % (
+                    moltype, sigma, row.get("annealed_ok", "-"), fmt(row.get("annealed_before")),
+                    fmt(row.get("annealed")), fmt(row.get("annealed_ratio"), 2)))
+    if any("restrained" + "_ok" in result["summary"]["%g" % sigma] for result in denoising.values()
+           for sigma in sigmas):
+        lines += ["", "Frame-only variants (all chains that finished): restrained = learned energy + ideal frame "
+                  "geometry (bonds, 1-3 distances, peptide / C4'-C4' links; training-split medians); geometry = "
+                  "those restraints alone, the control.", "",
+                  "| type | sigma | restrained ok | before | restrained | after/before | geometry ok | geometry | "
+                  "after/before |", "|---|---|---|---|---|---|---|---|---|"]
+        for moltype, result in denoising.items():
+            for sigma in sigmas:
+                row = result["summary"]["%g" % sigma]
+                lines.append("| %s | %g | %s | %s | %s | %s | %s | %s | %s |" % (
+                    moltype, sigma, row.get("restrained_ok", "-"), fmt(row.get("restrained_before")),
+                    fmt(row.get("restrained")), fmt(row.get("restrained_ratio"), 2), row.get("geometry_ok", "-"),
+                    fmt(row.get("geometry")), fmt(row.get("geometry_ratio"), 2)))
     for moltype, result in denoising.items():
         names = result["amber_skipped"]
         if names:
@@ -873,8 +946,23 @@ def target_lines(denoising, targets):
         if t is None:
             lines.append("- %s: not evaluated (sigma %g not among --sigmas)" % (moltype, TARGET_SIGMA))
         else:
-            lines.append("- %s: before %s, after %s, ratio %s -> **%s**" % (
-                moltype, fmt(t["before"]), fmt(t["after"]), fmt(t["ratio"], 2), "met" if t["met"] else "NOT met"))
+            lines.append("- %s: before %s, after %s, ratio %s, %d/%d chains finished -> **%s**" % (
+                moltype, fmt(t["before"]), fmt(t["after"]), fmt(t["ratio"], 2), t["finished"], t["chains"],
+                "met" if t["met"] and t["finished"] == t["chains"] else "NOT met"))
+            a = t.get("annealed")
+            if a:
+                lines.append("  - annealed (probability-flow ODE, not a minimisation): before %s, after %s, ratio %s, "
+                             "%d/%d finished -> %s" % (fmt(a["before"]), fmt(a["after"]), fmt(a["ratio"], 2),
+                                                       a["finished"], t["chains"],
+                                                       "halved" if a["met"] and a["finished"] == t["chains"]
+                                                       else "not halved"))
+            r = t.get("restrained")
+            if r:
+                lines.append("  - with ideal frame geometry: before %s, after %s, ratio %s, %d/%d finished -> "
+                             "**%s** (geometry alone: ratio %s)" % (
+                                 fmt(r["before"]), fmt(r["after"]), fmt(r["ratio"], 2), r["finished"], t["chains"],
+                                 "met" if r["met"] and r["finished"] == t["chains"] else "NOT met",
+                                 fmt(r["control_ratio"], 2)))
     return lines
 
 
@@ -909,10 +997,21 @@ def check_targets(denoising):
     targets = {}
     for moltype, result in denoising.items():
         row = result["summary"].get("%g" % TARGET_SIGMA)
-        if row is None or row["before"] is None or row["learned"] is None:
+        if row is None:
             continue
+        finished = row["learned"] is not None and row["before"] is not None
         targets[moltype] = {"before": row["before"], "after": row["learned"], "ratio": row["ratio"],
-                            "met": bool(row["learned"] <= 0.5 * row["before"])}
+                            "met": finished and bool(row["learned"] <= 0.5 * row["before"]),
+                            "finished": row["learned_ok"], "chains": row["chains"]}
+        if row.get("annealed") is not None:
+            targets[moltype]["annealed"] = {
+                "before": row["annealed_before"], "after": row["annealed"], "ratio": row["annealed_ratio"],
+                "met": bool(row["annealed"] <= 0.5 * row["annealed_before"]), "finished": row["annealed_ok"]}
+        if row.get("restrained") is not None:
+            targets[moltype]["restrained"] = {
+                "before": row["restrained_before"], "after": row["restrained"], "ratio": row["restrained_ratio"],
+                "met": bool(row["restrained"] <= 0.5 * row["restrained_before"]),
+                "finished": row["restrained_ok"], "control_ratio": row.get("geometry_ratio")}
     return targets
 
 
@@ -1061,6 +1160,12 @@ def parse_args(argv=None):
     g.add_argument("--amber-cutoff", type=float, default=0.0,
                    help="nonbonded/GB cutoff for amber, nm (default 0 = NoCutoff)")
     g.add_argument("--no-amber", action="store_true", help="skip the amber14 comparison")
+    g.add_argument("--restrained", action="store_true",
+                   help="also minimise the learned energy + ideal frame geometry, and that geometry alone")
+    g.add_argument("--annealed-steps", type=int, default=10,
+                   help="Heun steps of the annealed denoising (probability-flow ODE from the noise sigma down to "
+                        "--annealed-sigma-min, then Tweedie's step; 0: skip) (default 10)")
+    g.add_argument("--annealed-sigma-min", type=float, default=0.02, help="last sigma of the annealing (nm)")
     g.add_argument("--with-hybrid", action="store_true", help="also minimise amber14 + implicit + FlashIPAForce")
     g = p.add_argument_group("score and energy")
     g.add_argument("--crop", type=int, default=128, help="score-loss crop length (trainer default 128)")
