@@ -522,9 +522,9 @@ def denoise_chain(chain, args, forcefield):
     """Every noise level for one chain: learned (frame-only), amber and optionally the hybrid."""
     started = time.time()
     record = dict(chain.describe(), sigmas={})
-    contexts = {name: make_context(frame_system(chain, args.model, learned, restrained), args.platform,
-                                   args.precision)
-                for name, learned, restrained in FRAME_VARIANTS if name == "learned" or args.restrained}
+    contexts = {name: make_context(frame_system(chain, args.model, learned, restrained),
+                                   args.frame_platform or args.platform, args.precision)
+                for name, learned, restrained in FRAME_VARIANTS if name in args.frame_variants}
     allatom, reason, amber_context, hybrid_context = None, None, None, None
     if chain.moltype == "protein" and not args.no_amber:
         allatom, reason = build_allatom(chain, args.data, forcefield, args)
@@ -613,9 +613,9 @@ def summarise_denoising(records, sigmas):
         key = "%g" % sigma
         entries = [r["sigmas"][key] for r in records]
         learned = [e for e in entries if "learned" in e]
-        paired = [e for e in learned if "amber" in e]
+        paired = [e for e in entries if "amber" in e]
         row = {"chains": len(entries), "learned_ok": len(learned),
-               "learned_failed": len(entries) - len(learned),
+               "learned_failed": sum(1 for e in entries if "learned_error" in e),
                "before": median(e["before"] for e in learned), "learned": median(e["learned"] for e in learned),
                "learned_improved_fraction": fraction(e["learned"] < e["before"] for e in learned)}
         row["ratio"] = (row["learned"] / row["before"]) if learned and row["before"] else None
@@ -633,7 +633,8 @@ def summarise_denoising(records, sigmas):
             row["amber_skipped"] = sum(1 for r in records if "amber_skipped" in r)
             row["amber_failed"] = sum(1 for e in entries if "amber_error" in e)
             row["paired_before"] = median(e["before_common"] for e in paired)
-            row["paired_learned"] = median(e["learned_common"] for e in paired)
+            row["paired_learned"] = median(e["learned_common"] for e in paired if "learned_common" in e)
+            row["paired_annealed"] = median(e["annealed_common"] for e in paired if "annealed_common" in e)
             row["paired_amber_before"] = median(e["amber_before"] for e in paired)
             row["paired_amber"] = median(e["amber"] for e in paired)
             row["amber_median_seconds"] = median(e["amber_seconds"] for e in paired) if paired else None
@@ -891,14 +892,14 @@ def denoising_tables(denoising, sigmas):
              "the chains where amber14 worked, RMSD over the same N, CA, C atoms for every column; improved = "
              "fraction of chains whose RMSD went down; s/min = median seconds per minimisation (learned / amber).", "",
              "| type | sigma | chains (ok/failed) | before | learned | after/before | improved | s/min | "
-             "paired chains | paired before | paired learned | paired amber | paired hybrid |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "paired chains | paired before | paired learned | paired annealed | paired amber | paired hybrid |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for moltype, result in denoising.items():
         for sigma in sigmas:
             row = result["summary"]["%g" % sigma]
             paired = [str(row.get("paired_chains", "-"))] + [fmt(row.get(k)) if k in row else "-" for k in
-                                                             ("paired_before", "paired_learned", "paired_amber",
-                                                              "paired_hybrid")]
+                                                             ("paired_before", "paired_learned", "paired_annealed",
+                                                              "paired_amber", "paired_hybrid")]
             iterations = "%s / %s" % (fmt(row["learned_median_seconds"], 2),
                                       fmt(row.get("amber_median_seconds"), 1) if "paired_amber" in row else "-")
             lines.append("| %s | %g | %d/%d | %s | %s | %s | %s | %s | %s |" % (
@@ -946,9 +947,12 @@ def target_lines(denoising, targets):
         if t is None:
             lines.append("- %s: not evaluated (sigma %g not among --sigmas)" % (moltype, TARGET_SIGMA))
         else:
-            lines.append("- %s: before %s, after %s, ratio %s, %d/%d chains finished -> **%s**" % (
-                moltype, fmt(t["before"]), fmt(t["after"]), fmt(t["ratio"], 2), t["finished"], t["chains"],
-                "met" if t["met"] and t["finished"] == t["chains"] else "NOT met"))
+            if not t.get("ran", True):
+                lines.append("- %s: learned-only minimisation not run here (--frame-variants)" % moltype)
+            else:
+                lines.append("- %s: before %s, after %s, ratio %s, %d/%d chains finished -> **%s**" % (
+                    moltype, fmt(t["before"]), fmt(t["after"]), fmt(t["ratio"], 2), t["finished"], t["chains"],
+                    "met" if t["met"] and t["finished"] == t["chains"] else "NOT met"))
             a = t.get("annealed")
             if a:
                 lines.append("  - annealed (probability-flow ODE, not a minimisation): before %s, after %s, ratio %s, "
@@ -1002,7 +1006,8 @@ def check_targets(denoising):
         finished = row["learned"] is not None and row["before"] is not None
         targets[moltype] = {"before": row["before"], "after": row["learned"], "ratio": row["ratio"],
                             "met": finished and bool(row["learned"] <= 0.5 * row["before"]),
-                            "finished": row["learned_ok"], "chains": row["chains"]}
+                            "finished": row["learned_ok"], "chains": row["chains"],
+                            "ran": row["learned_ok"] + row["learned_failed"] > 0}
         if row.get("annealed") is not None:
             targets[moltype]["annealed"] = {
                 "before": row["annealed_before"], "after": row["annealed"], "ratio": row["annealed_ratio"],
@@ -1160,8 +1165,13 @@ def parse_args(argv=None):
     g.add_argument("--amber-cutoff", type=float, default=0.0,
                    help="nonbonded/GB cutoff for amber, nm (default 0 = NoCutoff)")
     g.add_argument("--no-amber", action="store_true", help="skip the amber14 comparison")
-    g.add_argument("--restrained", action="store_true",
-                   help="also minimise the learned energy + ideal frame geometry, and that geometry alone")
+    g.add_argument("--frame-platform", default=None,
+                   help="platform for the frame-only minimisations (default: --platform). On CUDA, OpenMM 8.6's "
+                        "GPU minimiser segfaults when a force throws mid-minimisation, which the learned energy "
+                        "alone does once it squeezes a frame; use CPU there")
+    g.add_argument("--frame-variants", type=lambda text: [v for v in text.split(",") if v], default=["learned"],
+                   help="frame-only minimisations, comma-separated: learned (the learned energy alone), restrained "
+                        "(+ ideal frame geometry), geometry (the restraints alone, a control) (default: learned)")
     g.add_argument("--annealed-steps", type=int, default=10,
                    help="Heun steps of the annealed denoising (probability-flow ODE from the noise sigma down to "
                         "--annealed-sigma-min, then Tweedie's step; 0: skip) (default 10)")
