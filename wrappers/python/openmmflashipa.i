@@ -26,6 +26,7 @@
 #include "openmm/RPMDMonteCarloBarostat.h"
 #include "FlashIPAForce.h"
 #include "flashipa/ResidueTypes.h"
+#include "flashipa/BackboneSampler.h"
 #include <exception>
 #include <string>
 
@@ -206,3 +207,56 @@ namespace ResidueType {
 %constant int UNKNOWN_AMINO_ACID = FlashIPAPlugin::ResidueType::UnknownAminoAcid;
 %constant int FIRST_NUCLEOTIDE = FlashIPAPlugin::ResidueType::FirstNucleotide;
 %constant int UNKNOWN_NUCLEOTIDE = FlashIPAPlugin::ResidueType::UnknownNucleotide;
+
+/* The batched C++ sampler (models/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
+   autograd engine refuses to run while a thread holds it, and sampling can take a while. Returns the frame
+   atoms as raw float64 bytes, [numSamples, L, 3, 3] in nm (openmmflashipa.generate reshapes them). */
+%feature("docstring") _sampleFrameAtoms "_sampleFrameAtoms(modelPath, types, chains, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn=0) -> bytes";
+%inline %{
+static bool flashipa_intList(PyObject* sequence, const char* what, std::vector<int>& out) {
+    PyObject* fast = PySequence_Fast(sequence, what);
+    if (fast == NULL)
+        return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    out.resize(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long value = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (value == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return false;
+        }
+        out[i] = (int) value;
+    }
+    Py_DECREF(fast);
+    return true;
+}
+
+PyObject* _sampleFrameAtoms(const std::string& modelPath, PyObject* types, PyObject* chains, int numSamples,
+                            int numSteps, double sigmaMax, double sigmaMin, int seed, const std::string& device,
+                            double churn = 0) {
+    std::vector<int> t, c;
+    if (!flashipa_intList(types, "types must be a sequence of ints", t) ||
+        !flashipa_intList(chains, "chains must be a sequence of ints", c))
+        return NULL;
+    std::vector<double> result;
+    std::string error;
+    int kind = 0;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+        result = FlashIPAPlugin::sampleFrameAtoms(modelPath, t, c, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn);
+    } catch (const std::invalid_argument& e) {
+        error = e.what();
+        kind = 1;
+    } catch (const std::exception& e) {
+        error = e.what();
+        kind = 2;
+    }
+    Py_END_ALLOW_THREADS
+    if (kind != 0) {
+        PyErr_SetString(kind == 1 ? PyExc_ValueError : PyExc_RuntimeError, error.c_str());
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char*) result.data(), (Py_ssize_t) (result.size() * sizeof(double)));
+}
+%}
+

@@ -1,0 +1,165 @@
+"""Generating protein and RNA backbones with the learned model (DESIGN 2.6).
+
+Two routes that integrate the same probability-flow ODE (see annealing.py for why it is an ODE in sigma):
+
+- ``method="sampler"``: the batched C++ sampler (models/src/BackboneSampler.cpp), all samples of one length
+  in one model batch, on CUDA when available;
+- ``method="openmm"``: inside OpenMM, a System of frame atoms with a FlashIPAForce and an
+  :class:`AnnealingIntegrator` that lowers ``flashipaSigma`` step by step; any OpenMM platform.
+
+The model sees generated residues as "unknown amino acid" / "unknown nucleotide"; the output names them GLY
+and U (structure.py says why). Both routes draw their starting coordinates from the seed, so a seed gives the
+same backbones on the same platform and thread count.
+"""
+
+import numpy as np
+import openmm
+import openmm.unit as unit
+
+from . import annealing
+from . import progress as _progress
+from .openmmflashipa import FlashIPAForce, _sampleFrameAtoms, UNKNOWN_AMINO_ACID, UNKNOWN_NUCLEOTIDE
+from .structure import Backbone
+
+DEFAULT_STEPS = 100
+DEFAULT_SIGMA_MIN = 0.02  # nm; below this the score is unreliable (docs/MODEL.md)
+DEFAULT_SIGMA_MAX = 1.2   # nm; measured: better local geometry than the model's sigmaMax 2 (docs/WORKFLOWS.md)
+FRAME_MASSES = {"protein": (14.007, 12.011, 12.011), "rna": (12.011, 12.011, 15.999)}
+UNKNOWN_TYPE = {"protein": UNKNOWN_AMINO_ACID, "rna": UNKNOWN_NUCLEOTIDE}
+
+
+def _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed):
+    if moltype not in UNKNOWN_TYPE:
+        raise ValueError("moltype must be 'protein' or 'rna', not %r" % (moltype,))
+    if int(length) < 2:
+        raise ValueError("length must be at least 2 residues, got %r" % (length,))
+    if int(numSamples) < 1:
+        raise ValueError("numSamples must be at least 1")
+    if int(numSteps) < 1:
+        raise ValueError("numSteps must be at least 1")
+    if not (sigmaMax > sigmaMin > 0):
+        raise ValueError("need sigmaMax > sigmaMin > 0 nm, got %g and %g" % (sigmaMax, sigmaMin))
+    if int(seed) < 0:
+        raise ValueError("seed must be non-negative")
+
+
+def _nm(value, what):
+    if unit.is_quantity(value):
+        if not value.unit.is_compatible(unit.nanometer):
+            raise TypeError("%s must be a length, got %s" % (what, value.unit))
+        return float(value.value_in_unit(unit.nanometer))
+    return float(value)
+
+
+def defaultDevice():
+    """'cuda' when LibTorch sees a GPU, else 'cpu'."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigmaMax=DEFAULT_SIGMA_MAX,
+             sigmaMin=DEFAULT_SIGMA_MIN, method="sampler", platform=None, device=None, modelPath=None,
+             progress=True):
+    """Generate backbones of one length.
+
+    Parameters
+    ----------
+    moltype : 'protein' or 'rna'
+    length : int
+        residues per chain
+    numSamples : int
+    seed : int
+        seeds the starting Gaussian coordinates
+    numSteps : int
+        Heun steps of the ODE (two model evaluations each)
+    sigmaMax, sigmaMin : float (nm) or Quantity
+        the noise schedule's ends
+    method : 'sampler' (batched C++) or 'openmm' (AnnealingIntegrator in a Context)
+    platform : str, optional
+        OpenMM platform for method="openmm" (default: CUDA if usable, else CPU, else Reference)
+    device : str, optional
+        'cpu' or 'cuda' for method='sampler' (default: cuda if available)
+    modelPath : str, optional
+        a checkpoint; None = the shipped model
+    progress : bool
+        show a progress bar on stderr
+
+    Returns
+    -------
+    list of :class:`Backbone`, one per sample
+    """
+    sigmaMax, sigmaMin = _nm(sigmaMax, "sigmaMax"), _nm(sigmaMin, "sigmaMin")
+    _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed)
+    length, numSamples, numSteps, seed = int(length), int(numSamples), int(numSteps), int(seed)
+    if method == "sampler":
+        frames = _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath,
+                             progress)
+    elif method == "openmm":
+        frames = _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, platform, modelPath,
+                            progress)
+    else:
+        raise ValueError("method must be 'sampler' or 'openmm', not %r" % (method,))
+    return [Backbone(f, moltype) for f in frames]
+
+
+def _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath, progress):
+    device = device or defaultDevice()
+    types = [UNKNOWN_TYPE[moltype]] * length
+    with _progress.spinner("generating %d %s backbone(s) of %d residues (C++ sampler, %s)"
+                           % (numSamples, moltype, length, device), enabled=progress):
+        raw = _sampleFrameAtoms(modelPath or "", types, [0] * length, numSamples, numSteps, sigmaMax, sigmaMin,
+                                seed, device)
+    return np.frombuffer(raw, dtype=np.float64).reshape(numSamples, length, 3, 3).copy()
+
+
+def frameSystem(moltype, length, modelPath=None):
+    """A System of `length` residues' frame atoms (particles 3i, 3i+1, 3i+2) with only a FlashIPAForce of
+    unknown-type residues in one chain; returns (system, force)."""
+    system = openmm.System()
+    force = FlashIPAForce(modelPath or "")
+    for i in range(length):
+        for mass in FRAME_MASSES[moltype]:
+            system.addParticle(mass)
+        force.addResidue(3 * i, 3 * i + 1, 3 * i + 2, UNKNOWN_TYPE[moltype], 0)
+    system.addForce(force)
+    return system, force
+
+
+def choosePlatform(name=None):
+    """An OpenMM platform with the plugin's kernels: `name`, or the first of CUDA, CPU, Reference that has them."""
+    from . import hasPlatformKernels
+    if name:
+        if not hasPlatformKernels(name):
+            raise ValueError("the FlashIPA plugin has no kernels for the %s platform here" % name)
+        return openmm.Platform.getPlatformByName(name)
+    for candidate in ("CUDA", "CPU", "Reference"):
+        if hasPlatformKernels(candidate):
+            return openmm.Platform.getPlatformByName(candidate)
+    raise RuntimeError("no OpenMM platform with FlashIPA kernels was found")
+
+
+def _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, platform, modelPath, progress):
+    system, _ = frameSystem(moltype, length, modelPath)
+    integrator = annealing.AnnealingIntegrator(sigmaMax, sigmaMin, numSteps)
+    context = openmm.Context(system, integrator, choosePlatform(platform))
+    rng = np.random.default_rng(seed)
+    results = []
+    bar = _progress.bar(numSamples * numSteps, "generating %d %s backbone(s) of %d residues (OpenMM %s)"
+                        % (numSamples, moltype, length, context.getPlatform().getName()), enabled=progress)
+    try:
+        for _ in range(numSamples):
+            start = rng.standard_normal((3 * length, 3))
+            start -= start.mean(0)
+            context.setPositions(start * sigmaMax)
+            integrator.restart()
+            for _ in range(numSteps):
+                integrator.step(1)
+                bar.update(1)
+            x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            x = np.asarray(x, dtype=np.float64).reshape(length, 3, 3)
+            if not np.all(np.isfinite(x)):
+                raise RuntimeError("generation inside OpenMM produced non-finite coordinates")
+            results.append(x)
+    finally:
+        bar.close()
+    return np.stack(results)
