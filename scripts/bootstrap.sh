@@ -55,3 +55,12 @@ fi
 # 4. Make the Python package importable from the venv (a .pth file pointing at build/python).
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$ROOT/build/python" > "$SITE/openmmflashipa-build.pth"
+
+# 5. The `flashipa` command in the venv (the package's CLI, openmmflashipa/cli.py).
+cat > .venv/bin/flashipa <<LAUNCHER
+#!$PY
+import sys
+from openmmflashipa.cli import main
+sys.exit(main())
+LAUNCHER
+chmod +x .venv/bin/flashipa

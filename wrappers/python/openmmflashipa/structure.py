@@ -185,6 +185,8 @@ def readStructure(path):
         raise ValueError("%s has no model" % path)
     for extra in range(len(structure) - 1, 0, -1):
         del structure[extra]
+    if structure[0].count_atom_sites() == 0:
+        raise ValueError("%s has no atoms other than water" % path)
     pdb = app.PDBFile(io.StringIO(structure.make_pdb_string()))
     if pdb.topology.getNumAtoms() == 0:
         raise ValueError("%s has no atoms" % path)

@@ -1,0 +1,169 @@
+"""Structures, refinement, self-consistency and the CLI, end to end on tiny cases (CPU).
+
+Oracles: ideal geometry measured independently here from the file's own atoms (gemmi) or from the documented
+medians; bond lengths computed directly; the CLI's outputs read back with gemmi."""
+
+import json
+import math
+import os
+
+import gemmi
+import numpy as np
+import openmm.unit as unit
+import pytest
+
+from openmmflashipa import cli, ideal_geometry
+from openmmflashipa.backbone import placeBackboneAtoms
+from openmmflashipa.generate import generate
+from openmmflashipa.refine import refine
+from openmmflashipa.selfconsistency import selfConsistency
+from openmmflashipa.structure import Backbone, readStructure
+
+from flashipa_testutils import PROTEIN_PDB, RNA_PDB
+
+FAST = dict(minimizeIterations=50, steps=20, platform="CPU", progress=False)
+
+
+def heavy_atoms_by_residue(path):
+    """{(chain, seq number, residue name): set of heavy-atom names}, read with gemmi."""
+    out = {}
+    for chain in gemmi.read_structure(path)[0]:
+        for residue in chain:
+            if residue.is_water():
+                continue
+            names = {a.name for a in residue if a.element.name != "H"}
+            out[(chain.name, residue.seqid.num, residue.name)] = names
+    return out
+
+
+def bond_lengths(topology, positions, pairs):
+    """Lengths (nm) of the named bonds (atom name i, atom name j, residue offset) inside chains."""
+    xyz = np.asarray(positions.value_in_unit(unit.nanometer))
+    lengths = []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        for k, residue in enumerate(residues):
+            atoms = {a.name: a.index for a in residue.atoms()}
+            for a, b, offset in pairs:
+                if k + offset >= len(residues):
+                    continue
+                other = {x.name: x.index for x in residues[k + offset].atoms()}
+                if a in atoms and b in other:
+                    lengths.append(np.linalg.norm(xyz[atoms[a]] - xyz[other[b]]))
+    return np.array(lengths)
+
+
+def test_placed_carbonyl_is_in_the_peptide_plane_at_the_ideal_distance():
+    frames = generate("protein", 6, 1, seed=1, numSteps=5, progress=False)[0].frames
+    placed = placeBackboneAtoms(frames, "protein")
+    o = placed["O"][:-1]
+    c, ca, n_next = frames[:-1, 2], frames[:-1, 1], frames[1:, 0]
+    assert np.allclose(np.linalg.norm(o - c, axis=1), ideal_geometry.CARBONYL_BOND, atol=1e-9)
+    normal = np.cross(ca - c, n_next - c)
+    assert np.allclose(np.einsum("ij,ij->i", o - c, normal), 0, atol=1e-9)
+    assert np.all(np.isnan(placed["OXT"][:-1])) and np.all(np.isfinite(placed["OXT"][-1]))
+
+
+@pytest.mark.parametrize("ext", ["pdb", "cif"])
+def test_backbone_write_read_round_trip(tmp_path, ext):
+    backbone = generate("rna", 5, 1, seed=2, numSteps=4, progress=False)[0]
+    path = tmp_path / ("rna." + ext)
+    backbone.write(path)
+    topology, positions = readStructure(path)
+    atoms = backbone.atoms()
+    assert topology.getNumAtoms() == len(atoms) and topology.getNumResidues() == 5
+    assert [r.name for r in topology.residues()] == ["U"] * 5
+    xyz = np.asarray(positions.value_in_unit(unit.nanometer))
+    assert np.max(np.abs(xyz - np.array([a[3] for a in atoms]))) < 1e-3  # PDB keeps 3 decimals in Angstrom
+
+
+def test_backbone_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        Backbone(np.zeros((4, 2, 3)), "protein")
+    with pytest.raises(ValueError, match="non-finite"):
+        Backbone(np.full((2, 3, 3), np.nan), "protein")
+    with pytest.raises(ValueError, match="moltype"):
+        Backbone(np.zeros((2, 3, 3)), "dna")
+
+
+def test_refine_round_trips_a_real_protein_without_losing_atoms_or_chains(tmp_path):
+    out = tmp_path / "refined.pdb"
+    result = refine(PROTEIN_PDB, out=str(out), **FAST)
+    assert result.level == "all-atom"
+    before, after = heavy_atoms_by_residue(PROTEIN_PDB), heavy_atoms_by_residue(str(out))
+    assert {key[0] for key in before} == {key[0] for key in after}
+    for key, names in before.items():
+        match = [v for k, v in after.items() if k[0] == key[0] and k[1] == key[1]]
+        assert match, "residue %s lost" % (key,)
+        assert names <= match[0] | {"OXT"}, "atoms lost in %s: %s" % (key, names - match[0])
+    assert all(math.isfinite(v) for v in result.energies.values())
+    assert result.energies["minimized"] < result.energies["start"]
+
+
+def test_refine_rna_all_atom_when_complete(tmp_path):
+    result = refine(RNA_PDB, out=str(tmp_path / "rna.cif"), **FAST)
+    assert result.level == "all-atom"
+    assert sum(1 for _ in result.topology.chains()) >= 1
+
+
+def test_generated_backbones_have_valid_bonds_after_refinement():
+    protein = generate("protein", 12, 1, seed=5, numSteps=30, progress=False)[0]
+    refined = refine(protein, minimizeIterations=200, steps=50, platform="CPU", progress=False)
+    lengths = bond_lengths(refined.topology, refined.positions, [("N", "CA", 0), ("CA", "C", 0), ("C", "N", 1)])
+    assert len(lengths) == 12 * 2 + 11
+    ideal = {0.1458, 0.1525, 0.1329}
+    assert np.mean([min(abs(d - i) for i in ideal) < 0.01 for d in lengths]) >= 0.95, lengths
+    rna = generate("rna", 8, 1, seed=5, numSteps=30, progress=False)[0]
+    refined = refine(rna, minimizeIterations=200, steps=50, platform="CPU", progress=False)
+    assert refined.level == "backbone"
+    lengths = bond_lengths(refined.topology, refined.positions, [("C3'", "C4'", 0), ("C4'", "O4'", 0)])
+    assert len(lengths) == 16
+    assert np.all(np.abs(lengths - np.repeat([[0.1517, 0.1450]], 8, 0).ravel()) < 0.01)
+
+
+def test_refine_reports_what_it_cannot_use(tmp_path):
+    with pytest.raises(ValueError, match="no such structure file"):
+        refine(str(tmp_path / "missing.pdb"), **FAST)
+    empty = tmp_path / "water.pdb"
+    empty.write_text("HETATM    1  O   HOH A   1       0.000   0.000   0.000  1.00  0.00           O\nEND\n")
+    with pytest.raises(ValueError):
+        refine(str(empty), **FAST)
+    with pytest.raises(TypeError, match="refine"):
+        refine(42, **FAST)
+
+
+def test_self_consistency_report_fields_present_and_finite(tmp_path):
+    summary = selfConsistency("rna", 6, seed=1, picoseconds=0.05, snapshots=2, out=str(tmp_path), refineSteps=10,
+                              generationSteps=10, platform="CPU", progress=False)
+    for name in ("generated.pdb", "refined.pdb", "summary.json", "report.md", "selfconsistency.png",
+                 "trajectory_with.pdb", "trajectory_without.pdb"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for run in ("with", "without"):
+        series = on_disk["runs"][run]["series"]
+        assert len(series) == 3
+        for row in series:
+            for key in ("rmsd", "rmsd_to_refined", "tm_score", "bond_violation_fraction", "clashes", "potential",
+                        "learned", "time_ps", "radius_of_gyration"):
+                assert math.isfinite(row[key]), (run, key)
+    assert summary["runs"]["without"]["final"]["learned"] == 0.0
+    assert summary["runs"]["with"]["final"]["learned"] != 0.0
+
+
+def test_cli_commands_run_end_to_end(tmp_path, capsys):
+    assert cli.main(["generate", "--type", "protein", "--length", "6", "--num", "1", "--steps", "5", "--quiet",
+                     "--out", str(tmp_path / "gen")]) == 0
+    assert sorted(os.listdir(tmp_path / "gen")) == ["protein_0.cif", "protein_0.pdb"]
+    assert cli.main(["refine", str(tmp_path / "gen" / "protein_0.pdb"), "--steps", "5", "--iterations", "20",
+                     "--platform", "CPU", "--quiet", "--out", str(tmp_path / "ref")]) == 0
+    assert gemmi.read_structure(str(tmp_path / "ref" / "protein_0_refined.pdb"))[0].count_atom_sites() > 6 * 4
+    assert cli.main(["check", "--type", "rna", "--length", "5", "--ps", "0.02", "--snapshots", "1",
+                     "--refine-steps", "5", "--platform", "CPU", "--quiet", "--out", str(tmp_path / "chk")]) == 0
+    assert (tmp_path / "chk" / "summary.json").exists()
+    assert cli.main(["bench", "--lengths", "8", "--repeats", "2", "--generate-length", "6", "--generate-num", "1",
+                     "--generate-steps", "2", "--platform", "CPU", "--quiet", "--out", str(tmp_path / "bench")]) == 0
+    assert "backbones/s" in capsys.readouterr().out
+    assert cli.main(["refine", str(tmp_path / "nope.pdb"), "--quiet"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0

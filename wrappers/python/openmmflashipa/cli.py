@@ -1,0 +1,156 @@
+"""The ``flashipa`` command line: generate, refine, check (self-consistency) and bench.
+
+Run ``flashipa --help`` or ``flashipa <command> --help``; ``python -m openmmflashipa`` is the same program.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DESCRIPTION = """\
+Protein and RNA backbones from the learned FlashIPA frame model, inside OpenMM.
+
+  flashipa generate --type protein --length 80 --num 4 --out gen/      new backbones (PDB + mmCIF)
+  flashipa refine gen/protein_0.pdb --out refined/                     amber14 + implicit solvent + the model
+  flashipa check --type rna --length 40 --ps 20 --out check/           generate -> refine -> simulate, report
+  flashipa bench --lengths 100,500,1000                                speed of the force and of generation
+
+Every command takes --platform (CUDA, CPU or Reference; default: the fastest with the plugin's kernels),
+--seed (same seed, same result on the same platform) and --out. Lengths are in residues, times in ps,
+noise levels (sigma) in nm. The model is the one shipped with the package unless --model names a checkpoint.
+"""
+
+
+def _common(parser, out_default):
+    parser.add_argument("--platform", default=None, help="OpenMM platform: CUDA, CPU or Reference (default: fastest)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out", default=out_default, help="output folder (default %(default)s)")
+    parser.add_argument("--model", default=None, help="model checkpoint (.safetensors; default: the shipped model)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="flashipa", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="command")
+
+    g = commands.add_parser("generate", help="generate protein or RNA backbones",
+                            description="Generate backbones with the learned model (probability-flow ODE from "
+                                        "noise). Proteins come out as poly-glycine, RNA as poly-U backbones.")
+    g.add_argument("--type", choices=("protein", "rna"), default="protein", help="molecule type")
+    g.add_argument("--length", type=int, default=60, help="residues per chain (default 60)")
+    g.add_argument("--num", type=int, default=1, help="number of backbones (default 1)")
+    g.add_argument("--steps", type=int, default=100, help="ODE steps (default 100)")
+    g.add_argument("--method", choices=("sampler", "openmm"), default="sampler",
+                   help="sampler: batched C++ (default); openmm: AnnealingIntegrator in an OpenMM Context")
+    g.add_argument("--format", choices=("pdb", "cif", "both"), default="both", help="output format")
+    _common(g, "flashipa-generated")
+
+    r = commands.add_parser("refine", help="refine PDB/mmCIF structures",
+                            description="Refine structures: amber14 + implicit solvent + the learned force (all-atom; "
+                                        "PDBFixer adds missing atoms and hydrogens), or backbone level for RNA "
+                                        "without complete nucleotides. Minimise, then a short Langevin run.")
+    r.add_argument("inputs", nargs="+", help="PDB or mmCIF files")
+    r.add_argument("--steps", type=int, default=1000, help="Langevin steps after minimisation (default 1000)")
+    r.add_argument("--iterations", type=int, default=500, help="minimiser iterations (default 500)")
+    r.add_argument("--sigma", type=float, default=0.05, help="flashipaSigma, nm (default 0.05)")
+    r.add_argument("--scale", type=float, default=1.0, help="flashipaScale; 0 = physics only (default 1)")
+    r.add_argument("--level", choices=("auto", "all-atom", "backbone"), default="auto", help="refinement level")
+    r.add_argument("--implicit", choices=("obc2", "gbn2"), default="obc2", help="implicit solvent model")
+    _common(r, "flashipa-refined")
+
+    c = commands.add_parser("check", help="self-consistency: generate, refine, simulate, report",
+                            description="Generate one chain, refine it, simulate it with and without the learned "
+                                        "force, and report the drift (RMSD, TM-score, secondary structure, bond "
+                                        "violations, clashes, energies) as JSON, PNG and Markdown.")
+    c.add_argument("--type", choices=("protein", "rna"), default="protein", help="molecule type")
+    c.add_argument("--length", type=int, default=50, help="residues (default 50)")
+    c.add_argument("--ps", type=float, default=10.0, help="simulation length per run, ps (default 10)")
+    c.add_argument("--snapshots", type=int, default=10, help="measurements per run (default 10)")
+    c.add_argument("--refine-steps", type=int, default=500, help="Langevin steps in refinement (default 500)")
+    _common(c, "flashipa-check")
+
+    b = commands.add_parser("bench", help="time the force and generation on this machine",
+                            description="Time the FlashIPAForce (energy + forces per call) for chains of the given "
+                                        "lengths, and generation throughput of the C++ sampler and the OpenMM route.")
+    b.add_argument("--lengths", default="50,100,200", help="comma-separated chain lengths (default 50,100,200)")
+    b.add_argument("--repeats", type=int, default=10, help="timed evaluations per length (default 10)")
+    b.add_argument("--generate-length", type=int, default=60, help="chain length for generation timing")
+    b.add_argument("--generate-num", type=int, default=4, help="backbones for generation timing")
+    b.add_argument("--generate-steps", type=int, default=20, help="ODE steps for generation timing")
+    _common(b, None)
+    return parser
+
+
+def _generate(args):
+    from .generate import generate
+    backbones = generate(args.type, args.length, args.num, seed=args.seed, numSteps=args.steps, method=args.method,
+                         platform=args.platform, modelPath=args.model, progress=not args.quiet)
+    written = []
+    for k, backbone in enumerate(backbones):
+        for ext in (("pdb", "cif") if args.format == "both" else (args.format,)):
+            path = os.path.join(args.out, "%s_%d.%s" % (args.type, k, ext))
+            backbone.write(path)
+            written.append(path)
+    print("wrote %d file(s) in %s" % (len(written), args.out))
+
+
+def _refine(args):
+    from .refine import refine
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.inputs:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name.endswith((".cif", ".pdb")):
+            name = os.path.splitext(name)[0]
+        target = os.path.join(args.out, name + "_refined.pdb")
+        result = refine(path, out=target, platform=args.platform, sigma=args.sigma, scale=args.scale,
+                        minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
+                        level=None if args.level == "auto" else args.level, seed=args.seed, modelPath=args.model,
+                        progress=not args.quiet)
+        print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,
+                                                                   result.energies["start"],
+                                                                   result.energies["final"]))
+
+
+def _check(args):
+    from .selfconsistency import selfConsistency, markdown
+    summary = selfConsistency(args.type, args.length, seed=args.seed, picoseconds=args.ps, snapshots=args.snapshots,
+                              out=args.out, platform=args.platform, refineSteps=args.refine_steps,
+                              modelPath=args.model, progress=not args.quiet)
+    print(markdown(summary))
+    print("plots: %s" % os.path.join(args.out, "selfconsistency.png"))
+
+
+def _bench(args):
+    from . import bench
+    lengths = [int(v) for v in args.lengths.split(",") if v]
+    table = bench.run(lengths, args.repeats, args.platform, args.generate_length, args.generate_num,
+                      args.generate_steps, args.seed, args.model, not args.quiet)
+    print(bench.markdown(table))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as handle:
+            json.dump(table, handle, indent=1)
+
+
+def main(argv=None):
+    """Entry point of the ``flashipa`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    started = time.time()
+    try:
+        {"generate": _generate, "refine": _refine, "check": _check, "bench": _bench}[args.command](args)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        print("flashipa %s: error: %s" % (args.command, error), file=sys.stderr)
+        return 1
+    print("(%.1f s)" % (time.time() - started), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
