@@ -11,6 +11,7 @@
   atoms of different residues; minimise, then Langevin. The other backbone atoms are placed from ideal
   geometry afterwards.
 
+Generated backbones (:class:`Backbone` inputs) first get their frame geometry repaired (repairGeometry).
 Residues the model cannot use (ligands, residues missing a frame atom) are named in a warning (all-atom
 level keeps them in the force field if amber can template them). Errors name their cause.
 """
@@ -142,6 +143,8 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         raise ValueError("level must be None, 'all-atom' or 'backbone', not %r" % (level,))
     if steps < 0 or minimizeIterations < 0:
         raise ValueError("steps and minimizeIterations must be non-negative")
+    if isinstance(structure, Backbone):
+        structure = repairGeometry(structure, platform)
     topology, positions = _load(structure)
     frames, unusable = selectFrameResidues(topology)
     if not frames:
@@ -161,14 +164,40 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     return result
 
 
+def repairGeometry(backbone, platform=None):
+    """A generated Backbone with its frame geometry repaired: the frame atoms minimised to convergence under
+    ideal frame geometry and the soft repulsion alone (no learned force), as one continuous chain.
+
+    Generated chains can have residues whose atoms sit nanometres apart; an all-atom force field started
+    from those explodes. Repairing at the level of frame atoms is cheap and leaves the fold to the model."""
+    topology, positions = backbone.toOpenMM()
+    frames, _ = selectFrameResidues(topology)
+    system, start, _ = backboneSystem(frames, _positionsNm(positions), withForce=False, segments=[0] * len(frames))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
+    context.setPositions(start)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
+    final = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    return Backbone(np.asarray(final).reshape(-1, 3, 3), backbone.moltype, backbone.residueNames, backbone.chainId)
+
+
 def _simulate(system, topology, positions, platform, temperature, stepSize, minimizeIterations, steps, seed,
               progress, label):
+    # Relax first without the learned force: generated or damaged structures can have degenerate frames
+    # (coincident or collinear frame atoms), which the force refuses; bonds from the physical model fix them.
+    physical = withoutFlashIPA(system)
+    if physical.getNumForces() < system.getNumForces():
+        relax = openmm.Context(physical, openmm.VerletIntegrator(0.001), choosePlatform(platform))
+        relax.setPositions(positions)
+        openmm.LocalEnergyMinimizer.minimize(relax, 10.0, 200)
+        positions = relax.getState(getPositions=True).getPositions(asNumpy=True)
+        del relax
     integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
                                                  stepSize * unit.picosecond)
     integrator.setRandomNumberSeed(int(seed))
     context = openmm.Context(system, integrator, choosePlatform(platform))
     context.setPositions(positions)
     energies = {"start": context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)}
+    # ("start" is after the physical pre-relaxation: the learned energy is undefined before it.)
     with _progress.spinner("%s: minimising (%s)" % (label, context.getPlatform().getName()), enabled=progress):
         openmm.LocalEnergyMinimizer.minimize(context, 1.0, minimizeIterations)
     energies["minimized"] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
@@ -190,6 +219,16 @@ def _simulate(system, topology, positions, platform, temperature, stepSize, mini
         if not np.isfinite(value):
             raise RuntimeError("refinement produced a non-finite %s energy" % key)
     return final, energies
+
+
+def withoutFlashIPA(system):
+    """A copy of `system` without its FlashIPAForce(s)."""
+    from . import FlashIPAForce
+    copied = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    for i in reversed(range(copied.getNumForces())):
+        if FlashIPAForce.isinstance(copied.getForce(i)):
+            copied.removeForce(i)
+    return copied
 
 
 def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, implicitSolvent="obc2",

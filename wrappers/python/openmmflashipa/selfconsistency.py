@@ -26,7 +26,7 @@ from . import ideal_geometry
 from . import metrics
 from . import progress as _progress
 from .generate import generate, choosePlatform
-from .refine import refine, backboneTopology
+from .refine import refine, backboneTopology, withoutFlashIPA
 
 BOND_TOLERANCE = 0.01  # nm
 CLASH_DISTANCE = 0.25  # nm
@@ -82,19 +82,9 @@ def _heavy(topology, refined):
     return np.array(indices), np.array(residues)
 
 
-def _withoutForce(system):
-    """A copy of `system` without its FlashIPAForce (force group 1)."""
-    from . import FlashIPAForce
-    copied = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
-    for i in reversed(range(copied.getNumForces())):
-        if FlashIPAForce.isinstance(copied.getForce(i)):
-            copied.removeForce(i)
-    return copied
-
-
 def simulate(refined, withForce, picoseconds, snapshots, platform, temperature, seed, progress, label):
     """Langevin from the refined structure; returns (list of particle positions [N, 3], energies list)."""
-    system = refined.system if withForce else _withoutForce(refined.system)
+    system = refined.system if withForce else withoutFlashIPA(refined.system)
     step_ps = 0.002 if refined.level == "all-atom" else 0.001
     total = int(round(picoseconds / step_ps))
     per_snapshot = max(1, total // snapshots)
