@@ -123,7 +123,8 @@ def main(argv=None):
     platform = choosePlatform(args.platform).getName()
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    report = {"date": datetime.date.today().isoformat(), "platform": platform, "gpu": gpu, "args": vars(args)}
+    recorded = dict(vars(args), dataset=os.path.relpath(args.dataset, ROOT), out=os.path.relpath(args.out, ROOT))
+    report = {"date": datetime.date.today().isoformat(), "platform": platform, "gpu": gpu, "args": recorded}
     os.makedirs(args.out, exist_ok=True)
 
     # 5 first (cheap, and independent of the budget): speed of the two routes.
