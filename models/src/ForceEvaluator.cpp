@@ -1,4 +1,5 @@
 #include "flashipa/ForceEvaluator.h"
+#include "flashipa/ReleasedGIL.h"
 #include <stdexcept>
 
 namespace FlashIPAPlugin {
@@ -60,7 +61,11 @@ DeviceForceEvaluation ForceEvaluator::evaluateOnDevice(const torch::Tensor& fram
     torch::Tensor scale = parameters[0], temperature = parameters[2];
     StructureBatch batch{atoms, types, chains, torch::Tensor()};
     torch::Tensor energy = model_->forward(batch, sigma, backend, false).sum();
-    auto gradients = torch::autograd::grad({energy}, {atoms, sigma});
+    std::vector<torch::Tensor> gradients;
+    {
+        ReleasedGIL released; // see ReleasedGIL.h: Python callers may hold it, LibTorch's engine refuses it
+        gradients = torch::autograd::grad({energy}, {atoms, sigma});
+    }
     torch::Tensor kT = temperature * BoltzmannKJPerMolK;
     torch::Tensor valid = result.invalid.logical_not().to(energy.dtype());
     energy = energy.detach();
