@@ -192,3 +192,24 @@ def test_model_path_is_passed_on(tmp_path):
     assert explicit.getModelChecksum() == default.getModelChecksum()
     with pytest.raises(Exception, match="missing.safetensors"):
         createForce(topology, modelPath=tmp_path / "missing.safetensors")
+
+
+def test_positions_split_chains_at_breaks():
+    """Residues cut out of the middle of a chain (a gap of several residues) start a new model chain when
+    createForce gets the positions; measured here directly from the file's C and N atoms."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    residues = list(modeller.topology.residues())
+    modeller.delete(residues[20:24])
+    xyz = modeller.positions.value_in_unit(unit.nanometer)
+    kept = [r for r in modeller.topology.residues()]
+    atoms = [{a.name: a.index for a in r.atoms()} for r in kept]
+    gaps = [i for i in range(1, len(kept)) if np.linalg.norm(np.array(xyz[atoms[i]["N"]]) -
+                                                              np.array(xyz[atoms[i - 1]["C"]])) > 0.2]
+    assert gaps == [20]  # the oracle: exactly one break, before the 21st kept residue
+    without = createForce(modeller.topology)
+    with_positions = createForce(modeller.topology, positions=modeller.positions)
+    chains_without = [without.getResidueParameters(i)[4] for i in range(without.getNumResidues())]
+    chains_with = [with_positions.getResidueParameters(i)[4] for i in range(with_positions.getNumResidues())]
+    assert set(chains_without) == {0}
+    assert chains_with == [0] * 20 + [1] * (len(kept) - 20)

@@ -29,13 +29,11 @@ from . import progress as _progress
 from .generate import choosePlatform, FRAME_MASSES
 from .openmmflashipa import FlashIPAForce
 from .structure import Backbone, readStructure, writeOpenMM
-from .topology import createForce, selectFrameResidues, reportUnusable
+from .topology import chainSegments, createForce, selectFrameResidues, reportUnusable
 
 DEFAULT_SIGMA = 0.05       # nm: flashipaSigma during refinement (small: the structure is near the data)
 REPULSION_DISTANCE = 0.3   # nm: frame atoms of different residues closer than this are pushed apart
 REPULSION_K = 10000.0      # kJ/mol/nm^2
-PROTEIN_BREAK = 0.2        # nm: C(i)-N(i+1) longer than this is a chain break (as in build_dataset.py)
-RNA_BREAK = 0.9            # nm: C4'(i)-C4'(i+1) longer than this is a chain break
 
 
 class RefinedStructure:
@@ -250,7 +248,8 @@ def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperatu
     except ValueError as error:
         raise ValueError("amber14 cannot parameterise this structure after PDBFixer: %s" % error) from error
     if withForce:
-        force = createForce(fixer.topology, modelPath=modelPath, sigma=sigma, scale=scale, temperature=temperature)
+        force = createForce(fixer.topology, modelPath=modelPath, sigma=sigma, scale=scale, temperature=temperature,
+                            positions=fixer.positions)
         force.setForceGroup(1)
         system.addForce(force)
     return system, fixer.topology, fixer.positions
@@ -267,24 +266,6 @@ def _refineAllAtom(topology, positions, platform, sigma, scale, temperature, min
                             final)
 
 
-def frameSegments(frames, xyz):
-    """Segment ids for frame residues: a new segment at each chain change and at each chain break."""
-    segments, current = [], 0
-    for i, frame in enumerate(frames):
-        if i > 0:
-            previous = frames[i - 1]
-            same_chain = previous.residue.chain.index == frame.residue.chain.index
-            nucleotide = frame.residueType >= 21
-            if nucleotide:
-                gap = np.linalg.norm(xyz[frame.atoms[1]] - xyz[previous.atoms[1]]) > RNA_BREAK
-            else:
-                gap = np.linalg.norm(xyz[frame.atoms[0]] - xyz[previous.atoms[2]]) > PROTEIN_BREAK
-            if not same_chain or gap or (previous.residueType >= 21) != nucleotide:
-                current += 1
-        segments.append(current)
-    return segments
-
-
 def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, modelPath=None,
                    withForce=True, segments=None):
     """A System of the frame atoms only (residue i = particles 3i..3i+2): FlashIPAForce (group 1), ideal frame
@@ -293,7 +274,7 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
     system = openmm.System()
     start = []
     if segments is None:
-        segments = frameSegments(frames, xyz)
+        segments = chainSegments(frames, xyz)
     force = FlashIPAForce(modelPath or "")
     force.setDefaultSigma(sigma)
     force.setDefaultScale(scale)

@@ -12,7 +12,8 @@ Every residue of the topology is classified:
 - **unusable**: anything else (ligands, residues missing a frame atom). These are named in a warning,
   or in a ValueError when ``strict=True``.
 
-The chain id given to the model is ``chain.index``; residues are added in topology order, which is
+The chain id given to the model is ``chain.index``, or, when ``createForce`` gets the positions, a segment id
+that also changes at chain breaks (:func:`chainSegments`); residues are added in topology order, which is
 sequence order for topologies read from PDB/PDBx files.
 """
 
@@ -31,7 +32,7 @@ from .openmmflashipa import (
     UNKNOWN_NUCLEOTIDE,
 )
 
-__all__ = ["FrameResidue", "selectFrameResidues", "createForce"]
+__all__ = ["FrameResidue", "selectFrameResidues", "createForce", "chainSegments"]
 
 #: One residue the model will see: the openmm.app Residue, its three frame-atom indices (a, b, c), its
 #: residue type and its chain id.
@@ -171,7 +172,37 @@ def _toFloat(value, quantityUnit, what):
     return float(value)
 
 
-def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=None, backend=None, strict=False):
+#: Chain breaks (nm): a peptide C(i)-N(i+1) longer than this, or nucleotides whose C4' atoms are farther apart
+#: than this, are not consecutive (the same thresholds the training data set splits segments at).
+PROTEIN_BREAK = 0.2
+RNA_BREAK = 0.9
+
+
+def chainSegments(frames, positions):
+    """Model chain ids for frame residues: a new id at each chain change, at each change between protein and
+    RNA, and at each chain break found in `positions` (Quantity or [N, 3] nm; see PROTEIN_BREAK, RNA_BREAK)."""
+    import numpy as np
+    if unit.is_quantity(positions):
+        positions = positions.value_in_unit(unit.nanometer)
+    xyz = np.array([[float(c) for c in (p.x, p.y, p.z)] if hasattr(p, "x") else p for p in positions], dtype=float)
+    segments, current = [], 0
+    for i, frame in enumerate(frames):
+        if i > 0:
+            previous = frames[i - 1]
+            nucleotide = frame.residueType >= FIRST_NUCLEOTIDE
+            if nucleotide:
+                gap = np.linalg.norm(xyz[frame.atoms[1]] - xyz[previous.atoms[1]]) > RNA_BREAK
+            else:
+                gap = np.linalg.norm(xyz[frame.atoms[0]] - xyz[previous.atoms[2]]) > PROTEIN_BREAK
+            if previous.residue.chain.index != frame.residue.chain.index or gap or \
+                    (previous.residueType >= FIRST_NUCLEOTIDE) != nucleotide:
+                current += 1
+        segments.append(current)
+    return segments
+
+
+def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=None, backend=None, strict=False,
+                positions=None):
     """Create a :class:`FlashIPAForce` for the protein and RNA residues of a topology.
 
     Parameters
@@ -191,6 +222,9 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
     strict : bool
         If True, raise ValueError when a residue other than water, an ion or a terminal cap cannot be
         used; otherwise such residues are named in a warning and left out.
+    positions : Quantity or [N, 3] array (nm), optional
+        With positions, the model's chain ids also split chains at breaks (missing residues), as the
+        training data did; without, the chain id is the topology chain's index.
 
     Returns
     -------
@@ -215,8 +249,9 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         force.setDefaultScale(_toFloat(scale, unit.dimensionless, "scale"))
     if temperature is not None:
         force.setDefaultTemperature(_toFloat(temperature, unit.kelvin, "temperature"))
-    for frame in frames:
-        force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, frame.chain)
+    chains = [frame.chain for frame in frames] if positions is None else chainSegments(frames, positions)
+    for frame, chain in zip(frames, chains):
+        force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, chain)
     return force
 
 
