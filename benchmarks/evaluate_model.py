@@ -16,6 +16,9 @@ measurements, protein and RNA separately (units: nm, kJ/mol; model energies E in
    counted. The learned and amber RMSDs are also compared on the same atoms (the N, CA, C of the residues
    present in both) of the chains where both worked. --with-hybrid adds amber + FlashIPAForce together.
    Project target: at sigma = 0.1 nm, median RMSD after <= 0.5 x median RMSD before (protein and RNA).
+   Also (frame atoms only): --annealed-steps > 0 runs the probability-flow ODE from the noise sigma down in
+   OpenMM (openmmflashipa.AnnealingIntegrator; what works, docs/DESIGN-DECISIONS.md), and --frame-variants
+   adds the learned energy + ideal frame geometry and that geometry alone (the control).
 2. Score (the PyTorch twin, CPU): the trainer's validation loss (models/src/Trainer.cpp): a crop of up to
    --crop residues, centred, randomly rotated; centred noise eps; x~ = x + sigma eps; sigma stratified
    log-uniform over the model's [sigmaMin, sigmaMax]; loss = sum (sigma dE/dx~ - eps)^2 / (9 per residue)
