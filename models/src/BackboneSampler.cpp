@@ -16,11 +16,12 @@ BackboneSampler::BackboneSampler(EnergyModel model, torch::Device device, torch:
 
 torch::Tensor BackboneSampler::energyGradient(const torch::Tensor& x, const torch::Tensor& types,
                                               const torch::Tensor& chains, double sigma) {
+    torch::AutoGradMode enable(true); // sample() runs without gradients; each evaluation takes its own
     torch::Tensor atoms = x.detach().requires_grad_(true);
     torch::Tensor sigmas = torch::full({x.size(0)}, sigma, torch::TensorOptions().dtype(dtype).device(device));
     // validate = false: no host checks, degenerate frames guarded numerically (generation starts from noise).
     torch::Tensor energy = model_->forward(StructureBatch{atoms, types, chains, torch::Tensor()}, sigmas, backend, false);
-    return torch::autograd::grad({energy.sum()}, {atoms})[0];
+    return torch::autograd::grad({energy.sum()}, {atoms})[0].detach();
 }
 
 torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::Tensor& chains, int64_t numSamples,
@@ -53,7 +54,7 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
     x = x - x.mean({1, 2}, true);
     x = (x * sigmaMax).to(device, dtype);
 
-    torch::NoGradGuard outer; // gradients below are taken explicitly, per evaluation
+    torch::NoGradGuard noGrad; // the flow itself is not differentiated
     auto sigmaAt = [&](int k) { return sigmaMax * std::pow(sigmaMin / sigmaMax, double(k) / settings.numSteps); };
     for (int k = 0; k < settings.numSteps; k++) {
         double s = sigmaAt(k);
@@ -65,24 +66,13 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
             x = x + std::sqrt(raised * raised - s * s) * noise.to(device, dtype);
             s = raised;
         }
-        torch::Tensor d1, d2;
-        {
-            torch::AutoGradMode enable(true);
-            d1 = s * energyGradient(x, batchTypes, batchChains, s);
-        }
-        torch::Tensor euler = x + (t - s) * d1;
-        {
-            torch::AutoGradMode enable(true);
-            d2 = t * energyGradient(euler, batchTypes, batchChains, t);
-        }
+        torch::Tensor d1 = s * energyGradient(x, batchTypes, batchChains, s);
+        torch::Tensor d2 = t * energyGradient(x + (t - s) * d1, batchTypes, batchChains, t);
         x = x + (t - s) * 0.5 * (d1 + d2);
         if (progress)
             progress(k + 1, settings.numSteps);
     }
-    {
-        torch::AutoGradMode enable(true);
-        x = x - sigmaMin * sigmaMin * energyGradient(x, batchTypes, batchChains, sigmaMin);
-    }
+    x = x - sigmaMin * sigmaMin * energyGradient(x, batchTypes, batchChains, sigmaMin);
     torch::Tensor result = x.to(torch::kCPU, torch::kFloat64);
     if (!torch::isfinite(result).all().item<bool>())
         throw std::runtime_error("BackboneSampler: the flow produced non-finite coordinates");
