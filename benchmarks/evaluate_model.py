@@ -58,7 +58,7 @@ import openmm.app as app
 import openmm.unit as unit
 
 import openmmflashipa
-from openmmflashipa import backbone, torch_twin
+from openmmflashipa import backbone, metrics, torch_twin
 from openmmflashipa.annealing import AnnealingIntegrator
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -118,14 +118,9 @@ def spearman(x, y):
 
 
 def kabsch_rmsd(x, reference):
-    """RMSD of points x [N, 3] to reference [N, 3] after the optimal proper rotation and translation."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1, 3)
-    reference = np.asarray(reference, dtype=np.float64).reshape(-1, 3)
-    p, q = x - x.mean(0), reference - reference.mean(0)
-    u, _, vt = np.linalg.svd(p.T @ q)
-    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
-    rotation = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-    return float(np.sqrt(((p @ rotation.T - q) ** 2).sum(1).mean()))
+    """RMSD of points x [..., 3] to reference [..., 3] after the optimal proper rotation and translation."""
+    return metrics.kabschRMSD(np.reshape(np.asarray(x, dtype=np.float64), (-1, 3)),
+                              np.reshape(np.asarray(reference, dtype=np.float64), (-1, 3)))
 
 
 def random_rotation(rng):
@@ -908,37 +903,39 @@ def denoising_tables(denoising, sigmas):
             lines.append("| %s | %g | %d/%d | %s | %s | %s | %s | %s | %s |" % (
                 moltype, sigma, row["learned_ok"], row["learned_failed"], fmt(row["before"]), fmt(row["learned"]),
                 fmt(row["ratio"], 2), fmt(row["learned_improved_fraction"], 2), iterations, " | ".join(paired)))
-    if any("annealed_ok" in result["summary"]["%g" % sigma] for result in denoising.values() for sigma in sigmas):
-        lines += ["", "Annealed denoising (all chains that finished): the probability-flow ODE of the learned score "
-                  "in OpenMM (AnnealingIntegrator: Heun steps, flashipaSigma from the noise sigma down, then "
-                  "Tweedie's step), frame atoms only, learned energy only.", "",
-                  "| type | sigma | chains ok | before | annealed | after/before |", "|---|---|---|---|---|---|"]
-        for moltype, result in denoising.items():
-            for sigma in sigmas:
-                row = result["summary"]["%g" % sigma]
-                lines.append("| %s | %g | %s | %s | %s | %s |" % (
-                    moltype, sigma, row.get("annealed_ok", "-"), fmt(row.get("annealed_before")),
-                    fmt(row.get("annealed")), fmt(row.get("annealed_ratio"), 2)))
-    if any("restrained" + "_ok" in result["summary"]["%g" % sigma] for result in denoising.values()
-           for sigma in sigmas):
-        lines += ["", "Frame-only variants (all chains that finished): restrained = learned energy + ideal frame "
-                  "geometry (bonds, 1-3 distances, peptide / C4'-C4' links; training-split medians); geometry = "
-                  "those restraints alone, the control.", "",
-                  "| type | sigma | restrained ok | before | restrained | after/before | geometry ok | geometry | "
-                  "after/before |", "|---|---|---|---|---|---|---|---|---|"]
-        for moltype, result in denoising.items():
-            for sigma in sigmas:
-                row = result["summary"]["%g" % sigma]
-                lines.append("| %s | %g | %s | %s | %s | %s | %s | %s | %s |" % (
-                    moltype, sigma, row.get("restrained_ok", "-"), fmt(row.get("restrained_before")),
-                    fmt(row.get("restrained")), fmt(row.get("restrained_ratio"), 2), row.get("geometry_ok", "-"),
-                    fmt(row.get("geometry")), fmt(row.get("geometry_ratio"), 2)))
+    lines += variant_table(denoising, sigmas, ("annealed",),
+                           "Annealed denoising (all chains that finished): the probability-flow ODE of the learned "
+                           "score in OpenMM (AnnealingIntegrator: Heun steps, flashipaSigma from the noise sigma down, "
+                           "then Tweedie's step), frame atoms only, learned energy only.")
+    lines += variant_table(denoising, sigmas, ("restrained", "geometry"),
+                           "Frame-only variants (all chains that finished): restrained = learned energy + ideal frame "
+                           "geometry (bonds, 1-3 distances, peptide / C4'-C4' links; training-split medians); "
+                           "geometry = those restraints alone, the control.")
     for moltype, result in denoising.items():
         names = result["amber_skipped"]
         if names:
             lines += ["", "amber skipped for %d of %d %s chains: %s" % (
                 len(names), len(result["chains"]), moltype,
                 "; ".join("%s (%s)" % (k, v[:70]) for k, v in sorted(names.items())))]
+    return lines
+
+
+def variant_table(denoising, sigmas, variants, caption):
+    """Lines of a table with chains ok, RMSD before, after and after/before per frame-only variant (nothing if
+    none of the variants ran)."""
+    if not any(v + "_ok" in result["summary"]["%g" % sigma] for result in denoising.values() for sigma in sigmas
+               for v in variants):
+        return []
+    header = "| type | sigma | " + " | ".join("%s ok | before | %s | after/before" % (v, v) for v in variants) + " |"
+    lines = ["", caption, "", header, "|---|---|" + "---|---|---|---|" * len(variants)]
+    for moltype, result in denoising.items():
+        for sigma in sigmas:
+            row = result["summary"]["%g" % sigma]
+            cells = []
+            for v in variants:
+                cells += [str(row.get(v + "_ok", "-")), fmt(row.get(v + "_before")), fmt(row.get(v)),
+                          fmt(row.get(v + "_ratio"), 2)]
+            lines.append("| %s | %g | %s |" % (moltype, sigma, " | ".join(cells)))
     return lines
 
 
@@ -1011,15 +1008,13 @@ def check_targets(denoising):
                             "met": finished and bool(row["learned"] <= 0.5 * row["before"]),
                             "finished": row["learned_ok"], "chains": row["chains"],
                             "ran": row["learned_ok"] + row["learned_failed"] > 0}
-        if row.get("annealed") is not None:
-            targets[moltype]["annealed"] = {
-                "before": row["annealed_before"], "after": row["annealed"], "ratio": row["annealed_ratio"],
-                "met": bool(row["annealed"] <= 0.5 * row["annealed_before"]), "finished": row["annealed_ok"]}
-        if row.get("restrained") is not None:
-            targets[moltype]["restrained"] = {
-                "before": row["restrained_before"], "after": row["restrained"], "ratio": row["restrained_ratio"],
-                "met": bool(row["restrained"] <= 0.5 * row["restrained_before"]),
-                "finished": row["restrained_ok"], "control_ratio": row.get("geometry_ratio")}
+        for variant in ("annealed", "restrained"):
+            if row.get(variant) is not None:
+                targets[moltype][variant] = {
+                    "before": row[variant + "_before"], "after": row[variant], "ratio": row[variant + "_ratio"],
+                    "met": bool(row[variant] <= 0.5 * row[variant + "_before"]), "finished": row[variant + "_ok"]}
+        if "restrained" in targets[moltype]:
+            targets[moltype]["restrained"]["control_ratio"] = row.get("geometry_ratio")
     return targets
 
 
