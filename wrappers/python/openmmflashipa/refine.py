@@ -29,7 +29,7 @@ from . import progress as _progress
 from .generate import choosePlatform, FRAME_MASSES
 from .openmmflashipa import FlashIPAForce
 from .structure import Backbone, readStructure, writeOpenMM
-from .topology import chainSegments, createForce, selectFrameResidues, reportUnusable
+from .topology import chainSegments, createForce, positionsNm, selectFrameResidues, reportUnusable
 
 DEFAULT_SIGMA = 0.05       # nm: flashipaSigma during refinement (small: the structure is near the data)
 REPULSION_DISTANCE = 0.3   # nm: frame atoms of different residues closer than this are pushed apart
@@ -38,9 +38,12 @@ REPULSION_K = 10000.0      # kJ/mol/nm^2
 
 class RefinedStructure:
     """The result of :func:`refine`: ``topology``, ``positions`` (Quantity, nm), ``level`` ('all-atom' or
-    'backbone'), ``energies`` (kJ/mol: start, minimised, final) and the ``system`` it was refined in."""
+    'backbone'), ``energies`` (kJ/mol: start, minimised, final), the ``system`` it was refined in, its
+    ``frameResidues``, ``particlePositions`` ([N, 3] nm, the System's particles) and, at backbone level, the
+    model chain id of each residue (``segments``; None at all-atom level)."""
 
-    def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions):
+    def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions,
+                 segments=None):
         self.topology = topology
         self.positions = positions
         self.level = level
@@ -48,6 +51,7 @@ class RefinedStructure:
         self.system = system
         self.frameResidues = frameResidues
         self.particlePositions = particlePositions
+        self.segments = segments
 
     def write(self, path):
         """Write the refined structure as .pdb or .cif."""
@@ -68,18 +72,6 @@ def _load(structure):
                     "object with .topology and .positions, not %s" % type(structure).__name__)
 
 
-def _positionsNm(positions):
-    if unit.is_quantity(positions):
-        positions = positions.value_in_unit(unit.nanometer)
-    array = np.array([[float(v) for v in (p.x, p.y, p.z)] if hasattr(p, "x") else p for p in positions],
-                     dtype=np.float64)
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise ValueError("positions must be [N, 3]")
-    if not np.all(np.isfinite(array)):
-        raise ValueError("positions contain non-finite values")
-    return array
-
-
 def _incompleteNucleotides(topology):
     """Names of nucleotides missing heavy atoms that amber's templates require."""
     fixer = _fixer(topology, None)
@@ -89,7 +81,7 @@ def _incompleteNucleotides(topology):
     for residue, atoms in fixer.missingAtoms.items():
         if residue.name in ("A", "C", "G", "U") and atoms:
             out.append("%s%s (chain %s): %d atoms" % (residue.name, residue.id, residue.chain.id, len(atoms)))
-    return out, fixer
+    return out
 
 
 def _fixer(topology, positions):
@@ -148,7 +140,7 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     if not frames:
         raise ValueError("nothing to refine: no amino acid with N, CA, C or nucleotide with C3', C4', O4'")
     if level is None:
-        incomplete, _ = _incompleteNucleotides(topology)
+        incomplete = _incompleteNucleotides(topology)
         level = "backbone" if incomplete else "all-atom"
     if level == "all-atom":
         result = _refineAllAtom(topology, positions, platform, sigma, scale, temperature, minimizeIterations, steps,
@@ -170,7 +162,7 @@ def repairGeometry(backbone, platform=None):
     from those explodes. Repairing at the level of frame atoms is cheap and leaves the fold to the model."""
     topology, positions = backbone.toOpenMM()
     frames, _ = selectFrameResidues(topology)
-    system, start, _ = backboneSystem(frames, _positionsNm(positions), withForce=False, segments=[0] * len(frames))
+    system, start, _ = backboneSystem(frames, positionsNm(positions), withForce=False, segments=[0] * len(frames))
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
     context.setPositions(start)
     openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
@@ -313,12 +305,12 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
 
 def _refineBackbone(topology, positions, frames, platform, sigma, scale, temperature, minimizeIterations, steps,
                     seed, modelPath, progress):
-    xyz = _positionsNm(positions)
+    xyz = positionsNm(positions)
     system, start, segments = backboneSystem(frames, xyz, sigma, scale, temperature, modelPath, scale != 0)
     final, energies = _simulate(system, None, start, platform, temperature, 0.001, minimizeIterations, steps, seed,
                                 progress, "refine backbone")
     topology_out, positions_out = backboneTopology(frames, final.reshape(-1, 3, 3), segments)
-    return RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final)
+    return RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final, segments)
 
 
 def backboneTopology(frames, frameXyz, segments):

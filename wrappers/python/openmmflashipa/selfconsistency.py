@@ -177,22 +177,11 @@ def _writeTrajectory(refined, positions, path):
         app.PDBFile.writeHeader(refined.topology, handle)
         for k, xyz in enumerate(positions):
             if refined.level == "backbone":
-                topology, pos = backboneTopology(refined.frameResidues, xyz.reshape(-1, 3, 3),
-                                                 _segmentsOf(refined))
+                topology, pos = backboneTopology(refined.frameResidues, xyz.reshape(-1, 3, 3), refined.segments)
             else:
                 topology, pos = refined.topology, unit.Quantity(xyz, unit.nanometer)
             app.PDBFile.writeModel(topology, pos, handle, modelIndex=k + 1)
         app.PDBFile.writeFooter(refined.topology, handle)
-
-
-def _segmentsOf(refined):
-    forces = [refined.system.getForce(i) for i in range(refined.system.getNumForces())]
-    from . import FlashIPAForce
-    for force in forces:
-        if FlashIPAForce.isinstance(force):
-            f = FlashIPAForce.cast(force)
-            return [f.getResidueParameters(i)[4] for i in range(f.getNumResidues())]
-    return [0] * len(refined.frameResidues)
 
 
 def _check_finite(summary):

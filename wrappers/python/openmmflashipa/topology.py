@@ -21,6 +21,7 @@ import collections
 import os
 import warnings
 
+import numpy as np
 import openmm.unit as unit
 
 from .openmmflashipa import (
@@ -178,13 +179,24 @@ PROTEIN_BREAK = 0.2
 RNA_BREAK = 0.9
 
 
-def chainSegments(frames, positions):
-    """Model chain ids for frame residues: a new id at each chain change, at each change between protein and
-    RNA, and at each chain break found in `positions` (Quantity or [N, 3] nm; see PROTEIN_BREAK, RNA_BREAK)."""
-    import numpy as np
+def positionsNm(positions):
+    """Positions (a Quantity, a list of Vec3 or an [N, 3] array; nm) as a float64 [N, 3] array; ValueError
+    for another shape or non-finite values."""
     if unit.is_quantity(positions):
         positions = positions.value_in_unit(unit.nanometer)
-    xyz = np.array([[float(c) for c in (p.x, p.y, p.z)] if hasattr(p, "x") else p for p in positions], dtype=float)
+    xyz = np.array([[float(c) for c in (p.x, p.y, p.z)] if hasattr(p, "x") else p for p in positions],
+                   dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError("positions must be [N, 3]")
+    if not np.all(np.isfinite(xyz)):
+        raise ValueError("positions contain non-finite values")
+    return xyz
+
+
+def chainSegments(frames, positions):
+    """Model chain ids for frame residues: a new id at each chain change, at each change between protein and
+    RNA, and at each chain break found in `positions` (see positionsNm; PROTEIN_BREAK, RNA_BREAK)."""
+    xyz = positionsNm(positions)
     segments, current = [], 0
     for i, frame in enumerate(frames):
         if i > 0:
