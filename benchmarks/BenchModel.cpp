@@ -15,6 +15,7 @@
 using namespace FlashIPAPlugin;
 
 int main(int argc, char** argv) {
+    AttentionBackend backend = AttentionBackend::SDPA;
     std::vector<int64_t> lengths = {114, 513, 2052, 8208};
     int replays = 200;
     for (int i = 1; i < argc; i++) {
@@ -25,8 +26,10 @@ int main(int argc, char** argv) {
                 lengths.push_back(std::stoll(item));
         } else if (!std::strcmp(argv[i], "--replays") && i + 1 < argc)
             replays = std::stoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc)
+            backend = parseAttentionBackend(argv[++i]);
         else {
-            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N]\n";
+            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N] [--backend sdpa|fused|math]\n";
             return 2;
         }
     }
@@ -36,11 +39,11 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp properties;
     cudaGetDeviceProperties(&properties, 0);
-    std::cout << "GPU: " << properties.name << "; default model, float32, sdpa backend, graph replay\n\n"
+    std::cout << "GPU: " << properties.name << "; default model, float32, " << attentionBackendName(backend) << " backend, graph replay\n\n"
               << "| L | model ms per evaluation (graph) |\n|---:|---:|\n";
     for (int64_t L : lengths) {
         ForceEvaluator evaluator(loadEnergyModel(defaultModelPath()), torch::Device(torch::kCUDA, 0), torch::kFloat32,
-                                 AttentionBackend::SDPA);
+                                 backend);
         std::vector<int64_t> atoms(3 * L), types(L), chains(L);
         for (int64_t i = 0; i < 3 * L; i++)
             atoms[i] = i;

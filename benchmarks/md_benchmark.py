@@ -78,6 +78,10 @@ VARIANTS = {
 MEASURE_ORDER = "eabcd"  # the baseline first; rows are printed a..e
 
 
+
+# Attention backend given to FlashIPAForce and flashipa-bench-model (--backend); None = the default.
+ATTENTION_BACKEND = None
+
 def log(message):
     print("[md_benchmark %s] %s" % (time.strftime("%H:%M:%S"), message), file=sys.stderr, flush=True)
 
@@ -233,7 +237,7 @@ def createTorchForce(openmmtorch, topology, positions, device, dtype):
 def addLearnedForce(variant, system, topology, positions, args, openmmtorch):
     """Add the variant's learned force to `system` (none for 'e'); returns a note or ''."""
     if variant in "ab":
-        force = openmmflashipa.createForce(topology, strict=True)
+        force = openmmflashipa.createForce(topology, strict=True, backend=ATTENTION_BACKEND)
         force.setProperty("useCUDAGraphs", "true" if variant == "a" else "false")
         force.setForceGroup(1)
         system.addForce(force)
@@ -378,7 +382,8 @@ def pluginModelGraphMs(residues):
     import subprocess
     from openmmflashipa import _plugins
     binary = os.path.join(os.path.dirname(_plugins.pluginDirectory()), "bin", "flashipa-bench-model")
-    output = subprocess.run([binary, "--lengths", str(residues)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run([binary, "--lengths", str(residues), "--backend", ATTENTION_BACKEND or "sdpa"], check=True,
+                            capture_output=True, text=True).stdout
     for line in output.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 2 and cells[0] == str(residues):
@@ -454,6 +459,8 @@ def markdown(meta, rows):
 def parseArguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default=None, choices=["sdpa", "fused", "math"],
+                        help="attention backend of FlashIPAForce (default: the force's default)")
     parser.add_argument("--lengths", default="128,512,2048,8192",
                         help="approximate residue counts, comma separated (rounded to copies of the 57-residue "
                              "protein; default %(default)s)")
@@ -496,7 +503,9 @@ def parseArguments(argv):
 
 
 def main(argv=None):
+    global ATTENTION_BACKEND
     args = parseArguments(sys.argv[1:] if argv is None else argv)
+    ATTENTION_BACKEND = args.backend
     platform = openmm.Platform.getPlatformByName(args.platform)
     properties = {"Precision": args.precision} if "Precision" in platform.getPropertyNames() else {}
     useCuda = args.platform in ("CUDA", "OpenCL", "HIP") and torch.cuda.is_available()
@@ -516,6 +525,7 @@ def main(argv=None):
         "flashipa_kernels_on_platform": openmmflashipa.hasPlatformKernels(args.platform),
         "plugin_load_failures": dict(openmmflashipa.pluginLoadFailures),
         "integrator": "LangevinMiddleIntegrator(300 K, 1/ps, 2 fs)",
+        "attention_backend": args.backend or "the force's default",
     }
     log("GPU: %s; platform %s %s; openmmtorch: %s" % (gpu, args.platform, properties, openmmtorchText))
     if not meta["flashipa_kernels_on_platform"]:

@@ -1,4 +1,5 @@
 #include "flashipa/FlashIPALayer.h"
+#include "flashipa/FusedAttention.h"
 #include <cmath>
 #include <stdexcept>
 
@@ -59,7 +60,7 @@ int FlashIPALayerImpl::liftedValueDim() const {
     return config.headDim + 3 * config.valuePoints + config.pairRank * config.pairValueDim();
 }
 
-FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in) {
+FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in, bool float32Points) {
     const torch::Tensor& s = in.nodes;
     if (s.dim() != 3 || s.size(2) != config.nodeDim)
         throw std::invalid_argument("IPA nodes must have shape [B, L, " + std::to_string(config.nodeDim) + "]");
@@ -73,13 +74,17 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in) {
 
     // Centre on the mean frame origin of each structure (real residues only). The attention is
     // invariant to this shift, and it keeps the lifted point terms from cancelling large numbers.
-    p.rotations = in.frames.rotations;
-    torch::Tensor weights = p.mask.to(s.dtype()).unsqueeze(-1);
-    torch::Tensor centre = (in.frames.translations * weights).sum(1, true) / weights.sum(1, true).clamp_min(1.0);
-    p.centredTranslations = in.frames.translations - centre;
+    // The fused kernel keeps every point in fp32 whatever the network's type: global-frame points
+    // rounded to bf16 would change with a rotation of the structure (DESIGN 2.5).
+    const auto pointType = float32Points ? torch::kFloat32 : s.scalar_type();
+    p.rotations = in.frames.rotations.to(pointType);
+    torch::Tensor translations = in.frames.translations.to(pointType);
+    torch::Tensor weights = p.mask.to(pointType).unsqueeze(-1);
+    torch::Tensor centre = (translations * weights).sum(1, true) / weights.sum(1, true).clamp_min(1.0);
+    p.centredTranslations = translations - centre;
     auto toGlobal = [&](const torch::Tensor& local) {
         // local [B, L, H, P, 3] -> R_i local + t_i
-        return torch::einsum("blij,blhpj->blhpi", {p.rotations, local}) + p.centredTranslations.view({B, L, 1, 1, 3});
+        return torch::einsum("blij,blhpj->blhpi", {p.rotations, local.to(pointType)}) + p.centredTranslations.view({B, L, 1, 1, 3});
     };
     p.qPoints = toGlobal(linearQPoints(s).view({B, L, H, config.queryPoints, 3}));
     p.kPoints = toGlobal(linearKPoints(s).view({B, L, H, config.queryPoints, 3}));
@@ -173,13 +178,48 @@ torch::Tensor FlashIPALayerImpl::attendSDPA(const Projected& p, const IPAInputs&
     return unlift(p, scalar, points, pair, in);
 }
 
+torch::Tensor FlashIPALayerImpl::attendFused(const Projected& p, const IPAInputs& in) {
+    const int64_t B = p.q.size(0), L = p.q.size(1), N = B * L;
+    const int H = config.numHeads, c = config.headDim, Pq = config.queryPoints, Pv = config.valuePoints;
+    const double wL = std::sqrt(1.0 / 3.0), wC = std::sqrt(2.0 / (9.0 * config.queryPoints));
+    FusedAttentionInputs f;
+    f.q = p.q.reshape({N, H, c});
+    f.k = p.k.reshape({N, H, c});
+    f.v = p.v.reshape({N, H, c});
+    if (p.biasLeft.defined()) {
+        f.biasLeft = p.biasLeft.reshape({N, H, -1});
+        f.biasRight = p.biasRight.reshape({N, H, -1});
+    }
+    f.queryPoints = p.qPoints.reshape({N, H, Pq, 3});
+    f.keyPoints = p.kPoints.reshape({N, H, Pq, 3});
+    f.valuePoints = p.vPoints.reshape({N, H, Pv, 3});
+    if (p.pairRight.defined())
+        f.pairValues = p.pairRight.reshape({N, config.pairRank, -1});
+    f.pointWeight = (p.gamma * (wL * wC)).to(torch::kFloat32);
+    // Each structure of the batch is one segment of L rows; padding rows are segment -1.
+    auto intOptions = p.q.options().dtype(torch::kInt32);
+    torch::Tensor structure = torch::arange(B, intOptions).view({B, 1}).expand({B, L});
+    f.segment = torch::where(p.mask, structure, torch::full({}, -1, intOptions)).reshape({N});
+    f.keyBegin = (structure * L).reshape({N});
+    f.keyEnd = f.keyBegin + L;
+    torch::Tensor out = fusedIPAAttention(f, wL / std::sqrt((double) c), wL).view({B, L, H, -1});
+    const auto dtype = p.q.scalar_type();
+    torch::Tensor scalar = out.narrow(-1, 0, c).to(dtype);
+    torch::Tensor points = out.narrow(-1, c, 3 * Pv).reshape({B, L, H, Pv, 3});
+    torch::Tensor pair;
+    if (p.pairRight.defined())
+        pair = out.narrow(-1, c + 3 * Pv, config.pairRank * config.pairValueDim()).reshape({B, L, H, config.pairRank, -1}).to(dtype);
+    return unlift(p, scalar, points, pair, in);
+}
+
 torch::Tensor FlashIPALayerImpl::unlift(const Projected& p, const torch::Tensor& scalar, const torch::Tensor& pointsGlobal,
                                         const torch::Tensor& pairAggregate, const IPAInputs& in) {
     const int64_t B = scalar.size(0), L = scalar.size(1);
     // o_pts = T_i^-1 (sum_j a_ij T_j v_j) = R_i^T (x - t_i)
     torch::Tensor local = torch::einsum("blji,blhpj->blhpi",
                                         {p.rotations, pointsGlobal - p.centredTranslations.view({B, L, 1, 1, 3})});
-    torch::Tensor norms = torch::sqrt(local.pow(2).sum(-1) + PointNormEpsilon);
+    torch::Tensor norms = torch::sqrt(local.pow(2).sum(-1) + PointNormEpsilon).to(scalar.scalar_type());
+    local = local.to(scalar.scalar_type());
     std::vector<torch::Tensor> features = {scalar.flatten(2), local.flatten(2), norms.flatten(2)};
     if (pairAggregate.defined()) // o~_i = sum_r Z1[i,r] * (sum_j a_ij Z2[j,r])
         features.push_back((p.pairLeft.unsqueeze(2) * pairAggregate).sum(3).flatten(2));
@@ -188,16 +228,13 @@ torch::Tensor FlashIPALayerImpl::unlift(const Projected& p, const torch::Tensor&
 }
 
 torch::Tensor FlashIPALayerImpl::forward(const IPAInputs& inputs, AttentionBackend backend) {
-    Projected p = project(inputs);
-    switch (backend) {
-    case AttentionBackend::Math:
-        return attendMath(p, inputs);
-    case AttentionBackend::SDPA:
-        return attendSDPA(p, inputs);
-    case AttentionBackend::Fused:
-        break;
+    if (backend == AttentionBackend::Fused) {
+        if (!fusedAttentionAvailable() || !inputs.nodes.is_cuda())
+            throw std::invalid_argument("the fused attention backend runs on CUDA tensors in builds with the CUDA kernels; use \"sdpa\" or \"math\"");
+        return attendFused(project(inputs, true), inputs);
     }
-    throw std::invalid_argument("the fused attention backend is not available in this build (CUDA platform only); use \"sdpa\" or \"math\"");
+    Projected p = project(inputs, false);
+    return backend == AttentionBackend::Math ? attendMath(p, inputs) : attendSDPA(p, inputs);
 }
 
 } // namespace FlashIPAPlugin

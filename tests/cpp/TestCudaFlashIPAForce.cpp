@@ -83,6 +83,36 @@ TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
     }
 }
 
+// The fused attention kernel as the force's backend: energies and forces against the Reference
+// platform (sdpa, double), eager and replayed from CUDA graphs, over a few MD steps; refused with a
+// clear message in double precision, where it does not run.
+TEST_F(FlashIPAForceTest, FusedBackendMatchesReference) {
+    auto test = makeSystem(40);
+    Evaluation reference = evaluate(test->system, test->positions, "Reference");
+    test->force->setAttentionBackend("fused");
+    for (const std::string precision : {"single", "mixed"})
+        for (const std::string graphs : {"true", "false"}) {
+            test->force->setProperty("useCUDAGraphs", graphs);
+            Evaluation cuda = evaluate(test->system, test->positions, "CUDA", {{"Precision", precision}});
+            EXPECT_NEAR(cuda.energy, reference.energy, 1e-4 * std::abs(reference.energy)) << precision << " graphs=" << graphs;
+            EXPECT_LT(relativeForceError(cuda.forces, reference.forces), 1e-4) << precision << " graphs=" << graphs;
+        }
+    VerletIntegrator integrator(0.0005);
+    Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
+    context.setPositions(test->positions);
+    integrator.step(20); // captured and replayed
+    State state = context.getState(State::Energy | State::Forces | State::Positions);
+    test->force->setAttentionBackend("sdpa"); // for the Reference oracle; the running context keeps "fused"
+    EXPECT_LT(relativeForceError(state.getForces(), evaluate(test->system, state.getPositions(), "Reference").forces), 1e-4);
+    test->force->setAttentionBackend("fused");
+    try {
+        evaluate(test->system, test->positions, "CUDA", {{"Precision", "double"}});
+        FAIL() << "the fused backend ran in double precision";
+    } catch (const OpenMMException& e) {
+        EXPECT_NE(std::string(e.what()).find("single precision"), std::string::npos) << e.what();
+    }
+}
+
 TEST_F(FlashIPAForceTest, GraphReplayEqualsEagerOver100Steps) {
     auto withGraphs = makeSystem(24), eager = makeSystem(24);
     eager->force->setProperty("useCUDAGraphs", "false");

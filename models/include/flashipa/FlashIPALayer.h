@@ -24,7 +24,9 @@ struct IPAInputs {
  * lifts queries/keys/values so that the logits become one dot product and calls
  * at::scaled_dot_product_attention with scale 1 (no L x L tensor). Coordinates are centred on the
  * frame origins' mean before use: the function is unchanged (softmax weights sum to one) and the
- * lifted point terms no longer cancel large numbers far from the origin (DESIGN 2.5).
+ * lifted point terms no longer cancel large numbers far from the origin (DESIGN 2.5). The fused
+ * backend (CUDA) computes the same function in the project's own kernel (models/kernels), with
+ * point terms in fp32 from differences; it keeps no lifted tensor and no L x L buffer.
  */
 class FlashIPALayerImpl : public torch::nn::Module {
 public:
@@ -48,9 +50,10 @@ public:
 
 private:
     struct Projected;
-    Projected project(const IPAInputs& inputs);
+    Projected project(const IPAInputs& inputs, bool float32Points);
     torch::Tensor attendMath(const Projected& p, const IPAInputs& inputs);
     torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs);
+    torch::Tensor attendFused(const Projected& p, const IPAInputs& inputs);
     torch::Tensor unlift(const Projected& p, const torch::Tensor& scalar, const torch::Tensor& pointsGlobal,
                          const torch::Tensor& pairAggregate, const IPAInputs& inputs);
     ModelConfig config;

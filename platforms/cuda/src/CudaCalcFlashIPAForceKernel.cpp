@@ -1,4 +1,5 @@
 #include "CudaCalcFlashIPAForceKernel.h"
+#include "flashipa/FusedAttention.h"
 #include "FlashIPAForceInfo.h"
 #include "flashipa/DefaultModel.h"
 #include "openmm/OpenMMException.h"
@@ -79,8 +80,11 @@ CudaCalcFlashIPAForceKernel::~CudaCalcFlashIPAForceKernel() {
 
 void CudaCalcFlashIPAForceKernel::initialize(const System& system, const FlashIPAForce& force) {
     AttentionBackend backend = parseAttentionBackend(force.getAttentionBackend());
-    if (backend == AttentionBackend::Fused)
-        throw OpenMMException("FlashIPAForce: the \"fused\" attention backend is not built yet; use \"sdpa\" or \"math\"");
+    if (backend == AttentionBackend::Fused && dtype == torch::kFloat64)
+        throw OpenMMException("FlashIPAForce: the \"fused\" attention backend runs in single precision (float32 or bfloat16); "
+                              "use \"sdpa\" or \"math\" with Precision=double");
+    if (backend == AttentionBackend::Fused && !fusedAttentionAvailable())
+        throw OpenMMException("FlashIPAForce: this build has no fused attention kernels; use \"sdpa\" or \"math\"");
     useGraphs = parseBoolProperty(force.getProperties(), "useCUDAGraphs", true);
     for (const std::string& name : {FlashIPAForce::Scale(), FlashIPAForce::Sigma(), FlashIPAForce::Temperature()})
         cu.addEnergyParameterDerivative(name);

@@ -1,0 +1,335 @@
+// Forward pass of the fused FlashIPA attention on tensor cores (bf16 operands, mma.sync m16n8k16,
+// fp32 accumulation). One block of 8 warps owns 128 query rows of one head and a chunk of value
+// columns; each warp owns 16 rows and streams key tiles of 64 through shared memory, copied as
+// 16-byte vectors from the operands packed once per call (TensorCorePack).
+//
+// What runs where, and why it stays exact far from the origin (DESIGN 2.5):
+//  - scalar logits q.k and bl.br: bf16 operands on tensor cores (invariant features: how they round
+//    does not depend on where the structure is);
+//  - point logits. Each query point is stored relative to its query tile's centre, a = x - c_q, each
+//    key point relative to its key tile's centre, b = y - c_k. With d = c_q - c_k,
+//        sum_p |x_p - y_p|^2 = sum|a|^2 + sum|b|^2 + P d.d - 2 sum a.b + 2 d.sum a - 2 d.sum b.
+//    Only the cross term sum a.b runs on tensor cores, with each fp32 operand split into bf16
+//    hi + lo parts (a_hi b_hi + a_lo b_hi + a_hi b_lo: about 16 mantissa bits of |a| |b|); the rest
+//    is fp32 per row, per key and per tile pair. Consecutive residues are neighbours in space, so
+//    |a| and |b| are the size of a tile's neighbourhood wherever the structure sits and however large
+//    it is; pairs of distant tiles get large errors in absolute terms only where their weights
+//    underflow anyway;
+//  - value points: global coordinates as bf16 hi + lo parts accumulated into the same fp32
+//    accumulators (two mma per column tile), about 16 bits whatever their magnitude.
+// The online softmax follows FlashAttention-2: probabilities stay in registers and are re-packed as
+// the A operand of the P.V product (the accumulator layout of m16n8k16 matches the operand layout).
+#include "FusedAttentionLaunch.cuh"
+#include <cstdint>
+
+namespace FlashIPAPlugin {
+namespace kernels {
+
+namespace {
+
+constexpr int Warps = 8;
+constexpr int BlockRows = TensorCoreQueryTile; // 16 rows per warp
+constexpr int BlockKeys = TensorCoreKeyTile;
+constexpr int Threads = 32 * Warps;
+constexpr int MaxValueTiles = 32;
+static_assert(BlockRows == 16 * Warps, "one warp per 16 query rows");
+
+/** Row stride in 32-bit words, padded to 4 mod 32 so that the 8 x 4 fragment loads hit 32 banks. */
+__host__ __device__ constexpr int paddedWords(int words) {
+    return words + ((4 - words % 32) + 32) % 32;
+}
+
+__device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/**
+ * Shared-memory geometry (offsets in 32-bit words). The key, value and value-residual tiles are
+ * double-buffered: the next tile is copied (cp.async) while the current one is multiplied.
+ */
+struct Layout {
+    int keyStride, valueStride, loTiles, bufferWords;
+    int queryOffset, keyOffset, valueOffset, valueLoOffset, keyTermOffset, keySegmentOffset, words;
+
+    __host__ __device__ Layout(const TensorCorePack& pack, int valueTiles) {
+        keyStride = paddedWords(pack.keyColumns / 2);
+        valueStride = paddedWords(BlockKeys / 2);
+        loTiles = min(pack.loTiles, valueTiles); // a chunk holds at most valueTiles of them
+        queryOffset = 0;
+        keyOffset = queryOffset + BlockRows * keyStride;
+        valueOffset = keyOffset + BlockKeys * keyStride;
+        valueLoOffset = valueOffset + 8 * valueTiles * valueStride;
+        keyTermOffset = valueLoOffset + 8 * loTiles * valueStride;
+        keySegmentOffset = keyTermOffset + BlockKeys;
+        bufferWords = keySegmentOffset + BlockKeys - keyOffset; // one buffer: key, value, residual tiles, key terms, segments
+        words = keyOffset + 2 * bufferWords;
+    }
+};
+
+__device__ __forceinline__ void copyAsync16(uint32_t* dst, const uint4* src) {
+    const unsigned address = (unsigned) __cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(src));
+}
+
+/** Copies `rows` rows of `words16` 16-byte vectors from src (row pitch srcPitch vectors) to dst (pitch dstPitch words). */
+__device__ __forceinline__ void copyRows(uint32_t* dst, int dstPitch, const uint4* src, size_t srcPitch, int rows, int words16) {
+    for (int e = threadIdx.x; e < rows * words16; e += Threads) {
+        const int r = e / words16, v = e % words16;
+        copyAsync16(dst + r * dstPitch + 4 * v, src + r * srcPitch + v);
+    }
+}
+
+template <int ValueTiles>
+__global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(FusedAttentionProblem p, TensorCorePack pack, float* out,
+                                                                           float* logSumExp) {
+    extern __shared__ uint4 sharedVectors[];
+    uint32_t* words = reinterpret_cast<uint32_t*>(sharedVectors);
+    __shared__ int rowSegment[BlockRows], rowBegin[BlockRows], rowEnd[BlockRows];
+    __shared__ int range[2];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int queryTile = blockIdx.x, row0 = queryTile * BlockRows, head = blockIdx.y;
+    const int chunkTile0 = blockIdx.z * ValueTiles, chunk0 = 8 * chunkTile0;
+    const int valueWidth = p.liftedValueDim(), chunkColumns = min(8 * ValueTiles, valueWidth - chunk0);
+    const int chunkTiles = (chunkColumns + 7) / 8;
+    const Layout layout(pack, ValueTiles);
+    const int loFirst = pack.loFirstTile - chunkTile0; // chunk-local index of the first point tile
+    uint32_t* queryWords = words + layout.queryOffset;
+    const float pointWeight = p.pointWeight[head];
+    const int H = p.heads, vectorsPerRow = pack.keyColumns / 8;
+    const float* queryCentre = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
+
+    if (threadIdx.x == 0) {
+        range[0] = INT_MAX;
+        range[1] = 0;
+    }
+    __syncthreads();
+    copyRows(queryWords, layout.keyStride, static_cast<const uint4*>(pack.queries) + ((size_t) row0 * H + head) * vectorsPerRow,
+             (size_t) H * vectorsPerRow, BlockRows, vectorsPerRow);
+    for (int r = threadIdx.x; r < BlockRows; r += Threads) {
+        const int row = row0 + r;
+        const bool real = row < p.rows && p.segment[row] >= 0;
+        rowSegment[r] = real ? p.segment[row] : -1;
+        rowBegin[r] = real ? p.keyBegin[row] : 0;
+        rowEnd[r] = real ? p.keyEnd[row] : 0;
+        if (real) {
+            atomicMin(&range[0], rowBegin[r]);
+            atomicMax(&range[1], rowEnd[r]);
+        }
+    }
+    __syncthreads();
+    const int firstTile = range[0] == INT_MAX ? 0 : range[0] / BlockKeys;
+    const int lastTile = range[0] == INT_MAX ? 0 : (range[1] + BlockKeys - 1) / BlockKeys;
+    const int myRow[2] = {warp * 16 + g, warp * 16 + g + 8};
+    float rowStats[2][4];
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 4; k++)
+            rowStats[h][k] = pack.queryStats[((size_t) (row0 + myRow[h]) * H + head) * 4 + k];
+
+    float acc[ValueTiles][4] = {};
+    float runningMax[2] = {-CUDART_INF_F, -CUDART_INF_F}, runningSum[2] = {0.0f, 0.0f};
+    const uint4* values = static_cast<const uint4*>(pack.values) + (size_t) head * pack.valueColumns * (pack.paddedRows / 8);
+    const uint4* valuesLo = static_cast<const uint4*>(pack.valuesLo) + (size_t) head * 8 * pack.loTiles * (pack.paddedRows / 8);
+    const int loBegin = max(loFirst, 0), loEnd = min(loFirst + pack.loTiles, chunkTiles);
+    const int vectorsPerColumn = pack.paddedRows / 8;
+
+    // Starts copying one key tile into a buffer (cp.async, one commit group) and fills its key terms
+    // -(w/2)(sum|b|^2 - 2 d.sum b), d = c_q - c_k, and segments with plain stores.
+    auto stageTile = [&](int tile, int buffer) {
+        uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
+        const int key0 = tile * BlockKeys;
+        copyRows(base, layout.keyStride, static_cast<const uint4*>(pack.keys) + ((size_t) key0 * H + head) * vectorsPerRow,
+                 (size_t) H * vectorsPerRow, BlockKeys, vectorsPerRow);
+        copyRows(base + layout.valueOffset - layout.keyOffset, layout.valueStride, values + (size_t) chunk0 * vectorsPerColumn + key0 / 8,
+                 vectorsPerColumn, 8 * chunkTiles, BlockKeys / 8);
+        if (loEnd > loBegin)
+            copyRows(base + layout.valueLoOffset - layout.keyOffset, layout.valueStride,
+                     valuesLo + (size_t) 8 * (loBegin - loFirst) * vectorsPerColumn + key0 / 8, vectorsPerColumn, 8 * (loEnd - loBegin),
+                     BlockKeys / 8);
+        asm volatile("cp.async.commit_group;\n" ::);
+        float* keyTerm = reinterpret_cast<float*>(base + layout.keyTermOffset - layout.keyOffset);
+        int* keySegment = reinterpret_cast<int*>(base + layout.keySegmentOffset - layout.keyOffset);
+        const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
+        const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
+        for (int j = threadIdx.x; j < BlockKeys; j += Threads) {
+            const float4 stats = reinterpret_cast<const float4*>(pack.keyStats)[(size_t) (key0 + j) * H + head];
+            keyTerm[j] = -0.5f * pointWeight * (stats.x - 2.0f * (d[0] * stats.y + d[1] * stats.z + d[2] * stats.w));
+            keySegment[j] = key0 + j < p.rows ? p.segment[key0 + j] : -1;
+        }
+    };
+    if (firstTile < lastTile)
+        stageTile(firstTile, 0);
+    else
+        asm volatile("cp.async.commit_group;\n" ::); // the query tile's copies
+
+    for (int tile = firstTile; tile < lastTile; tile++) {
+        const int key0 = tile * BlockKeys, buffer = (tile - firstTile) & 1;
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads(); // this tile has landed, and every warp is done with the other buffer
+        if (tile + 1 < lastTile)
+            stageTile(tile + 1, buffer ^ 1);
+        const uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
+        const uint32_t* keyWords = base;
+        const uint32_t* valueWords = base + layout.valueOffset - layout.keyOffset;
+        const uint32_t* valueLoWords = base + layout.valueLoOffset - layout.keyOffset;
+        const float* keyTerm = reinterpret_cast<const float*>(base + layout.keyTermOffset - layout.keyOffset);
+        const int* keySegment = reinterpret_cast<const int*>(base + layout.keySegmentOffset - layout.keyOffset);
+        const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
+        const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
+
+        // Logits for this warp's 16 rows x 64 keys.
+        float s[8][4] = {};
+        for (int ks = 0; ks < pack.keyColumns / 16; ks++) {
+            const int col = ks * 8 + t; // in words
+            const uint32_t a0 = queryWords[myRow[0] * layout.keyStride + col], a1 = queryWords[myRow[1] * layout.keyStride + col];
+            const uint32_t a2 = queryWords[myRow[0] * layout.keyStride + col + 4], a3 = queryWords[myRow[1] * layout.keyStride + col + 4];
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int key = nt * 8 + g;
+                mma(s[nt], a0, a1, a2, a3, keyWords[key * layout.keyStride + col], keyWords[key * layout.keyStride + col + 4]);
+            }
+        }
+        const float pointCount = (float) p.queryPoints, dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+        // Row terms, mask, online softmax (rows g and g + 8 of the warp; 4 lanes share a row).
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = myRow[h];
+            const float rowTerm = -0.5f * pointWeight *
+                                  (rowStats[h][0] + pointCount * dd + 2.0f * (d[0] * rowStats[h][1] + d[1] * rowStats[h][2] + d[2] * rowStats[h][3]));
+            const int segment = rowSegment[r], begin = rowBegin[r], end = rowEnd[r];
+            float tileMax = -CUDART_INF_F;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = nt * 8 + 2 * t + e, key = key0 + j;
+                    const bool valid = segment >= 0 && key >= begin && key < end && keySegment[j] == segment;
+                    float& x = s[nt][2 * h + e];
+                    x = valid ? x + rowTerm + keyTerm[j] : -CUDART_INF_F;
+                    tileMax = fmaxf(tileMax, x);
+                }
+            tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 1));
+            tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 2));
+            const float newMax = fmaxf(runningMax[h], tileMax);
+            const float scale = runningMax[h] == -CUDART_INF_F ? 0.0f : expf(runningMax[h] - newMax);
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[nt][2 * h + e];
+                    x = x == -CUDART_INF_F ? 0.0f : expf(x - newMax);
+                    sum += x;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            runningSum[h] = runningSum[h] * scale + sum;
+            runningMax[h] = newMax;
+#pragma unroll
+            for (int nv = 0; nv < ValueTiles; nv++) {
+                acc[nv][2 * h] *= scale;
+                acc[nv][2 * h + 1] *= scale;
+            }
+        }
+        // acc += P V: P re-packed from the logit accumulators as bf16 A operands.
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint32_t a0 = packBf16(s[2 * kk][0], s[2 * kk][1]), a1 = packBf16(s[2 * kk][2], s[2 * kk][3]);
+            const uint32_t a2 = packBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = packBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const int col = kk * 8 + t; // key pair, in words
+#pragma unroll
+            for (int nv = 0; nv < ValueTiles; nv++) {
+                if (nv < chunkTiles) {
+                    const int column = nv * 8 + g;
+                    mma(acc[nv], a0, a1, a2, a3, valueWords[column * layout.valueStride + col], valueWords[column * layout.valueStride + col + 4]);
+                    if (nv >= loBegin && nv < loEnd) {
+                        const int loColumn = (nv - loBegin) * 8 + g;
+                        mma(acc[nv], a0, a1, a2, a3, valueLoWords[loColumn * layout.valueStride + col],
+                            valueLoWords[loColumn * layout.valueStride + col + 4]);
+                    }
+                }
+            }
+        }
+    }
+
+    asm volatile("cp.async.wait_group 0;\n" ::); // nothing may still be landing when the block ends
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = row0 + myRow[h];
+        if (row >= p.rows)
+            continue;
+        const float inverse = runningSum[h] > 0.0f ? 1.0f / runningSum[h] : 0.0f;
+        float* outRow = out + ((size_t) row * p.heads + head) * valueWidth + chunk0;
+#pragma unroll
+        for (int nv = 0; nv < ValueTiles; nv++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = nv * 8 + 2 * t + e;
+                if (col < chunkColumns)
+                    outRow[col] = acc[nv][2 * h + e] * inverse;
+            }
+        if (blockIdx.z == 0 && t == 0)
+            logSumExp[(size_t) row * p.heads + head] = runningSum[h] > 0.0f ? runningMax[h] + logf(runningSum[h]) : 0.0f;
+    }
+}
+
+template <int ValueTiles>
+void launch(const FusedAttentionProblem& p, const TensorCorePack& pack, float* out, float* logSumExp, cudaStream_t stream) {
+    const int chunks = (p.liftedValueDim() + 8 * ValueTiles - 1) / (8 * ValueTiles);
+    const size_t bytes = (size_t) Layout(pack, ValueTiles).words * 4;
+    auto kernel = fusedAttentionForwardTensorCore<ValueTiles>;
+    allowSharedMemory(kernel, bytes, "tensor-core forward: shared memory");
+    const dim3 grid(pack.paddedRows / BlockRows, p.heads, chunks);
+    kernel<<<grid, Threads, bytes, stream>>>(p, pack, out, logSumExp);
+    checkLaunch(cudaGetLastError(), "tensor-core forward");
+}
+
+} // namespace
+
+int tensorCoreValueChunk(int width) {
+    // Value tiles of 8 columns kept in registers per block: 8, 16 or 32 (wider rows are chunked).
+    return width <= 64 ? 64 : (width <= 128 ? 128 : 8 * MaxValueTiles);
+}
+
+bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
+    int device = 0, major = 0, limit = 0;
+    checkLaunch(cudaGetDevice(&device), "device");
+    checkLaunch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+    checkLaunch(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+    if (major < 8 || p.element != ElementType::BFloat16)
+        return false;
+    // Shared memory at the widest packing this problem can have.
+    TensorCorePack pack;
+    pack.keyColumns = (p.liftedKeyDim() + 15) / 16 * 16 + (9 * p.queryPoints + 15) / 16 * 16;
+    pack.loTiles = (3 * p.valuePoints + 7) / 8 + 1;
+    const int tiles = tensorCoreValueChunk(p.liftedValueDim()) / 8;
+    const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + 2048;
+    return bytes <= (size_t) limit;
+}
+
+bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& p, const TensorCorePack& pack, float* out, float* logSumExp,
+                                           cudaStream_t stream) {
+    validateProblem(p);
+    if (p.rows == 0 || !tensorCoreForwardApplies(p))
+        return false;
+    switch (tensorCoreValueChunk(p.liftedValueDim())) {
+    case 64:
+        launch<8>(p, pack, out, logSumExp, stream);
+        break;
+    case 128:
+        launch<16>(p, pack, out, logSumExp, stream);
+        break;
+    default:
+        launch<MaxValueTiles>(p, pack, out, logSumExp, stream);
+    }
+    return true;
+}
+
+} // namespace kernels
+} // namespace FlashIPAPlugin

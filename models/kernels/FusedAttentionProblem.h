@@ -1,0 +1,129 @@
+#ifndef FLASHIPA_FUSED_ATTENTION_PROBLEM_H_
+#define FLASHIPA_FUSED_ATTENTION_PROBLEM_H_
+
+// The host-side description of one fused FlashIPA attention call (DESIGN 2.4) and the launchers of
+// its kernels. Plain pointers and sizes only, so this header is shared by nvcc (the kernels) and the
+// C++ compiler (the LibTorch operator in models/src/FusedAttention.cpp).
+//
+// Rows are residues packed over structures: row i attends to keys j in [keyBegin_i, keyEnd_i) with
+// segment_j == segment_i; segment < 0 marks padding (no output, no gradient). Per head h:
+//
+//   logit_ij = scalarScale q_i.k_j + biasScale bl_i.br_j - (w_h / 2) sum_p |x_ip - y_jp|^2
+//   out_i    = sum_j softmax_j(logit_ij) [v_j | value points_j | pair values_j]
+//
+// Everything the kernels read stays in the layer's own tensors ([N, H, width] row-major); the lifted
+// query/key/value rows of DESIGN 2.4 are assembled tile by tile in shared memory, never in global memory.
+
+#include <cuda_runtime_api.h>
+
+#ifdef __CUDACC__
+#define FLASHIPA_HOST_DEVICE __host__ __device__
+#else
+#define FLASHIPA_HOST_DEVICE
+#endif
+
+namespace FlashIPAPlugin {
+namespace kernels {
+
+enum class ElementType { Float32, BFloat16 };
+
+struct FusedAttentionProblem {
+    int rows = 0;          ///< N: residues over all structures in the call
+    int heads = 0;         ///< H
+    int headDim = 0;       ///< c: scalar width of q, k, v
+    int biasRank = 0;      ///< Rb: width of the bias factors (0: none)
+    int queryPoints = 0;   ///< P_q
+    int valuePoints = 0;   ///< P_v
+    int pairRank = 0;      ///< r (0: no pair values)
+    int pairValueDim = 0;  ///< c_z / 4
+    float scalarScale = 1; ///< multiplies q.k  (w_L / sqrt(c))
+    float biasScale = 1;   ///< multiplies bl.br (w_L)
+    ElementType element = ElementType::Float32; ///< storage type of q, k, v, biases and pair values
+
+    const void* q = nullptr;          ///< [N, H, c]
+    const void* k = nullptr;          ///< [N, H, c]
+    const void* v = nullptr;          ///< [N, H, c]
+    const void* biasLeft = nullptr;   ///< [N, H, Rb]
+    const void* biasRight = nullptr;  ///< [N, H, Rb]
+    const void* pairValues = nullptr; ///< [N, r * c_z/4], shared by all heads
+    const float* queryPointsGlobal = nullptr; ///< [N, H, P_q * 3], fp32 always
+    const float* keyPointsGlobal = nullptr;   ///< [N, H, P_q * 3]
+    const float* valuePointsGlobal = nullptr; ///< [N, H, P_v * 3]
+    const float* pointWeight = nullptr;       ///< [H]: w_h = gamma_h w_L w_C
+    const int* segment = nullptr;             ///< [N]
+    const int* keyBegin = nullptr;            ///< [N]
+    const int* keyEnd = nullptr;              ///< [N]
+
+    /** Width of a lifted scalar query/key row: q (or k) then the bias factors. */
+    FLASHIPA_HOST_DEVICE int liftedKeyDim() const { return headDim + biasRank; }
+    /** Width of a lifted value row: v, then the value points (x, y, z each), then the pair values. */
+    FLASHIPA_HOST_DEVICE int liftedValueDim() const { return headDim + 3 * valuePoints + pairRank * pairValueDim; }
+};
+
+/** Gradients of the backward pass; every buffer is fp32 and must be zeroed by the caller. */
+struct FusedAttentionGradients {
+    float* liftedQuery = nullptr;  ///< [N, H, c + Rb]: d/d[q | bl]
+    float* liftedKey = nullptr;    ///< [N, H, c + Rb]: d/d[scalarScale k | biasScale br]
+    float* liftedValue = nullptr;  ///< [N, H, liftedValueDim]
+    float* queryPoints = nullptr;  ///< [N, H, P_q * 3]
+    float* keyPoints = nullptr;    ///< [N, H, P_q * 3]
+    float* pointWeight = nullptr;  ///< [H]
+};
+
+/**
+ * Operands of the tensor-core forward, packed once per call in bf16 so that each tile is a plain
+ * 16-byte copy (element-wise staging with conversions cost ten times the matrix products). Rows are
+ * padded to a multiple of 128 with zeros. Points enter re-centred on the centre of their own tile
+ * (query tiles of 128 rows, key tiles of 64 keys); the kernel restores exact pair distances from
+ * the per-row sums below (see FusedAttentionForwardTensorCore.cu).
+ */
+struct TensorCorePack {
+    int paddedRows = 0;    ///< N rounded up to 128
+    int keyColumns = 0;    ///< width of a packed query/key row (multiple of 16)
+    int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to 16; points follow
+    int valueColumns = 0;  ///< packed value columns (multiple of 8 * value tiles per block)
+    int loFirstTile = 0;   ///< first 8-column tile holding value points
+    int loTiles = 0;       ///< number of such tiles (their lo parts are packed separately)
+    const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
+    const float* queryStats = nullptr;   ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
+    const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | w b_hi | w b_hi | w b_lo | 0]
+    const float* keyStats = nullptr;     ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
+    const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
+    const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]
+    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: lifted value columns, transposed
+    const void* valuesLo = nullptr;      ///< [H, 8 loTiles, paddedRows] bf16: value-point residuals (v - bf16(v))
+};
+
+/** Rows per query tile and keys per key tile of the tensor-core forward. */
+constexpr int TensorCoreQueryTile = 128;
+constexpr int TensorCoreKeyTile = 64;
+/** Value columns one block keeps in registers (wider rows are split into chunks of this many). */
+int tensorCoreValueChunk(int liftedValueDim);
+
+/**
+ * The tensor-core forward for bf16 problems on sm_80 or newer; returns false, launching nothing,
+ * where it does not apply (then launchFusedAttentionForward runs the fp32 SIMT kernel).
+ */
+bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& problem, const TensorCorePack& pack, float* out,
+                                           float* logSumExp, cudaStream_t stream);
+
+/** True when the tensor-core forward can run for this problem on the current device. */
+bool tensorCoreForwardApplies(const FusedAttentionProblem& problem);
+
+/**
+ * Forward: out [N, H, liftedValueDim] (fp32, value points in the global frame) and the log-sum-exp
+ * of each row's logits, lse [N, H]. Throws std::runtime_error on a launch failure.
+ */
+void launchFusedAttentionForward(const FusedAttentionProblem& problem, float* out, float* logSumExp, cudaStream_t stream);
+
+/**
+ * Backward, given the forward's log-sum-exp, the gradient of out and delta_i = sum_col gradOut.out
+ * per row and head. Accumulates into the (zeroed) gradient buffers.
+ */
+void launchFusedAttentionBackward(const FusedAttentionProblem& problem, const float* logSumExp, const float* gradOut,
+                                  const float* delta, const FusedAttentionGradients& gradients, cudaStream_t stream);
+
+} // namespace kernels
+} // namespace FlashIPAPlugin
+
+#endif
