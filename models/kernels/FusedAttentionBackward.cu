@@ -1,5 +1,5 @@
-// Backward pass of the fused FlashIPA attention, in two kernels that each own what they write (no
-// atomics except the per-head point weight):
+// Backward pass of the fused FlashIPA attention, in two launches of one kernel; each block owns what
+// it writes (no atomics except the per-head point weight):
 //  - per query tile: d[q | bl], d(query points) and the point-weight gradient;
 //  - per key tile:   d[k | br], d(key points) and d(lifted values).
 // Both recompute the logits of each tile pair and the probabilities from the forward's log-sum-exp,
@@ -102,13 +102,21 @@ __device__ void blockAtomicAdd(float v, float* target) {
     }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(TileThreads) fusedAttentionBackwardQuery(FusedAttentionProblem p, const float* logSumExp,
-                                                                           const float* gradOut, const float* delta,
-                                                                           FusedAttentionGradients g) {
+/** Which side of the attention a backward block owns: its tile of query rows or its tile of keys. */
+enum class Side { Query, Key };
+
+/**
+ * One backward block: owns a tile of 64 rows on one side, streams the tiles of the other side, and
+ * accumulates the gradients of what it owns. Query side: d[q | bl], d(query points), the point
+ * weight. Key side: d[scalarScale k | biasScale br], d(key points), d(lifted values).
+ */
+template <typename T, Side side>
+__global__ void __launch_bounds__(TileThreads) fusedAttentionBackward(FusedAttentionProblem p, const float* logSumExp, const float* gradOut,
+                                                                      const float* delta, FusedAttentionGradients g) {
+    constexpr bool querySide = side == Side::Query;
     extern __shared__ float shared[];
     __shared__ TileRowInfo queryInfo, keyInfo;
-    const int row0 = blockIdx.x * TileRows, head = blockIdx.y;
+    const int own0 = blockIdx.x * TileRows, head = blockIdx.y;
     const int coordinates = 3 * p.queryPoints, keyWidth = p.liftedKeyDim();
     float* queryCols = shared;
     float* keyCols = queryCols + ColumnChunk * TileStride;
@@ -116,116 +124,73 @@ __global__ void __launch_bounds__(TileThreads) fusedAttentionBackwardQuery(Fused
     float* keyPts = queryPts + coordinates * TileStride;
     float* probs = keyPts + coordinates * TileStride;
     float* dS = probs + TileRows * TileStride;
+    TileRowInfo& ownInfo = querySide ? queryInfo : keyInfo;
+    TileRowInfo& otherInfo = querySide ? keyInfo : queryInfo;
+    float* ownPts = querySide ? queryPts : keyPts;
+    float* otherPts = querySide ? keyPts : queryPts;
+    float* otherCols = querySide ? keyCols : queryCols;
+    const float* ownPointsGlobal = querySide ? p.queryPointsGlobal : p.keyPointsGlobal;
+    const float* otherPointsGlobal = querySide ? p.keyPointsGlobal : p.queryPointsGlobal;
+    float* ownLiftedGrad = querySide ? g.liftedQuery : g.liftedKey;
+    float* ownPointsGrad = querySide ? g.queryPoints : g.keyPoints;
     const LiftedRows<T> lifted{p, head};
-    stageRowInfo(queryInfo, p, row0);
-    stagePoints(queryPts, p.queryPointsGlobal, p.heads, head, coordinates, row0, p.rows);
+    stageRowInfo(ownInfo, p, own0);
+    stagePoints(ownPts, ownPointsGlobal, p.heads, head, coordinates, own0, p.rows);
     __syncthreads();
+    // Segments are contiguous, so the rows that see a key are the rows of its segment's range (and
+    // conversely): one tile range serves both sides.
     int firstTile, lastTile;
-    tileRange(queryInfo, firstTile, lastTile);
+    tileRange(ownInfo, firstTile, lastTile);
     const float pointWeight = p.pointWeight[head];
     float pointWeightGrad = 0.0f;
+    // dS of (own o, other x), whichever side owns the block.
+    auto gradient = [&](int o, int x) { return querySide ? dS[o * TileStride + x] : dS[x * TileStride + o]; };
     for (int tile = firstTile; tile < lastTile; tile++) {
-        const int key0 = tile * TileKeys;
+        const int other0 = tile * TileKeys;
         __syncthreads();
-        stageRowInfo(keyInfo, p, key0);
-        stagePoints(keyPts, p.keyPointsGlobal, p.heads, head, coordinates, key0, p.rows);
-        softmaxGradientTile(lifted, row0, key0, logSumExp, gradOut, delta, queryCols, keyCols, queryPts, keyPts, queryInfo, keyInfo,
-                            pointWeight, probs, dS, nullptr, pointWeightGrad);
-        // d[q | bl]_i += sum_j dS_ij [scalarScale k | biasScale br]_j
+        stageRowInfo(otherInfo, p, other0);
+        stagePoints(otherPts, otherPointsGlobal, p.heads, head, coordinates, other0, p.rows);
+        softmaxGradientTile(lifted, querySide ? own0 : other0, querySide ? other0 : own0, logSumExp, gradOut, delta, queryCols, keyCols,
+                            queryPts, keyPts, queryInfo, keyInfo, pointWeight, probs, dS, querySide ? nullptr : g.liftedValue,
+                            pointWeightGrad);
+        // d(own lifted row)_o += sum_x dS(o, x) (other lifted row)_x
         for (int col0 = 0; col0 < keyWidth; col0 += ColumnChunk) {
-            stageColumns(keyCols, key0, p.rows, col0, keyWidth, [&](int row, int col) { return lifted.key(row, col); });
+            stageColumns(otherCols, other0, p.rows, col0, keyWidth,
+                         [&](int row, int col) { return querySide ? lifted.key(row, col) : lifted.query(row, col); });
             __syncthreads();
             for (int e = threadIdx.x; e < TileRows * ColumnChunk; e += TileThreads) {
-                const int i = e / ColumnChunk, d = e % ColumnChunk, row = row0 + i;
-                if (row >= p.rows || col0 + d >= keyWidth)
+                const int o = e / ColumnChunk, d = e % ColumnChunk, own = own0 + o;
+                if (own >= p.rows || col0 + d >= keyWidth)
                     continue;
                 float sum = 0.0f;
-                for (int j = 0; j < TileKeys; j++)
-                    sum = fmaf(dS[i * TileStride + j], keyCols[d * TileStride + j], sum);
-                g.liftedQuery[((size_t) row * p.heads + head) * keyWidth + col0 + d] += sum;
+                for (int x = 0; x < TileKeys; x++)
+                    sum = fmaf(gradient(o, x), otherCols[d * TileStride + x], sum);
+                ownLiftedGrad[((size_t) own * p.heads + head) * keyWidth + col0 + d] += sum;
             }
             __syncthreads();
         }
-        // d x_i += -w sum_j dS_ij (x_i - y_j)
+        // Both sides: d(own point)_o -= w sum_x dS(o, x) (own point_o - other point_x)
         for (int e = threadIdx.x; e < TileRows * coordinates; e += TileThreads) {
-            const int i = e / coordinates, d = e % coordinates, row = row0 + i;
-            if (row >= p.rows)
+            const int o = e / coordinates, d = e % coordinates, own = own0 + o;
+            if (own >= p.rows)
                 continue;
-            const float x = queryPts[d * TileStride + i];
+            const float mine = ownPts[d * TileStride + o];
             float sum = 0.0f;
-            for (int j = 0; j < TileKeys; j++)
-                sum = fmaf(dS[i * TileStride + j], x - keyPts[d * TileStride + j], sum);
-            g.queryPoints[((size_t) row * p.heads + head) * coordinates + d] -= pointWeight * sum;
+            for (int x = 0; x < TileKeys; x++)
+                sum = fmaf(gradient(o, x), mine - otherPts[d * TileStride + x], sum);
+            ownPointsGrad[((size_t) own * p.heads + head) * coordinates + d] -= pointWeight * sum;
         }
     }
-    blockAtomicAdd(pointWeightGrad, g.pointWeight + head);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(TileThreads) fusedAttentionBackwardKey(FusedAttentionProblem p, const float* logSumExp,
-                                                                         const float* gradOut, const float* delta,
-                                                                         FusedAttentionGradients g) {
-    extern __shared__ float shared[];
-    __shared__ TileRowInfo queryInfo, keyInfo;
-    const int key0 = blockIdx.x * TileKeys, head = blockIdx.y;
-    const int coordinates = 3 * p.queryPoints, keyWidth = p.liftedKeyDim();
-    float* queryCols = shared;
-    float* keyCols = queryCols + ColumnChunk * TileStride;
-    float* queryPts = keyCols + ColumnChunk * TileStride;
-    float* keyPts = queryPts + coordinates * TileStride;
-    float* probs = keyPts + coordinates * TileStride;
-    float* dS = probs + TileRows * TileStride;
-    const LiftedRows<T> lifted{p, head};
-    stageRowInfo(keyInfo, p, key0);
-    stagePoints(keyPts, p.keyPointsGlobal, p.heads, head, coordinates, key0, p.rows);
-    __syncthreads();
-    // Segments are contiguous, so the queries that see a key are the rows of its segment's range.
-    int firstTile, lastTile;
-    tileRange(keyInfo, firstTile, lastTile);
-    const float pointWeight = p.pointWeight[head];
-    float unused = 0.0f;
-    for (int tile = firstTile; tile < lastTile; tile++) {
-        const int row0 = tile * TileRows;
-        __syncthreads();
-        stageRowInfo(queryInfo, p, row0);
-        stagePoints(queryPts, p.queryPointsGlobal, p.heads, head, coordinates, row0, p.rows);
-        softmaxGradientTile(lifted, row0, key0, logSumExp, gradOut, delta, queryCols, keyCols, queryPts, keyPts, queryInfo, keyInfo,
-                            pointWeight, probs, dS, g.liftedValue, unused);
-        // d[scalarScale k | biasScale br]_j += sum_i dS_ij [q | bl]_i
-        for (int col0 = 0; col0 < keyWidth; col0 += ColumnChunk) {
-            stageColumns(queryCols, row0, p.rows, col0, keyWidth, [&](int row, int col) { return lifted.query(row, col); });
-            __syncthreads();
-            for (int e = threadIdx.x; e < TileKeys * ColumnChunk; e += TileThreads) {
-                const int j = e / ColumnChunk, d = e % ColumnChunk, key = key0 + j;
-                if (key >= p.rows || col0 + d >= keyWidth)
-                    continue;
-                float sum = 0.0f;
-                for (int i = 0; i < TileRows; i++)
-                    sum = fmaf(dS[i * TileStride + j], queryCols[d * TileStride + i], sum);
-                g.liftedKey[((size_t) key * p.heads + head) * keyWidth + col0 + d] += sum;
-            }
-            __syncthreads();
-        }
-        // d y_j += w sum_i dS_ij (x_i - y_j)
-        for (int e = threadIdx.x; e < TileKeys * coordinates; e += TileThreads) {
-            const int j = e / coordinates, d = e % coordinates, key = key0 + j;
-            if (key >= p.rows)
-                continue;
-            const float y = keyPts[d * TileStride + j];
-            float sum = 0.0f;
-            for (int i = 0; i < TileRows; i++)
-                sum = fmaf(dS[i * TileStride + j], queryPts[d * TileStride + i] - y, sum);
-            g.keyPoints[((size_t) key * p.heads + head) * coordinates + d] += pointWeight * sum;
-        }
-    }
+    if (querySide)
+        blockAtomicAdd(pointWeightGrad, g.pointWeight + head);
 }
 
 template <typename T>
 void launchBackward(const FusedAttentionProblem& p, const float* logSumExp, const float* gradOut, const float* delta,
                     const FusedAttentionGradients& g, cudaStream_t stream) {
     const size_t bytes = backwardSharedFloats(p) * sizeof(float);
-    auto queryKernel = fusedAttentionBackwardQuery<T>;
-    auto keyKernel = fusedAttentionBackwardKey<T>;
+    auto queryKernel = fusedAttentionBackward<T, Side::Query>;
+    auto keyKernel = fusedAttentionBackward<T, Side::Key>;
     allowSharedMemory(queryKernel, bytes, "backward: shared memory");
     allowSharedMemory(keyKernel, bytes, "backward: shared memory");
     const dim3 grid((p.rows + TileRows - 1) / TileRows, p.heads);

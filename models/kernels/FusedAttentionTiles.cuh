@@ -33,6 +33,7 @@ constexpr int TileStride = 65;             ///< padded stride of transposed tile
 constexpr int TileThreads = 256;           ///< 16 x 16
 constexpr int ColumnChunk = 32;            ///< lifted columns staged in shared memory at a time
 constexpr int PerThread = 4;               ///< rows (and keys) per thread
+static_assert(TileRows == TileKeys, "the backward kernel's two sides share one tile size");
 
 __device__ __forceinline__ float toFloat(float x) { return x; }
 __device__ __forceinline__ float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
