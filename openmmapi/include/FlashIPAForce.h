@@ -51,7 +51,10 @@ public:
     void getResidueParameters(int index, int& atomA, int& atomB, int& atomC, int& residueType, int& chain) const;
     /** Set the parameters of a residue (call updateParametersInContext() to apply them to a Context). */
     void setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain);
-    /** Select how attention is evaluated: "sdpa" (default), "math", or "fused" (CUDA platform only). */
+    /**
+     * Select how attention is evaluated: "sdpa" (default), "math" (materialised logits, the oracle), or
+     * "fused" (the project's CUDA kernel: CUDA platform, single or mixed precision; refused elsewhere).
+     */
     void setAttentionBackend(const std::string& backend);
     /** The attention backend name. */
     const std::string& getAttentionBackend() const { return attentionBackend; }

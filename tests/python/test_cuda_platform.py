@@ -52,6 +52,21 @@ def test_cuda_matches_reference_on_shipped_structures(path, precision):
     assert np.linalg.norm(forcesCuda - forcesRef) <= tol * np.linalg.norm(forcesRef)
 
 
+@pytest.mark.parametrize("path", [PROTEIN_PDB, RNA_PDB])
+def test_fused_backend_matches_reference_on_shipped_structures(path):
+    """The project's fused attention kernel (backend "fused", CUDA, mixed precision) against the
+    Reference platform's sdpa path in double precision, through createForce on real structures."""
+    topology, positions, system = amberSystem(path)
+    force = openmmflashipa.createForce(topology, backend="fused")
+    force.setForceGroup(5)
+    system.addForce(force)
+    energyCuda, forcesCuda = evaluate(system, positions, "CUDA", {"Precision": "mixed"})
+    force.setAttentionBackend("sdpa")  # the oracle
+    energyRef, forcesRef = evaluate(system, positions, "Reference")
+    assert abs(energyCuda - energyRef) <= 1e-4 * abs(energyRef)
+    assert np.linalg.norm(forcesCuda - forcesRef) <= 1e-4 * np.linalg.norm(forcesRef)
+
+
 def test_amber14_simulation_runs_1000_steps():
     topology, positions, system = amberSystem(PROTEIN_PDB, solvent="obc2")
     force = openmmflashipa.createForce(topology)
