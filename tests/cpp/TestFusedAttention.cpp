@@ -191,7 +191,10 @@ TEST_P(FusedVersusMath, Float32OutputsAndEveryGradient) {
 INSTANTIATE_TEST_SUITE_P(Sizes, FusedVersusMath,
                          ::testing::Values(SizeCase{1, 0}, SizeCase{1, 2}, SizeCase{1, 16}, SizeCase{17, 0}, SizeCase{17, 2},
                                            SizeCase{17, 16}, SizeCase{256, 0}, SizeCase{256, 2}, SizeCase{256, 16},
-                                           SizeCase{4097, 0}, SizeCase{4097, 2}, SizeCase{4097, 16}));
+                                           SizeCase{4097, 0}, SizeCase{4097, 2}, SizeCase{4097, 16}),
+                         [](const ::testing::TestParamInfo<SizeCase>& info) {
+                             return "L" + std::to_string(info.param.L) + "_rank" + std::to_string(info.param.rank);
+                         });
 
 // bf16 (the network and the kernel's scalar operands in bf16) against float64 with the same rounded
 // parameters and inputs. bf16 carries 8 bits, so the bar is the published algorithm (the SDPA path)
