@@ -20,6 +20,46 @@ size_t backwardSharedFloats(const FusedAttentionProblem& p) {
 }
 
 /**
+ * The backward's accumulations, register-blocked (the SIMT backward is bound by shared-memory
+ * bandwidth, so each load must feed several FMAs): for this thread's owned rows o = ty + 16a
+ * (a < 4) and columns d = tx + 16b (b < 2) of a pass of 32,
+ *   sum[a][b] = sum_{x < 64} weight(o, x) * (mine(o, d) - value(d, x)),
+ * with mine = 0 for plain products. Differences are formed before multiplying, so point gradients
+ * keep the exact fp32 differences of the forward.
+ */
+template <bool Difference, typename Weight, typename Value, typename Mine>
+__device__ __forceinline__ void blockedSums(int columns, const Weight& weight, const Value& value, const Mine& mine,
+                                            float (&sum)[PerThread][2]) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    float own[PerThread][2];
+    for (int a = 0; a < PerThread; a++)
+        for (int b = 0; b < 2; b++) {
+            sum[a][b] = 0.0f;
+            own[a][b] = Difference && tx + 16 * b < columns ? mine(ty + 16 * a, tx + 16 * b) : 0.0f;
+        }
+    for (int x = 0; x < TileKeys; x++) {
+        float w[PerThread], v[2];
+        for (int a = 0; a < PerThread; a++)
+            w[a] = weight(ty + 16 * a, x);
+        for (int b = 0; b < 2; b++)
+            v[b] = tx + 16 * b < columns ? value(tx + 16 * b, x) : 0.0f;
+        for (int a = 0; a < PerThread; a++)
+            for (int b = 0; b < 2; b++)
+                sum[a][b] = fmaf(w[a], Difference ? own[a][b] - v[b] : v[b], sum[a][b]);
+    }
+}
+
+/** Calls emit(o, d, sum) for the owned elements of blockedSums that exist (o < rows left, d < columns). */
+template <typename Emit>
+__device__ __forceinline__ void emitBlocked(int ownRows, int columns, const float (&sum)[PerThread][2], const Emit& emit) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    for (int a = 0; a < PerThread; a++)
+        for (int b = 0; b < 2; b++)
+            if (ty + 16 * a < ownRows && tx + 16 * b < columns)
+                emit(ty + 16 * a, tx + 16 * b, sum[a][b]);
+}
+
+/**
  * For one (query tile, key tile) pair: probabilities and dS for this thread's elements, with dS
  * stored in dS[row][key] and P in probs[row][key]. When valueGrad is set, also accumulates
  * d(lifted values) of the key tile (which needs P and the staged dOut chunks anyway).
@@ -62,15 +102,13 @@ __device__ void softmaxGradientTile(const LiftedRows<T>& lifted, int row0, int k
         }
         if (valueGrad) {
             // dV_j[col] += sum_i P_ij dOut_i[col]; this block owns the key tile.
-            for (int e = threadIdx.x; e < TileKeys * ColumnChunk; e += TileThreads) {
-                const int j = e / ColumnChunk, d = e % ColumnChunk, key = key0 + j;
-                if (key >= p.rows || d >= columns)
-                    continue;
-                float sum = 0.0f;
-                for (int i = 0; i < TileRows; i++)
-                    sum = fmaf(probs[i * TileStride + j], queryCols[d * TileStride + i], sum);
-                valueGrad[((size_t) key * p.heads + lifted.head) * valueWidth + col0 + d] += sum;
-            }
+            float sum[PerThread][2];
+            blockedSums<false>(
+                columns, [&](int j, int i) { return probs[i * TileStride + j]; }, [&](int d, int i) { return queryCols[d * TileStride + i]; },
+                [](int, int) { return 0.0f; }, sum);
+            emitBlocked(p.rows - key0, columns, sum, [&](int j, int d, float v) {
+                valueGrad[((size_t) (key0 + j) * p.heads + lifted.head) * valueWidth + col0 + d] += v;
+            });
         }
     }
     for (int a = 0; a < PerThread; a++) {
@@ -158,27 +196,25 @@ __global__ void __launch_bounds__(TileThreads) fusedAttentionBackward(FusedAtten
             stageColumns(otherCols, other0, p.rows, col0, keyWidth,
                          [&](int row, int col) { return querySide ? lifted.key(row, col) : lifted.query(row, col); });
             __syncthreads();
-            for (int e = threadIdx.x; e < TileRows * ColumnChunk; e += TileThreads) {
-                const int o = e / ColumnChunk, d = e % ColumnChunk, own = own0 + o;
-                if (own >= p.rows || col0 + d >= keyWidth)
-                    continue;
-                float sum = 0.0f;
-                for (int x = 0; x < TileKeys; x++)
-                    sum = fmaf(gradient(o, x), otherCols[d * TileStride + x], sum);
-                ownLiftedGrad[((size_t) own * p.heads + head) * keyWidth + col0 + d] += sum;
-            }
+            const int columns = min(ColumnChunk, keyWidth - col0);
+            float sum[PerThread][2];
+            blockedSums<false>(
+                columns, gradient, [&](int d, int x) { return otherCols[d * TileStride + x]; }, [](int, int) { return 0.0f; }, sum);
+            emitBlocked(p.rows - own0, columns, sum, [&](int o, int d, float v) {
+                ownLiftedGrad[((size_t) (own0 + o) * p.heads + head) * keyWidth + col0 + d] += v;
+            });
             __syncthreads();
         }
         // Both sides: d(own point)_o -= w sum_x dS(o, x) (own point_o - other point_x)
-        for (int e = threadIdx.x; e < TileRows * coordinates; e += TileThreads) {
-            const int o = e / coordinates, d = e % coordinates, own = own0 + o;
-            if (own >= p.rows)
-                continue;
-            const float mine = ownPts[d * TileStride + o];
-            float sum = 0.0f;
-            for (int x = 0; x < TileKeys; x++)
-                sum = fmaf(gradient(o, x), mine - otherPts[d * TileStride + x], sum);
-            ownPointsGrad[((size_t) own * p.heads + head) * coordinates + d] -= pointWeight * sum;
+        for (int d0 = 0; d0 < coordinates; d0 += 32) {
+            const int columns = min(32, coordinates - d0);
+            float sum[PerThread][2];
+            blockedSums<true>(
+                columns, gradient, [&](int d, int x) { return otherPts[(d0 + d) * TileStride + x]; },
+                [&](int o, int d) { return ownPts[(d0 + d) * TileStride + o]; }, sum);
+            emitBlocked(p.rows - own0, columns, sum, [&](int o, int d, float v) {
+                ownPointsGrad[((size_t) (own0 + o) * p.heads + head) * coordinates + d0 + d] -= pointWeight * v;
+            });
         }
     }
     if (querySide)
