@@ -56,7 +56,12 @@ INSTANTIATE_TEST_SUITE_P(Lengths, MathVersusSDPA,
                                            LayerCase{300, 2, 4, 16}, LayerCase{64, 0, 0, 16}, LayerCase{64, 1, 0, 16},
                                            LayerCase{64, 8, 4, 16}, LayerCase{7, 0, 4, 16},
                                            // lifted head width above 256 (256 + 5*4 + 2*2 + ...)
-                                           LayerCase{64, 2, 2, 256}, LayerCase{7, 8, 4, 300}));
+                                           LayerCase{64, 2, 2, 256}, LayerCase{7, 8, 4, 300}),
+                         [](const ::testing::TestParamInfo<LayerCase>& info) {
+                             const LayerCase& c = info.param;
+                             return "L" + std::to_string(c.L) + "_rank" + std::to_string(c.rank) + "_relpos" + std::to_string(c.relPos) +
+                                    "_c" + std::to_string(c.headDim);
+                         });
 
 TEST(FlashIPALayer, HeadWidthAbove256) {
     ModelConfig config;
