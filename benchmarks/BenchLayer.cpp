@@ -139,8 +139,10 @@ int main(int argc, char** argv) {
                 if (warmUp) {
                     ms = timeIt(forward, cuda, repeats);
                     mib = cuda ? peakMiB(forward) : 0.0;
-                } else { // one cold run, timed and measured at once
+                } else if (cuda) { // one cold run, timed and measured at once
                     mib = peakMiB([&] { ms = timeIt(forward, cuda, 1, false); });
+                } else {
+                    ms = timeIt(forward, cuda, 1, false);
                 }
                 std::cout << " | " << ms << " | ";
                 if (cuda && L <= maxGraph)

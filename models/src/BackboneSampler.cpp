@@ -8,10 +8,7 @@ namespace FlashIPAPlugin {
 
 BackboneSampler::BackboneSampler(EnergyModel model, torch::Device device, torch::Dtype dtype, AttentionBackend backend)
     : model_(model), device(device), dtype(dtype), backend(backend) {
-    model_->to(device, dtype);
-    model_->eval();
-    for (auto& parameter : model_->parameters())
-        parameter.set_requires_grad(false);
+    prepareForInference(model_, device, dtype);
 }
 
 torch::Tensor BackboneSampler::energyGradient(const torch::Tensor& x, const torch::Tensor& types,

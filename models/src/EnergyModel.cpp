@@ -152,4 +152,11 @@ void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale)
     }
 }
 
+void prepareForInference(EnergyModel& model, torch::Device device, torch::Dtype dtype) {
+    model->to(device, dtype);
+    model->eval();
+    for (auto& parameter : model->parameters())
+        parameter.set_requires_grad(false);
+}
+
 } // namespace FlashIPAPlugin

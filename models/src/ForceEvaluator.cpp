@@ -6,11 +6,7 @@ namespace FlashIPAPlugin {
 
 ForceEvaluator::ForceEvaluator(EnergyModel model, torch::Device device, torch::Dtype dtype, AttentionBackend backend)
     : model_(model), device(device), dtype(dtype), backend(backend) {
-    model_->to(device, dtype);
-    model_->eval();
-    // Parameters never need gradients here: forces come from gradients with respect to positions only.
-    for (auto& parameter : model_->parameters())
-        parameter.set_requires_grad(false);
+    prepareForInference(model_, device, dtype);
 }
 
 void ForceEvaluator::setResidues(const std::vector<int64_t>& frameAtoms, const std::vector<int64_t>& residueTypes,

@@ -40,7 +40,7 @@ torch::Tensor randomRotations(int64_t L) {
  * of 0.38 nm steps (the C-alpha spacing) confined to a sphere of protein-like density, so that
  * consecutive residues are neighbours in space as in every biomolecule; orientations are random.
  */
-IPAInputs globule(const ModelConfig& config, int64_t L, unsigned seed) {
+IPAInputs compactChain(const ModelConfig& config, int64_t L, unsigned seed) {
     torch::manual_seed(seed);
     IPAInputs in;
     in.nodes = torch::randn({1, L, config.nodeDim}, torch::kFloat64);
@@ -141,7 +141,7 @@ void compareWithMath(const ModelConfig& config, int64_t L, torch::Dtype dtype, d
         for (auto& item : oracle->named_parameters())
             item.value().copy_(source[item.key()].to(torch::kFloat64));
     }
-    IPAInputs base = globule(config, L, 7 + (unsigned) L);
+    IPAInputs base = compactChain(config, L, 7 + (unsigned) L);
     IPAInputs rounded = cast(cast(base, dtype, torch::kCPU, false), torch::kFloat64, torch::kCPU, false);
     torch::Tensor weights = torch::randn({1, L, config.nodeDim}, torch::kFloat64).to(cuda);
     IPAInputs fusedInputs = cast(rounded, dtype, cuda, true), oracleInputs = cast(rounded, torch::kFloat64, cuda, true);
@@ -227,7 +227,7 @@ torch::Tensor denseSegment(const FusedAttentionInputs& in, int64_t begin, int64_
     auto seg = [&](const torch::Tensor& t) { return t.narrow(0, begin, end - begin).to(torch::kFloat64); };
     torch::Tensor q = seg(in.q), k = seg(in.k), v = seg(in.v), bl = seg(in.biasLeft), br = seg(in.biasRight);
     torch::Tensor x = seg(in.queryPoints), y = seg(in.keyPoints), vp = seg(in.valuePoints), z = seg(in.pairValues);
-    const int64_t n = end - begin, H = q.size(1);
+    const int64_t H = q.size(1);
     torch::Tensor logits = scalarScale * torch::einsum("ihc,jhc->hij", {q, k}) + biasScale * torch::einsum("ihr,jhr->hij", {bl, br});
     torch::Tensor d2 = (x.unsqueeze(1) - y.unsqueeze(0)).pow(2).sum({-1, -2}).permute({2, 0, 1}); // [H, i, j]
     logits = logits - 0.5 * in.pointWeight.to(torch::kFloat64).view({H, 1, 1}) * d2;
@@ -235,7 +235,6 @@ torch::Tensor denseSegment(const FusedAttentionInputs& in, int64_t begin, int64_
     torch::Tensor o = torch::einsum("hij,jhc->ihc", {a, v});
     torch::Tensor op = torch::einsum("hij,jhp->ihp", {a, vp.flatten(2)});
     torch::Tensor oz = torch::einsum("hij,jd->ihd", {a, z.flatten(1)});
-    (void) n;
     return torch::cat({o, op, oz}, -1);
 }
 
@@ -306,7 +305,7 @@ TEST(FusedAttention, InvariantFarFromOriginAtL100000) {
     REQUIRE_GPU();
     ModelConfig config = smallConfig(2);
     const int64_t L = 100000;
-    IPAInputs base = globule(config, L, 3);
+    IPAInputs base = compactChain(config, L, 3);
     const torch::Tensor rotation = randomRotation(11);
     for (auto [dtype, tolerance] : {std::pair{torch::kFloat32, 1e-5}, std::pair{torch::kBFloat16, 2e-3}}) {
         FlashIPALayer layer(config);

@@ -72,6 +72,12 @@ void saveEnergyModel(EnergyModel& model, const std::string& path,
  */
 EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
 
+/**
+ * Moves a model to device/dtype for evaluation only: eval mode, and no parameter needs gradients
+ * (forces and scores are gradients with respect to positions). Shared by ForceEvaluator and BackboneSampler.
+ */
+void prepareForInference(EnergyModel& model, torch::Device device, torch::Dtype dtype);
+
 /** Sets every parameter of a module from a seeded generator (deterministic, independent of global RNG state). */
 void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale);
 
