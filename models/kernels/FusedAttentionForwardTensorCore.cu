@@ -19,8 +19,7 @@
 //    accumulators (two mma per column tile), about 16 bits whatever their magnitude.
 // The online softmax follows FlashAttention-2: probabilities stay in registers and are re-packed as
 // the A operand of the P.V product (the accumulator layout of m16n8k16 matches the operand layout).
-#include "FusedAttentionLaunch.cuh"
-#include <cstdint>
+#include "FusedAttentionMma.cuh"
 
 namespace FlashIPAPlugin {
 namespace kernels {
@@ -33,22 +32,6 @@ constexpr int BlockKeys = TensorCoreKeyTile;
 constexpr int Threads = 32 * Warps;
 constexpr int MaxValueTiles = 32;
 static_assert(BlockRows == 16 * Warps, "one warp per 16 query rows");
-
-/** Row stride in 32-bit words, padded to 4 mod 32 so that the 8 x 4 fragment loads hit 32 banks. */
-__host__ __device__ constexpr int paddedWords(int words) {
-    return words + ((4 - words % 32) + 32) % 32;
-}
-
-__device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 /**
  * Shared-memory geometry (offsets in 32-bit words). The key, value and value-residual tiles are
@@ -72,19 +55,6 @@ struct Layout {
         words = keyOffset + 2 * bufferWords;
     }
 };
-
-__device__ __forceinline__ void copyAsync16(uint32_t* dst, const uint4* src) {
-    const unsigned address = (unsigned) __cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(src));
-}
-
-/** Copies `rows` rows of `words16` 16-byte vectors from src (row pitch srcPitch vectors) to dst (pitch dstPitch words). */
-__device__ __forceinline__ void copyRows(uint32_t* dst, int dstPitch, const uint4* src, size_t srcPitch, int rows, int words16) {
-    for (int e = threadIdx.x; e < rows * words16; e += Threads) {
-        const int r = e / words16, v = e % words16;
-        copyAsync16(dst + r * dstPitch + 4 * v, src + r * srcPitch + v);
-    }
-}
 
 template <int ValueTiles>
 __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(FusedAttentionProblem p, TensorCorePack pack, float* out,
@@ -152,7 +122,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
             copyRows(base + layout.valueLoOffset - layout.keyOffset, layout.valueStride,
                      valuesLo + (size_t) 8 * (loBegin - loFirst) * vectorsPerColumn + key0 / 8, vectorsPerColumn, 8 * (loEnd - loBegin),
                      BlockKeys / 8);
-        asm volatile("cp.async.commit_group;\n" ::);
+        commitCopies();
         float* keyTerm = reinterpret_cast<float*>(base + layout.keyTermOffset - layout.keyOffset);
         int* keySegment = reinterpret_cast<int*>(base + layout.keySegmentOffset - layout.keyOffset);
         const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
@@ -166,11 +136,11 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     if (firstTile < lastTile)
         stageTile(firstTile, 0);
     else
-        asm volatile("cp.async.commit_group;\n" ::); // the query tile's copies
+        commitCopies(); // the query tile's copies
 
     for (int tile = firstTile; tile < lastTile; tile++) {
         const int key0 = tile * BlockKeys, buffer = (tile - firstTile) & 1;
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        waitCopies();
         __syncthreads(); // this tile has landed, and every warp is done with the other buffer
         if (tile + 1 < lastTile)
             stageTile(tile + 1, buffer ^ 1);
@@ -258,7 +228,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         }
     }
 
-    asm volatile("cp.async.wait_group 0;\n" ::); // nothing may still be landing when the block ends
+    waitCopies(); // nothing may still be landing when the block ends
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int row = row0 + myRow[h];

@@ -111,6 +111,44 @@ bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& problem,
 bool tensorCoreForwardApplies(const FusedAttentionProblem& problem);
 
 /**
+ * Operands of the tensor-core backward (FusedAttentionBackwardTensorCore.cu), packed once per backward
+ * call in bf16, rows padded to a multiple of 128. Unlike the forward's, key points are not multiplied
+ * by the point weight: the backward needs the squared distances themselves for the weight's gradient.
+ * Each point block (a_hi, a_lo, b_hi, b_lo) is padded to pointBlock columns, a multiple of 8, so that
+ * ldmatrix can read it as the B operand of the point-gradient products.
+ */
+struct TensorCoreBackwardPack {
+    int paddedRows = 0;    ///< N rounded up to 128
+    int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to tensorCoreBackwardScalarColumns
+    int pointBlock = 0;    ///< 3 P_q rounded up to 8
+    int keyColumns = 0;    ///< scalarColumns + three point blocks, rounded up to 16
+    int valueColumns = 0;  ///< packed value (and gradient) columns: liftedValueDim rounded up to the value chunk
+    const void* queries = nullptr;      ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
+    const void* keys = nullptr;         ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | b_hi | b_hi | b_lo | 0]
+    const float* queryStats = nullptr;  ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
+    const float* keyStats = nullptr;    ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
+    const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
+    const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]; value points are re-centred on these too
+    const void* gradOut = nullptr;       ///< [paddedRows, H, valueColumns] bf16: dOut
+    const void* values = nullptr;        ///< [paddedRows, H, valueColumns] bf16: [v | value points - key tile centre | pair values]
+    const float* gradOutPointSums = nullptr; ///< [paddedRows, H, 4]: sum_p dOut of value point p (x, y, z), 0
+};
+
+/** Scalar columns the tensor-core backward uses for a lifted key width (0: too wide, the SIMT backward runs). */
+int tensorCoreBackwardScalarColumns(int liftedKeyDim);
+
+/** True when the tensor-core backward can run for this problem on the current device. */
+bool tensorCoreBackwardApplies(const FusedAttentionProblem& problem);
+
+/**
+ * The tensor-core backward for bf16 problems; returns false, launching nothing, where it does not
+ * apply. Same contract as launchFusedAttentionBackward (the gradient buffers must be zeroed).
+ */
+bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& problem, const TensorCoreBackwardPack& pack,
+                                            const float* logSumExp, const float* delta, const FusedAttentionGradients& gradients,
+                                            cudaStream_t stream);
+
+/**
  * Forward: out [N, H, liftedValueDim] (fp32, value points in the global frame) and the log-sum-exp
  * of each row's logits, lse [N, H]. Throws std::runtime_error on a launch failure.
  */

@@ -121,6 +121,39 @@ kernels::FusedAttentionProblem describe(const std::vector<torch::Tensor>& t, dou
     return p;
 }
 
+/** Pads dimension 0 of x with zero rows up to `rows`. */
+torch::Tensor padRows(const torch::Tensor& x, int64_t rows) {
+    std::vector<int64_t> pad(2 * x.dim(), 0);
+    pad.back() = rows - x.size(0); // the last pair pads dimension 0 at its end
+    return torch::constant_pad_nd(x, pad).contiguous();
+}
+
+/**
+ * Points [N, H, P, 3] relative to the centre of their tile of `tile` rows; the centre of a tile is the
+ * first point of `centreSource` in the tile's middle row ([padded / tile, H, 3]; zeros without points).
+ */
+torch::Tensor relativeToTile(const torch::Tensor& points, const torch::Tensor& centreSource, int64_t tile, int64_t padded,
+                             torch::Tensor& centres) {
+    const int64_t N = points.size(0), H = points.size(1), tiles = padded / tile;
+    const auto indices = points.options().dtype(torch::kInt64);
+    torch::Tensor middle = (torch::arange(tiles, indices) * tile + tile / 2).clamp_max(N - 1);
+    centres = centreSource.size(2) > 0 ? centreSource.select(2, 0).index_select(0, middle).contiguous()
+                                      : torch::zeros({tiles, H, 3}, points.options());
+    torch::Tensor tileOfRow = torch::arange(N, indices).floor_divide(tile);
+    return points - centres.index_select(0, tileOfRow).unsqueeze(2);
+}
+
+/** Per-row point sums of relative points [N, H, P, 3]: sum_p |a_p|^2, sum_p a_p; padded rows. */
+torch::Tensor pointStats(const torch::Tensor& relative, int64_t padded) {
+    return padRows(torch::cat({relative.pow(2).sum({2, 3}).unsqueeze(-1), relative.sum(2)}, -1), padded);
+}
+
+/** fp32 -> bf16 hi part and bf16 residual. */
+std::pair<torch::Tensor, torch::Tensor> splitBf16(const torch::Tensor& x) {
+    torch::Tensor hi = x.to(torch::kBFloat16);
+    return {hi, (x - hi.to(torch::kFloat32)).to(torch::kBFloat16)};
+}
+
 /** Operands of the tensor-core forward, packed with LibTorch ops (see kernels::TensorCorePack). */
 struct PackedOperands {
     std::vector<torch::Tensor> keepAlive;
@@ -128,32 +161,18 @@ struct PackedOperands {
 };
 
 PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& pointWeight) {
-    using torch::indexing::Slice;
     const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t scalarColumns = (c + Rb + 15) / 16 * 16, pointColumns = (9 * Pq + 15) / 16 * 16;
-    const auto f32 = t[0].options().dtype(torch::kFloat32), bf16 = t[0].options().dtype(torch::kBFloat16);
+    const auto bf16 = t[0].options().dtype(torch::kBFloat16);
     auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
-    auto padRows = [&](const torch::Tensor& x) {
-        std::vector<int64_t> pad(2 * x.dim(), 0);
-        pad.back() = padded - N; // the last pair pads dimension 0 at its end
-        return torch::constant_pad_nd(x, pad).contiguous();
-    };
-    // Points relative to their tile's centre (the first point of the tile's middle row), split into bf16 hi + lo.
-    auto relative = [&](const torch::Tensor& points, int64_t tile, torch::Tensor& centres) {
-        const int64_t tiles = padded / tile;
-        torch::Tensor middle = (torch::arange(tiles, f32.dtype(torch::kInt64)) * tile + tile / 2).clamp_max(N - 1);
-        centres = Pq > 0 ? points.select(2, 0).index_select(0, middle).contiguous() : torch::zeros({tiles, H, 3}, f32);
-        torch::Tensor tileOfRow = torch::arange(N, f32.dtype(torch::kInt64)).floor_divide(tile);
-        return points - centres.index_select(0, tileOfRow).unsqueeze(2); // [N, H, P, 3]
-    };
-    auto stats = [&](const torch::Tensor& rel) { return padRows(torch::cat({rel.pow(2).sum({2, 3}).unsqueeze(-1), rel.sum(2)}, -1)); };
+    auto padRows = [&](const torch::Tensor& x) { return FlashIPAPlugin::padRows(x, padded); };
+    // Points relative to their tile's centre, split into bf16 hi + lo.
     torch::Tensor queryCentres, keyCentres;
-    torch::Tensor a = relative(t[5], kernels::TensorCoreQueryTile, queryCentres);
-    torch::Tensor b = relative(t[6], kernels::TensorCoreKeyTile, keyCentres);
-    torch::Tensor aFlat = a.flatten(2), wb = b.flatten(2) * pointWeight.view({1, H, 1});
-    torch::Tensor aHi = aFlat.to(torch::kBFloat16), aLo = (aFlat - aHi.to(torch::kFloat32)).to(torch::kBFloat16);
-    torch::Tensor bHi = wb.to(torch::kBFloat16), bLo = (wb - bHi.to(torch::kFloat32)).to(torch::kBFloat16);
+    torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
+    torch::Tensor b = relativeToTile(t[6], t[6], kernels::TensorCoreKeyTile, padded, keyCentres);
+    auto [aHi, aLo] = splitBf16(a.flatten(2));
+    auto [bHi, bLo] = splitBf16(b.flatten(2) * pointWeight.view({1, H, 1}));
     const int64_t fill = scalarColumns - c - Rb, pointFill = pointColumns - 9 * Pq;
     torch::Tensor queries = padRows(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), zeros(fill), aHi, aLo, aHi, zeros(pointFill)}, -1));
     torch::Tensor keys = padRows(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
@@ -162,7 +181,7 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     // Values: [v | value points (hi) | pair values] transposed per head; value-point residuals separately.
     const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
     const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
-    torch::Tensor vp = t[7].flatten(2), vpHi = vp.to(torch::kBFloat16), vpLo = (vp - vpHi.to(torch::kFloat32)).to(torch::kBFloat16);
+    auto [vpHi, vpLo] = splitBf16(t[7].flatten(2));
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
     torch::Tensor values = torch::cat({t[2].to(torch::kBFloat16), vpHi, pair, zeros(valueColumns - width)}, -1);
     const int64_t loFirst = c / 8, loTiles = Pv > 0 ? (c + 3 * Pv + 7) / 8 - loFirst : 0;
@@ -170,7 +189,7 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     values = padRows(values).permute({1, 2, 0}).contiguous();
     valuesLo = padRows(valuesLo).permute({1, 2, 0}).contiguous();
     PackedOperands out;
-    out.keepAlive = {queries, keys, stats(a), stats(b), queryCentres, keyCentres, values, valuesLo};
+    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, valuesLo};
     kernels::TensorCorePack& k = out.pack;
     k.paddedRows = (int) padded;
     k.keyColumns = (int) (scalarColumns + pointColumns);
@@ -187,6 +206,77 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     k.values = out.keepAlive[6].data_ptr();
     k.valuesLo = out.keepAlive[7].data_ptr();
     return out;
+}
+
+/** Operands of the tensor-core backward, packed with LibTorch ops (see kernels::TensorCoreBackwardPack). */
+struct PackedBackwardOperands {
+    std::vector<torch::Tensor> keepAlive;
+    kernels::TensorCoreBackwardPack pack;
+};
+
+PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p,
+                                                 const torch::Tensor& gradOut) {
+    const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
+    const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
+    const int64_t scalarColumns = kernels::tensorCoreBackwardScalarColumns((int) (c + Rb));
+    const int64_t pointBlock = (3 * Pq + 7) / 8 * 8, pointColumns = (3 * pointBlock + 15) / 16 * 16;
+    const auto bf16 = t[0].options().dtype(torch::kBFloat16), f32 = t[0].options().dtype(torch::kFloat32);
+    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
+    auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
+    auto block = [&](const torch::Tensor& x) { return torch::cat({x, zeros(pointBlock - 3 * Pq)}, -1); };
+    // Key tiles are centred on their key points, or on their value points where there are no key points.
+    const torch::Tensor& keyCentreSource = Pq > 0 ? t[6] : t[7];
+    torch::Tensor queryCentres, keyCentres;
+    torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
+    torch::Tensor b = relativeToTile(t[6], keyCentreSource, kernels::TensorCoreKeyTile, padded, keyCentres);
+    auto [aHi, aLo] = splitBf16(a.flatten(2));
+    auto [bHi, bLo] = splitBf16(b.flatten(2));
+    const int64_t scalarFill = scalarColumns - c - Rb, pointFill = pointColumns - 3 * pointBlock;
+    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), zeros(scalarFill), block(aHi),
+                                            block(aLo), block(aHi), zeros(pointFill)}, -1));
+    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
+                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), zeros(scalarFill), block(bHi),
+                                         block(bHi), block(bLo), zeros(pointFill)}, -1));
+    // Value rows with value points relative to their key tile's centre; the centre's share of dP is
+    // added in fp32 by the kernel from the per-row sums of dOut over value points.
+    const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
+    const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
+    torch::Tensor tileOfRow = torch::arange(N, f32.dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
+    torch::Tensor valuePoints = (t[7] - keyCentres.index_select(0, tileOfRow).unsqueeze(2)).flatten(2);
+    torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
+    torch::Tensor values = pad(torch::cat({t[2].to(torch::kBFloat16), valuePoints.to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
+    torch::Tensor gradRows = pad(torch::cat({gradOut.to(torch::kBFloat16), zeros(valueColumns - width)}, -1));
+    torch::Tensor gradSums = pad(torch::cat({gradOut.narrow(-1, c, 3 * Pv).reshape({N, H, Pv, 3}).sum(2), torch::zeros({N, H, 1}, f32)}, -1));
+    PackedBackwardOperands out;
+    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, gradRows, values, gradSums};
+    kernels::TensorCoreBackwardPack& k = out.pack;
+    k.paddedRows = (int) padded;
+    k.scalarColumns = (int) scalarColumns;
+    k.pointBlock = (int) pointBlock;
+    k.keyColumns = (int) (scalarColumns + pointColumns);
+    k.valueColumns = (int) valueColumns;
+    k.queries = out.keepAlive[0].data_ptr();
+    k.keys = out.keepAlive[1].data_ptr();
+    k.queryStats = out.keepAlive[2].data_ptr<float>();
+    k.keyStats = out.keepAlive[3].data_ptr<float>();
+    k.queryCentres = out.keepAlive[4].data_ptr<float>();
+    k.keyCentres = out.keepAlive[5].data_ptr<float>();
+    k.gradOut = out.keepAlive[6].data_ptr();
+    k.values = out.keepAlive[7].data_ptr();
+    k.gradOutPointSums = out.keepAlive[8].data_ptr<float>();
+    return out;
+}
+
+/** Runs the tensor-core backward where it applies (bf16 on sm_80+), else the fp32 SIMT backward. */
+void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& gradOut,
+                    const float* logSumExp, const float* delta, const kernels::FusedAttentionGradients& g) {
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (p.rows > 0 && kernels::tensorCoreBackwardApplies(p)) {
+        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut);
+        if (kernels::launchFusedAttentionBackwardTensorCore(p, packed.pack, logSumExp, delta, g, stream))
+            return;
+    }
+    kernels::launchFusedAttentionBackward(p, logSumExp, gradOut.data_ptr<float>(), delta, g, stream);
 }
 
 /** Runs the tensor-core forward where it applies (bf16 on sm_80+), else the fp32 SIMT forward. */
@@ -243,8 +333,7 @@ public:
         g.queryPoints = dQueryPoints.data_ptr<float>();
         g.keyPoints = dKeyPoints.data_ptr<float>();
         g.pointWeight = dWeight.data_ptr<float>();
-        kernels::launchFusedAttentionBackward(p, logSumExp.data_ptr<float>(), gradOut.data_ptr<float>(), delta.data_ptr<float>(), g,
-                                              at::cuda::getCurrentCUDAStream());
+        launchBackward(t, p, gradOut, logSumExp.data_ptr<float>(), delta.data_ptr<float>(), g);
         const auto element = q.scalar_type();
         auto cols = [](const torch::Tensor& x, int64_t from, int64_t count) { return x.narrow(-1, from, count); };
         torch::Tensor dPair = cols(dValue, c + 3 * Pv, p.pairRank * p.pairValueDim).sum(1).view({N, p.pairRank, p.pairValueDim});

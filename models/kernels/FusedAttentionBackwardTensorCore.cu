@@ -1,0 +1,487 @@
+// Backward pass of the fused FlashIPA attention on tensor cores (bf16 operands, fp32 accumulators),
+// for the bf16 mode. Three launches of one kernel, each block owning 128 rows of one side (8 warps x
+// 16 rows) and streaming 32-row tiles of the other side through double-buffered shared memory:
+//  - Side::Query: dS = P (dP - delta) per tile pair, then d[q | bl] += dS [s k | s br], the query-point
+//    gradients and the point weight's gradient;
+//  - Side::Key:   the same pair tiles transposed (keys as rows), d[s k | s br] += dS^T [q | bl] and the
+//    key-point gradients;
+//  - Side::Value: P^T dOut into d(lifted values), in value chunks like the forward.
+// Each block owns what it writes: no atomics except one per block for the point weight. Logits are
+// recomputed as in the forward (FusedAttentionForwardTensorCore.cu) and the probabilities come from
+// the forward's log-sum-exp.
+//
+// Exactness far from the origin (DESIGN 2.5), the forward's re-centring carried through the gradients:
+//  - the point logit per pair is -(w/2) D with D = sum|a|^2 + sum|b|^2 + P d.d - 2 a.b + 2 d.sum a - 2 d.sum b
+//    (a, b relative to the query and key tile centres, d = c_q - c_k); -D/2 is also d logit / d w;
+//  - d logit / d x_i = -w (a_i - b_j + d) and d logit / d y_j = w (a_i - b_j + d), so the point
+//    gradients are -w (a_i sum_j dS_ij - sum_j dS_ij b_j + sum_j dS_ij d) and the mirror image: the
+//    products dS b and dS^T a run on tensor cores with small relative coordinates (split bf16 hi + lo),
+//    the row sums and the d terms in fp32;
+//  - dP_ij = dOut_i . V_j has value points in it. They are packed relative to their key tile's centre
+//    c_k, and the centre's share dOut_i . c_k (sum over the value points of the row's gradient, dotted
+//    with c_k) is added in fp32: rounding dOut to bf16 then never multiplies a coordinate of 100 nm.
+//    delta_i = dOut_i . out_i is exact fp32, so dP - delta cancels the centre's share to fp32 precision.
+#include "FusedAttentionMma.cuh"
+
+namespace FlashIPAPlugin {
+namespace kernels {
+
+namespace {
+
+constexpr int Warps = 8;
+constexpr int OwnRows = 16 * Warps; // one query tile of the forward (its centre is one centre)
+constexpr int OtherRows = 32;       // half a key tile of the forward (its centre is the key tile's)
+constexpr int Threads = 32 * Warps;
+constexpr int MaxPointTiles = 4;    // 3 P_q <= 32
+static_assert(OwnRows == TensorCoreQueryTile && TensorCoreKeyTile % OtherRows == 0 && TensorCoreKeyTile % 16 == 0,
+              "tiles nest in the forward's centre tiles");
+
+enum class Side { Query, Key, Value };
+
+/** Per-row values of a staged tile of the other side (only what the side needs is filled). */
+struct OtherRowInfo {
+    float stat[4][OtherRows]; // sum |p|^2, sum p (x, y, z) relative to the row's tile centre
+    float logSumExp[OtherRows];
+    float delta[OtherRows];
+    float gradSum[3][OtherRows]; // sum over value points of dOut (x, y, z)
+    int segment[OtherRows], begin[OtherRows], end[OtherRows];
+};
+static_assert(sizeof(OtherRowInfo) % 16 == 0, "keeps the next buffer 16-byte aligned");
+
+/** Shared-memory geometry in 32-bit words: own rows staged once, the other side's tiles double-buffered. */
+struct BackwardLayout {
+    int keyStride, ownValueStride, otherValueStride;
+    int ownKey, ownValue, buffers, otherValue, info, bufferWords, words;
+
+    __host__ __device__ BackwardLayout(const TensorCoreBackwardPack& pack, int valueWidth, Side side, int accTiles) {
+        keyStride = paddedWords(pack.keyColumns / 2);
+        const int valueWords = (valueWidth + 15) / 16 * 8; // the columns dP reads
+        ownValueStride = side == Side::Value ? 0 : paddedWords(valueWords);
+        otherValueStride = side == Side::Value ? paddedWords(4 * accTiles) : ownValueStride;
+        ownKey = 0;
+        ownValue = ownKey + OwnRows * keyStride;
+        buffers = ownValue + OwnRows * ownValueStride;
+        otherValue = OtherRows * keyStride; // offsets inside a buffer
+        info = otherValue + OtherRows * otherValueStride;
+        bufferWords = info + (int) (sizeof(OtherRowInfo) / 4);
+        words = buffers + 2 * bufferWords;
+    }
+};
+
+template <Side side, int AccTiles>
+__global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(FusedAttentionProblem p, TensorCoreBackwardPack pack,
+                                                                            const float* logSumExp, const float* delta,
+                                                                            FusedAttentionGradients grads) {
+    constexpr bool querySide = side == Side::Query, valueSide = side == Side::Value;
+    extern __shared__ uint4 sharedVectors[];
+    uint32_t* words = reinterpret_cast<uint32_t*>(sharedVectors);
+    __shared__ int range[2];
+    __shared__ float warpSums[Warps];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int own0 = blockIdx.x * OwnRows, head = blockIdx.y, H = p.heads;
+    const int width = p.liftedValueDim();
+    const BackwardLayout layout(pack, width, side, AccTiles);
+    const int chunk0 = valueSide ? blockIdx.z * 8 * AccTiles : 0;
+    const float w = p.pointWeight[head], pointCount = (float) p.queryPoints;
+    const int keyVectors = pack.keyColumns / 8, valueVectors = pack.valueColumns / 8;
+    const int usedValueVectors = (width + 15) / 16 * 2;
+    const uint4* ownKeySource = static_cast<const uint4*>(querySide ? pack.queries : pack.keys);
+    const uint4* otherKeySource = static_cast<const uint4*>(querySide ? pack.keys : pack.queries);
+    const uint4* ownValueSource = static_cast<const uint4*>(querySide ? pack.gradOut : pack.values);
+    const uint4* otherValueSource = static_cast<const uint4*>(querySide ? pack.values : pack.gradOut);
+    uint32_t* ownKey = words + layout.ownKey;
+    uint32_t* ownValue = words + layout.ownValue;
+
+    if (threadIdx.x == 0) {
+        range[0] = INT_MAX;
+        range[1] = 0;
+    }
+    __syncthreads();
+    copyRows(ownKey, layout.keyStride, ownKeySource + (size_t) own0 * H * keyVectors + (size_t) head * keyVectors, (size_t) H * keyVectors,
+             OwnRows, keyVectors);
+    if (!valueSide)
+        copyRows(ownValue, layout.ownValueStride, ownValueSource + (size_t) own0 * H * valueVectors + (size_t) head * valueVectors,
+                 (size_t) H * valueVectors, OwnRows, usedValueVectors);
+    commitCopies();
+    // The other side's rows that meet an own row: a query sees [keyBegin, keyEnd); segments are
+    // contiguous runs, so the queries that see a key are those of the same range.
+    for (int r = threadIdx.x; r < OwnRows; r += Threads) {
+        const int row = own0 + r;
+        if (row < p.rows && p.segment[row] >= 0) {
+            atomicMin(&range[0], p.keyBegin[row]);
+            atomicMax(&range[1], p.keyEnd[row]);
+        }
+    }
+
+    // This thread's own rows (g and g + 8 of its warp).
+    const int ownRow[2] = {own0 + warp * 16 + g, own0 + warp * 16 + g + 8};
+    float ownStat[2][4], ownLse[2] = {0.0f, 0.0f}, ownDelta[2] = {0.0f, 0.0f}, ownGradSum[2][3] = {};
+    int ownSegment[2], ownBegin[2], ownEnd[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = ownRow[h];
+        const size_t index = (size_t) row * H + head;
+        const bool real = row < p.rows && p.segment[row] >= 0;
+        ownSegment[h] = real ? p.segment[row] : -1;
+        ownBegin[h] = real ? p.keyBegin[row] : 0;
+        ownEnd[h] = real ? p.keyEnd[row] : 0;
+        const float* stats = querySide ? pack.queryStats : pack.keyStats;
+        for (int k = 0; k < 4; k++)
+            ownStat[h][k] = stats[index * 4 + k];
+        if (querySide && row < p.rows) {
+            ownLse[h] = logSumExp[index];
+            ownDelta[h] = delta[index];
+            for (int k = 0; k < 3; k++)
+                ownGradSum[h][k] = pack.gradOutPointSums[index * 4 + k];
+        }
+    }
+    // The query side's rows share one centre; a key-side warp's 16 keys lie in one key tile.
+    const float* ownCentre = querySide ? pack.queryCentres + ((size_t) (own0 / TensorCoreQueryTile) * H + head) * 3
+                                       : pack.keyCentres + ((size_t) ((own0 + warp * 16) / TensorCoreKeyTile) * H + head) * 3;
+    const float ownC[3] = {ownCentre[0], ownCentre[1], ownCentre[2]};
+    __syncthreads();
+    const int firstTile = range[0] == INT_MAX ? 0 : range[0] / OtherRows;
+    const int lastTile = range[0] == INT_MAX ? 0 : (range[1] + OtherRows - 1) / OtherRows;
+
+    auto stageTile = [&](int tile, int buffer) {
+        uint32_t* base = words + layout.buffers + buffer * layout.bufferWords;
+        const int other0 = tile * OtherRows;
+        copyRows(base, layout.keyStride, otherKeySource + (size_t) other0 * H * keyVectors + (size_t) head * keyVectors,
+                 (size_t) H * keyVectors, OtherRows, keyVectors);
+        copyRows(base + layout.otherValue, layout.otherValueStride,
+                 otherValueSource + (size_t) other0 * H * valueVectors + (size_t) head * valueVectors + chunk0 / 8, (size_t) H * valueVectors,
+                 OtherRows, valueSide ? AccTiles : usedValueVectors);
+        commitCopies();
+        OtherRowInfo& info = *reinterpret_cast<OtherRowInfo*>(base + layout.info);
+        for (int j = threadIdx.x; j < OtherRows; j += Threads) {
+            const int row = other0 + j;
+            const size_t index = (size_t) row * H + head;
+            const bool inside = row < p.rows;
+            const float* stats = querySide ? pack.keyStats : pack.queryStats;
+            for (int k = 0; k < 4; k++)
+                info.stat[k][j] = stats[index * 4 + k];
+            info.segment[j] = inside ? p.segment[row] : -1;
+            if (!querySide) {
+                info.begin[j] = inside ? p.keyBegin[row] : 0;
+                info.end[j] = inside ? p.keyEnd[row] : 0;
+                info.logSumExp[j] = inside ? logSumExp[index] : 0.0f;
+                info.delta[j] = inside ? delta[index] : 0.0f;
+                for (int k = 0; k < 3; k++)
+                    info.gradSum[k][j] = pack.gradOutPointSums[index * 4 + k];
+            }
+        }
+    };
+    if (firstTile < lastTile)
+        stageTile(firstTile, 0);
+
+    float acc[AccTiles][4] = {};
+    float pointAcc[MaxPointTiles][4] = {};
+    float rowSum[2] = {0.0f, 0.0f}, centreSum[2][3] = {}, weightGrad = 0.0f;
+    const int pointTiles = pack.pointBlock / 8;
+    const int scalarSteps = pack.scalarColumns / 16, keySteps = pack.keyColumns / 16, valueSteps = (width + 15) / 16;
+
+    for (int tile = firstTile; tile < lastTile; tile++) {
+        const int other0 = tile * OtherRows, buffer = (tile - firstTile) & 1;
+        waitCopies();
+        __syncthreads(); // this tile has landed, and every warp is done with the other buffer
+        if (tile + 1 < lastTile)
+            stageTile(tile + 1, buffer ^ 1);
+        const uint32_t* otherKey = words + layout.buffers + buffer * layout.bufferWords;
+        const uint32_t* otherValue = otherKey + layout.otherValue;
+        const OtherRowInfo& info = *reinterpret_cast<const OtherRowInfo*>(otherKey + layout.info);
+        const float* otherCentre = querySide ? pack.keyCentres + ((size_t) (other0 / TensorCoreKeyTile) * H + head) * 3
+                                             : pack.queryCentres + ((size_t) (other0 / TensorCoreQueryTile) * H + head) * 3;
+        float d[3], keyCentre[3];
+        for (int k = 0; k < 3; k++) {
+            const float other = otherCentre[k];
+            d[k] = querySide ? ownC[k] - other : other - ownC[k]; // query tile centre - key tile centre
+            keyCentre[k] = querySide ? other : ownC[k];
+        }
+        const float dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+
+        // Scalar logits and the point cross term a.b, each 16 own rows x 32 other rows per warp.
+        float s[4][4] = {}, cross[4][4] = {};
+        auto multiplyKeyStep = [&](float(&target)[4][4], int ks) {
+            uint32_t a[4];
+            loadA(a, ownKey, layout.keyStride, warp * 16, ks);
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                uint32_t b[4];
+                loadB(b, otherKey, layout.keyStride, 16 * np, ks);
+                mma(target[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+                mma(target[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+            }
+        };
+        for (int ks = 0; ks < scalarSteps; ks++)
+            multiplyKeyStep(s, ks);
+        for (int ks = scalarSteps; ks < keySteps; ks++)
+            multiplyKeyStep(cross, ks);
+        // Probabilities (into s) and -D/2 (into cross). Rows of the accumulators are own rows.
+        bool valid[2][8];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            // The own row's share of -D/2: the query part carries P d.d.
+            const float ownDot = d[0] * ownStat[h][1] + d[1] * ownStat[h][2] + d[2] * ownStat[h][3];
+            const float ownTerm = querySide ? -0.5f * (ownStat[h][0] + pointCount * dd + 2.0f * ownDot) : -0.5f * (ownStat[h][0] - 2.0f * ownDot);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = nt * 8 + 2 * t + e, other = other0 + j;
+                    const float otherDot = d[0] * info.stat[1][j] + d[1] * info.stat[2][j] + d[2] * info.stat[3][j];
+                    const float otherTerm = querySide ? -0.5f * (info.stat[0][j] - 2.0f * otherDot)
+                                                      : -0.5f * (info.stat[0][j] + pointCount * dd + 2.0f * otherDot);
+                    const int querySegment = querySide ? ownSegment[h] : info.segment[j];
+                    const int begin = querySide ? ownBegin[h] : info.begin[j], end = querySide ? ownEnd[h] : info.end[j];
+                    const int key = querySide ? other : ownRow[h];
+                    const int keySegment = querySide ? info.segment[j] : ownSegment[h];
+                    const bool ok = querySegment >= 0 && key >= begin && key < end && keySegment == querySegment;
+                    valid[h][2 * nt + e] = ok;
+                    float& x = s[nt][2 * h + e];
+                    float& halfNegD = cross[nt][2 * h + e];
+                    halfNegD += ownTerm + otherTerm;
+                    const float lse = querySide ? ownLse[h] : info.logSumExp[j];
+                    x = ok ? expf(x + w * halfNegD - lse) : 0.0f;
+                }
+        }
+
+        if (!valueSide) {
+            // dP = dOut . V (the value points' centre share in fp32), then dS = P (dP - delta) into s.
+            float dp[4][4] = {};
+            for (int ks = 0; ks < valueSteps; ks++) {
+                uint32_t a[4];
+                loadA(a, ownValue, layout.ownValueStride, warp * 16, ks);
+#pragma unroll
+                for (int np = 0; np < 2; np++) {
+                    uint32_t b[4];
+                    loadB(b, otherValue, layout.otherValueStride, 16 * np, ks);
+                    mma(dp[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    mma(dp[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float partial = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = nt * 8 + 2 * t + e;
+                        const float share = querySide ? ownGradSum[h][0] * keyCentre[0] + ownGradSum[h][1] * keyCentre[1] +
+                                                            ownGradSum[h][2] * keyCentre[2]
+                                                      : info.gradSum[0][j] * keyCentre[0] + info.gradSum[1][j] * keyCentre[1] +
+                                                            info.gradSum[2][j] * keyCentre[2];
+                        const float rowDelta = querySide ? ownDelta[h] : info.delta[j];
+                        float& x = s[nt][2 * h + e];
+                        x = valid[h][2 * nt + e] ? x * (dp[nt][2 * h + e] + share - rowDelta) : 0.0f;
+                        partial += x;
+                        if (querySide && valid[h][2 * nt + e])
+                            weightGrad = fmaf(x, cross[nt][2 * h + e], weightGrad);
+                    }
+                rowSum[h] += partial;
+                for (int k = 0; k < 3; k++)
+                    centreSum[h][k] = fmaf(partial, d[k], centreSum[h][k]);
+            }
+        }
+
+        // acc += (dS or P) . (other rows): the accumulators re-packed as A operands, k = other rows.
+        const uint32_t* productTile = valueSide ? otherValue : otherKey;
+        const int productStride = valueSide ? layout.otherValueStride : layout.keyStride;
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            const uint32_t a0 = packBf16(s[2 * kk][0], s[2 * kk][1]), a1 = packBf16(s[2 * kk][2], s[2 * kk][3]);
+            const uint32_t a2 = packBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = packBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int np = 0; np < AccTiles / 2; np++) {
+                uint32_t b[4];
+                loadBTransposed(b, productTile, productStride, 16 * kk, 16 * np);
+                mma(acc[2 * np], a0, a1, a2, a3, b[0], b[1]);
+                mma(acc[2 * np + 1], a0, a1, a2, a3, b[2], b[3]);
+            }
+            if (!valueSide) {
+                // Points of the other side: hi and lo blocks ([b_hi | b_hi | b_lo] or [a_hi | a_lo | a_hi]).
+                const int hiColumn = pack.scalarColumns, loColumn = pack.scalarColumns + (querySide ? 2 : 1) * pack.pointBlock;
+#pragma unroll
+                for (int pt = 0; pt < MaxPointTiles; pt++)
+                    if (pt < pointTiles) {
+                        uint32_t b[2];
+                        loadBTransposedOne(b, otherKey, layout.keyStride, 16 * kk, hiColumn + 8 * pt);
+                        mma(pointAcc[pt], a0, a1, a2, a3, b[0], b[1]);
+                        loadBTransposedOne(b, otherKey, layout.keyStride, 16 * kk, loColumn + 8 * pt);
+                        mma(pointAcc[pt], a0, a1, a2, a3, b[0], b[1]);
+                    }
+            }
+        }
+    }
+    waitCopies(); // nothing may still be landing when the block ends
+
+    if constexpr (valueSide) {
+        const int chunkColumns = min(8 * AccTiles, width - chunk0);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (ownRow[h] >= p.rows)
+                continue;
+            float* target = grads.liftedValue + ((size_t) ownRow[h] * H + head) * width + chunk0;
+#pragma unroll
+            for (int nt = 0; nt < AccTiles; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int col = nt * 8 + 2 * t + e;
+                    if (col < chunkColumns)
+                        target[col] = acc[nt][2 * h + e];
+                }
+        }
+        return;
+    } else {
+    // Row sums over the four lanes that share a row.
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        for (int offset = 1; offset <= 2; offset <<= 1) {
+            rowSum[h] += __shfl_xor_sync(0xffffffffu, rowSum[h], offset);
+            for (int k = 0; k < 3; k++)
+                centreSum[h][k] += __shfl_xor_sync(0xffffffffu, centreSum[h][k], offset);
+        }
+    const int keyWidth = p.liftedKeyDim(), coordinates = 3 * p.queryPoints;
+    float* liftedGrad = querySide ? grads.liftedQuery : grads.liftedKey;
+    float* pointGrad = querySide ? grads.queryPoints : grads.keyPoints;
+    const float* points = querySide ? p.queryPointsGlobal : p.keyPointsGlobal;
+    const float sign = querySide ? 1.0f : -1.0f;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (ownSegment[h] < 0)
+            continue;
+        const size_t index = (size_t) ownRow[h] * H + head;
+#pragma unroll
+        for (int nt = 0; nt < AccTiles; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = nt * 8 + 2 * t + e;
+                if (col < keyWidth)
+                    liftedGrad[index * keyWidth + col] = acc[nt][2 * h + e];
+            }
+        // -w (own_rel * rowSum - sum dS other_rel + sign * sum dS d), sign +1 for queries, -1 for keys.
+#pragma unroll
+        for (int pt = 0; pt < MaxPointTiles; pt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = pt * 8 + 2 * t + e;
+                if (pt < pointTiles && col < coordinates) {
+                    const int axis = col % 3;
+                    const float relative = points[index * coordinates + col] - ownC[axis];
+                    pointGrad[index * coordinates + col] =
+                        -w * (relative * rowSum[h] - pointAcc[pt][2 * h + e] + sign * centreSum[h][axis]);
+                }
+            }
+    }
+    if (querySide) {
+        for (int offset = 16; offset > 0; offset >>= 1)
+            weightGrad += __shfl_xor_sync(0xffffffffu, weightGrad, offset);
+        if (lane == 0)
+            warpSums[warp] = weightGrad;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float sum = 0.0f;
+            for (int i = 0; i < Warps; i++)
+                sum += warpSums[i];
+            atomicAdd(grads.pointWeight + head, sum);
+        }
+    }
+    } // the query and key sides
+}
+
+int scalarTiles(int liftedKeyDim) {
+    const int columns = tensorCoreBackwardScalarColumns(liftedKeyDim);
+    return columns / 8;
+}
+
+template <Side side, int AccTiles>
+void launchSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+                const FusedAttentionGradients& g, cudaStream_t stream, int chunks) {
+    const size_t bytes = (size_t) BackwardLayout(pack, p.liftedValueDim(), side, AccTiles).words * 4;
+    auto kernel = fusedAttentionBackwardTensorCore<side, AccTiles>;
+    allowSharedMemory(kernel, bytes, "tensor-core backward: shared memory");
+    const dim3 grid(pack.paddedRows / OwnRows, p.heads, chunks);
+    kernel<<<grid, Threads, bytes, stream>>>(p, pack, logSumExp, delta, g);
+    checkLaunch(cudaGetLastError(), "tensor-core backward");
+}
+
+template <int ScalarTiles>
+void launchKeySides(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+                    const FusedAttentionGradients& g, cudaStream_t stream) {
+    launchSide<Side::Query, ScalarTiles>(p, pack, logSumExp, delta, g, stream, 1);
+    launchSide<Side::Key, ScalarTiles>(p, pack, logSumExp, delta, g, stream, 1);
+}
+
+template <int ValueTiles>
+void launchValueSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+                     const FusedAttentionGradients& g, cudaStream_t stream) {
+    const int chunks = (p.liftedValueDim() + 8 * ValueTiles - 1) / (8 * ValueTiles);
+    launchSide<Side::Value, ValueTiles>(p, pack, logSumExp, delta, g, stream, chunks);
+}
+
+/** Shared memory of the widest of the three launches. */
+size_t backwardBytes(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack) {
+    const int width = p.liftedValueDim(), valueTiles = tensorCoreValueChunk(width) / 8;
+    const size_t keySides = (size_t) BackwardLayout(pack, width, Side::Query, scalarTiles(p.liftedKeyDim())).words * 4;
+    const size_t values = (size_t) BackwardLayout(pack, width, Side::Value, valueTiles).words * 4;
+    return keySides > values ? keySides : values;
+}
+
+} // namespace
+
+int tensorCoreBackwardScalarColumns(int liftedKeyDim) {
+    // Accumulator tiles are compile-time: 8, 16, 18 (the published c + Rb = 130) or 24 tiles of 8 columns.
+    for (int tiles : {8, 16, 18, 24})
+        if (liftedKeyDim <= 8 * tiles)
+            return 8 * tiles;
+    return 0;
+}
+
+bool tensorCoreBackwardApplies(const FusedAttentionProblem& p) {
+    int device = 0, major = 0, limit = 0;
+    checkLaunch(cudaGetDevice(&device), "device");
+    checkLaunch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+    checkLaunch(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+    if (major < 8 || p.element != ElementType::BFloat16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
+        3 * p.queryPoints > 8 * MaxPointTiles)
+        return false;
+    TensorCoreBackwardPack pack; // the packing's widths, as packForTensorCoreBackward chooses them
+    pack.scalarColumns = tensorCoreBackwardScalarColumns(p.liftedKeyDim());
+    pack.pointBlock = (3 * p.queryPoints + 7) / 8 * 8;
+    pack.keyColumns = pack.scalarColumns + (3 * pack.pointBlock + 15) / 16 * 16;
+    return backwardBytes(p, pack) + 1024 <= (size_t) limit;
+}
+
+bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp,
+                                            const float* delta, const FusedAttentionGradients& g, cudaStream_t stream) {
+    validateProblem(p);
+    if (p.rows == 0 || !tensorCoreBackwardApplies(p))
+        return false;
+    switch (scalarTiles(p.liftedKeyDim())) {
+    case 8:
+        launchKeySides<8>(p, pack, logSumExp, delta, g, stream);
+        break;
+    case 16:
+        launchKeySides<16>(p, pack, logSumExp, delta, g, stream);
+        break;
+    case 18:
+        launchKeySides<18>(p, pack, logSumExp, delta, g, stream);
+        break;
+    default:
+        launchKeySides<24>(p, pack, logSumExp, delta, g, stream);
+    }
+    switch (tensorCoreValueChunk(p.liftedValueDim())) {
+    case 64:
+        launchValueSide<8>(p, pack, logSumExp, delta, g, stream);
+        break;
+    case 128:
+        launchValueSide<16>(p, pack, logSumExp, delta, g, stream);
+        break;
+    default:
+        launchValueSide<32>(p, pack, logSumExp, delta, g, stream);
+    }
+    return true;
+}
+
+} // namespace kernels
+} // namespace FlashIPAPlugin

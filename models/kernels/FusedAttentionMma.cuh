@@ -1,0 +1,121 @@
+#ifndef FLASHIPA_FUSED_ATTENTION_MMA_CUH_
+#define FLASHIPA_FUSED_ATTENTION_MMA_CUH_
+
+// Tensor-core building blocks shared by the forward and backward tensor-core kernels: bf16 packing,
+// the m16n8k16 product, asynchronous 16-byte copies and ldmatrix fragment loads.
+//
+// Fragment layouts of mma.sync.m16n8k16 (lane = 4 g + t): A (16 x 16, row-major) a0 = (row g, k 2t..2t+1),
+// a1 = (g + 8, 2t), a2 = (g, 2t + 8), a3 = (g + 8, 2t + 8); B (16 x 8) b0 = (k 2t..2t+1, n g), b1 = (k 2t + 8, n g);
+// accumulators d0..d1 = (row g, n 2t..2t+1), d2..d3 = (row g + 8, n 2t..2t+1). The accumulators of a 16 x 16
+// product therefore are the A fragment of the next product once packed to bf16 (FlashAttention-2's trick).
+//
+// Shared-memory tiles hold bf16 pairs in 32-bit words, rows padded to 4 mod 32 words (paddedWords) so that
+// eight 16-byte row segments, what one ldmatrix phase reads, fall on distinct banks.
+#include "FusedAttentionLaunch.cuh"
+#include <cstdint>
+
+namespace FlashIPAPlugin {
+namespace kernels {
+
+/** Row stride in 32-bit words, padded to 4 mod 32 so that the 8 x 4 fragment loads hit 32 banks. */
+__host__ __device__ constexpr int paddedWords(int words) {
+    return words + ((4 - words % 32) + 32) % 32;
+}
+
+__device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+/** d += A B on tensor cores (bf16 operands, fp32 accumulators). */
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned sharedAddress(const void* pointer) {
+    return (unsigned) __cvta_generic_to_shared(pointer);
+}
+
+__device__ __forceinline__ void copyAsync16(uint32_t* dst, const uint4* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sharedAddress(dst)), "l"(src));
+}
+
+__device__ __forceinline__ void commitCopies() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+__device__ __forceinline__ void waitCopies() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+/**
+ * Copies `rows` rows of `vectors` 16-byte vectors from src (row pitch srcPitch vectors) to dst (pitch
+ * dstPitch words), spread over the block's threads.
+ */
+__device__ __forceinline__ void copyRows(uint32_t* dst, int dstPitch, const uint4* src, size_t srcPitch, int rows, int vectors) {
+    for (int e = threadIdx.x; e < rows * vectors; e += blockDim.x) {
+        const int r = e / vectors, v = e % vectors;
+        copyAsync16(dst + r * dstPitch + 4 * v, src + r * srcPitch + v);
+    }
+}
+
+/** Four 8 x 8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8. */
+__device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], const uint32_t* address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(sharedAddress(address))
+                 : "memory");
+}
+
+/** As loadMatrices, transposed: lane 4 g + t receives elements (2t, g) and (2t + 1, g) of each matrix. */
+__device__ __forceinline__ void loadMatricesTransposed(uint32_t (&r)[4], const uint32_t* address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(sharedAddress(address))
+                 : "memory");
+}
+
+/** Two matrices, transposed (lanes 0..15 give the addresses). */
+__device__ __forceinline__ void loadTwoMatricesTransposed(uint32_t (&r)[2], const uint32_t* address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(sharedAddress(address))
+                 : "memory");
+}
+
+/** A fragment of rows m0..m0+15, k-step ks (16 columns), of a row-major tile with the given stride (words). */
+__device__ __forceinline__ void loadA(uint32_t (&a)[4], const uint32_t* tile, int stride, int m0, int ks) {
+    const int lane = threadIdx.x % 32;
+    loadMatrices(a, tile + (m0 + (lane & 15)) * stride + ks * 8 + (lane >> 4) * 4);
+}
+
+/**
+ * B fragments of two n-tiles (rows n0..n0+15 of a row-major tile [n][k]), k-step ks:
+ * b[0], b[1] for n0..n0+7 and b[2], b[3] for n0+8..n0+15.
+ */
+__device__ __forceinline__ void loadB(uint32_t (&b)[4], const uint32_t* tile, int stride, int n0, int ks) {
+    const int lane = threadIdx.x % 32;
+    loadMatrices(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + ks * 8 + ((lane >> 3) & 1) * 4);
+}
+
+/**
+ * B fragments of two n-tiles (columns n0..n0+15) from a row-major tile [k][n] (rows k0..k0+15):
+ * the transposed use of a tile, without a transposed copy.
+ */
+__device__ __forceinline__ void loadBTransposed(uint32_t (&b)[4], const uint32_t* tile, int stride, int k0, int n0) {
+    const int lane = threadIdx.x % 32;
+    loadMatricesTransposed(b, tile + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * stride + n0 / 2 + (lane >> 4) * 4);
+}
+
+/** As loadBTransposed for one n-tile (columns n0..n0+7). */
+__device__ __forceinline__ void loadBTransposedOne(uint32_t (&b)[2], const uint32_t* tile, int stride, int k0, int n0) {
+    const int lane = threadIdx.x % 32;
+    loadTwoMatricesTransposed(b, tile + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * stride + n0 / 2);
+}
+
+} // namespace kernels
+} // namespace FlashIPAPlugin
+
+#endif
