@@ -97,11 +97,12 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         range[1] = 0;
     }
     __syncthreads();
-    copyRows(ownKey, layout.keyStride, ownKeySource + (size_t) own0 * H * keyVectors + (size_t) head * keyVectors, (size_t) H * keyVectors,
-             OwnRows, keyVectors);
+    const int keyCopies = keyVectors, valueCopies = valueSide ? AccTiles : usedValueVectors; // 16-byte vectors per row
+    copyRows<Threads>(ownKey, layout.keyStride, ownKeySource + (size_t) own0 * H * keyVectors + (size_t) head * keyVectors, (size_t) H * keyVectors,
+             OwnRows, keyCopies);
     if (!valueSide)
-        copyRows(ownValue, layout.ownValueStride, ownValueSource + (size_t) own0 * H * valueVectors + (size_t) head * valueVectors,
-                 (size_t) H * valueVectors, OwnRows, usedValueVectors);
+        copyRows<Threads>(ownValue, layout.ownValueStride, ownValueSource + (size_t) own0 * H * valueVectors + (size_t) head * valueVectors,
+                 (size_t) H * valueVectors, OwnRows, valueCopies);
     commitCopies();
     // The other side's rows that meet an own row: a query sees [keyBegin, keyEnd); segments are
     // contiguous runs, so the queries that see a key are those of the same range.
@@ -146,11 +147,11 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     auto stageTile = [&](int tile, int buffer) {
         uint32_t* base = words + layout.buffers + buffer * layout.bufferWords;
         const int other0 = tile * OtherRows;
-        copyRows(base, layout.keyStride, otherKeySource + (size_t) other0 * H * keyVectors + (size_t) head * keyVectors,
-                 (size_t) H * keyVectors, OtherRows, keyVectors);
-        copyRows(base + layout.otherValue, layout.otherValueStride,
+        copyRows<Threads>(base, layout.keyStride, otherKeySource + (size_t) other0 * H * keyVectors + (size_t) head * keyVectors,
+                 (size_t) H * keyVectors, OtherRows, keyCopies);
+        copyRows<Threads>(base + layout.otherValue, layout.otherValueStride,
                  otherValueSource + (size_t) other0 * H * valueVectors + (size_t) head * valueVectors + chunk0 / 8, (size_t) H * valueVectors,
-                 OtherRows, valueSide ? AccTiles : usedValueVectors);
+                 OtherRows, valueCopies);
         commitCopies();
         OtherRowInfo& info = *reinterpret_cast<OtherRowInfo*>(base + layout.info);
         for (int j = threadIdx.x; j < OtherRows; j += Threads) {
@@ -179,6 +180,8 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     float rowSum[2] = {0.0f, 0.0f}, centreSum[2][3] = {}, weightGrad = 0.0f;
     const int pointTiles = pack.pointBlock / 8;
     const int scalarSteps = pack.scalarColumns / 16, keySteps = pack.keyColumns / 16, valueSteps = (width + 15) / 16;
+    const FragmentLanes keyLanes(layout.keyStride), ownValueLanes(layout.ownValueStride), otherValueLanes(layout.otherValueStride);
+    const unsigned ownKeyFragments = sharedAddress(ownKey), ownValueFragments = sharedAddress(ownValue);
 
     for (int tile = firstTile; tile < lastTile; tile++) {
         const int other0 = tile * OtherRows, buffer = (tile - firstTile) & 1;
@@ -186,9 +189,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         __syncthreads(); // this tile has landed, and every warp is done with the other buffer
         if (tile + 1 < lastTile)
             stageTile(tile + 1, buffer ^ 1);
-        const uint32_t* otherKey = words + layout.buffers + buffer * layout.bufferWords;
-        const uint32_t* otherValue = otherKey + layout.otherValue;
-        const OtherRowInfo& info = *reinterpret_cast<const OtherRowInfo*>(otherKey + layout.info);
+        const uint32_t* otherKeyWords = words + layout.buffers + buffer * layout.bufferWords;
+        const unsigned otherKey = sharedAddress(otherKeyWords), otherValue = otherKey + 4u * layout.otherValue;
+        const OtherRowInfo& info = *reinterpret_cast<const OtherRowInfo*>(otherKeyWords + layout.info);
         const float* otherCentre = querySide ? pack.keyCentres + ((size_t) (other0 / TensorCoreKeyTile) * H + head) * 3
                                              : pack.queryCentres + ((size_t) (other0 / TensorCoreQueryTile) * H + head) * 3;
         float d[3], keyCentre[3];
@@ -203,11 +206,11 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         float s[4][4] = {}, cross[4][4] = {};
         auto multiplyKeyStep = [&](float(&target)[4][4], int ks) {
             uint32_t a[4];
-            loadA(a, ownKey, layout.keyStride, warp * 16, ks);
+            loadA(a, ownKeyFragments, keyLanes, layout.keyStride, warp * 16, ks);
 #pragma unroll
             for (int np = 0; np < 2; np++) {
                 uint32_t b[4];
-                loadB(b, otherKey, layout.keyStride, 16 * np, ks);
+                loadB(b, otherKey, keyLanes, layout.keyStride, 16 * np, ks);
                 mma(target[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
                 mma(target[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
             }
@@ -250,11 +253,11 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
             float dp[4][4] = {};
             for (int ks = 0; ks < valueSteps; ks++) {
                 uint32_t a[4];
-                loadA(a, ownValue, layout.ownValueStride, warp * 16, ks);
+                loadA(a, ownValueFragments, ownValueLanes, layout.ownValueStride, warp * 16, ks);
 #pragma unroll
                 for (int np = 0; np < 2; np++) {
                     uint32_t b[4];
-                    loadB(b, otherValue, layout.otherValueStride, 16 * np, ks);
+                    loadB(b, otherValue, otherValueLanes, layout.otherValueStride, 16 * np, ks);
                     mma(dp[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
                     mma(dp[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
                 }
@@ -285,8 +288,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         }
 
         // acc += (dS or P) . (other rows): the accumulators re-packed as A operands, k = other rows.
-        const uint32_t* productTile = valueSide ? otherValue : otherKey;
+        const unsigned productTile = valueSide ? otherValue : otherKey;
         const int productStride = valueSide ? layout.otherValueStride : layout.keyStride;
+        const FragmentLanes& productLanes = valueSide ? otherValueLanes : keyLanes;
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
             const uint32_t a0 = packBf16(s[2 * kk][0], s[2 * kk][1]), a1 = packBf16(s[2 * kk][2], s[2 * kk][3]);
@@ -294,7 +298,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
 #pragma unroll
             for (int np = 0; np < AccTiles / 2; np++) {
                 uint32_t b[4];
-                loadBTransposed(b, productTile, productStride, 16 * kk, 16 * np);
+                loadBTransposed(b, productTile, productLanes, productStride, 16 * kk, 16 * np);
                 mma(acc[2 * np], a0, a1, a2, a3, b[0], b[1]);
                 mma(acc[2 * np + 1], a0, a1, a2, a3, b[2], b[3]);
             }
@@ -305,9 +309,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
                 for (int pt = 0; pt < MaxPointTiles; pt++)
                     if (pt < pointTiles) {
                         uint32_t b[2];
-                        loadBTransposedOne(b, otherKey, layout.keyStride, 16 * kk, hiColumn + 8 * pt);
+                        loadBTransposedOne(b, otherKey, keyLanes, layout.keyStride, 16 * kk, hiColumn + 8 * pt);
                         mma(pointAcc[pt], a0, a1, a2, a3, b[0], b[1]);
-                        loadBTransposedOne(b, otherKey, layout.keyStride, 16 * kk, loColumn + 8 * pt);
+                        loadBTransposedOne(b, otherKey, keyLanes, layout.keyStride, 16 * kk, loColumn + 8 * pt);
                         mma(pointAcc[pt], a0, a1, a2, a3, b[0], b[1]);
                     }
             }

@@ -31,6 +31,10 @@ constexpr int BlockRows = TensorCoreQueryTile; // 16 rows per warp
 constexpr int BlockKeys = TensorCoreKeyTile;
 constexpr int Threads = 32 * Warps;
 constexpr int MaxValueTiles = 32;
+constexpr float Log2E = 1.4426950408889634f;
+constexpr int ValueStride = paddedWords(BlockKeys / 2); // value tiles: rows are value columns, 64 keys each
+constexpr int MaxLoTiles = 8; // value-point residual tiles: 3 P_v <= 64
+static_assert(MaxLoTiles <= 8, "the residual tiles fit in the first chunk (at least 8 tiles)");
 static_assert(BlockRows == 16 * Warps, "one warp per 16 query rows");
 
 /**
@@ -39,19 +43,19 @@ static_assert(BlockRows == 16 * Warps, "one warp per 16 query rows");
  */
 struct Layout {
     int keyStride, valueStride, loTiles, bufferWords;
-    int queryOffset, keyOffset, valueOffset, valueLoOffset, keyTermOffset, keySegmentOffset, words;
+    int queryOffset, keyOffset, valueOffset, valueLoOffset, keyStatsOffset, keySegmentOffset, words;
 
     __host__ __device__ Layout(const TensorCorePack& pack, int valueTiles) {
         keyStride = paddedWords(pack.keyColumns / 2);
-        valueStride = paddedWords(BlockKeys / 2);
-        loTiles = min(pack.loTiles, valueTiles); // a chunk holds at most valueTiles of them
+        valueStride = ValueStride;
+        loTiles = pack.loTiles; // all in the first chunk (value points come first)
         queryOffset = 0;
         keyOffset = queryOffset + BlockRows * keyStride;
         valueOffset = keyOffset + BlockKeys * keyStride;
         valueLoOffset = valueOffset + 8 * valueTiles * valueStride;
-        keyTermOffset = valueLoOffset + 8 * loTiles * valueStride;
-        keySegmentOffset = keyTermOffset + BlockKeys;
-        bufferWords = keySegmentOffset + BlockKeys - keyOffset; // one buffer: key, value, residual tiles, key terms, segments
+        keyStatsOffset = valueLoOffset + 8 * loTiles * valueStride;
+        keySegmentOffset = keyStatsOffset + 4 * BlockKeys;
+        bufferWords = keySegmentOffset + BlockKeys - keyOffset; // one buffer: key, value, residual tiles, key stats, segments
         words = keyOffset + 2 * bufferWords;
     }
 };
@@ -62,25 +66,26 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     extern __shared__ uint4 sharedVectors[];
     uint32_t* words = reinterpret_cast<uint32_t*>(sharedVectors);
     __shared__ int rowSegment[BlockRows], rowBegin[BlockRows], rowEnd[BlockRows];
-    __shared__ int range[2];
+    __shared__ int range[7]; // min begin, max end, max begin, min end, min segment, max segment, real rows
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int queryTile = blockIdx.x, row0 = queryTile * BlockRows, head = blockIdx.y;
     const int chunkTile0 = blockIdx.z * ValueTiles, chunk0 = 8 * chunkTile0;
     const int valueWidth = p.liftedValueDim(), chunkColumns = min(8 * ValueTiles, valueWidth - chunk0);
-    const int chunkTiles = (chunkColumns + 7) / 8;
     const Layout layout(pack, ValueTiles);
-    const int loFirst = pack.loFirstTile - chunkTile0; // chunk-local index of the first point tile
     uint32_t* queryWords = words + layout.queryOffset;
+    const FragmentLanes keyLanes(layout.keyStride), valueLanes(ValueStride);
+    const unsigned queryFragments = sharedAddress(queryWords);
     const float pointWeight = p.pointWeight[head];
     const int H = p.heads, vectorsPerRow = pack.keyColumns / 8;
     const float* queryCentre = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
 
     if (threadIdx.x == 0) {
-        range[0] = INT_MAX;
-        range[1] = 0;
+        range[0] = range[3] = range[4] = INT_MAX;
+        range[1] = range[2] = range[5] = INT_MIN;
+        range[6] = 0;
     }
     __syncthreads();
-    copyRows(queryWords, layout.keyStride, static_cast<const uint4*>(pack.queries) + ((size_t) row0 * H + head) * vectorsPerRow,
+    copyRows<Threads>(queryWords, layout.keyStride, static_cast<const uint4*>(pack.queries) + ((size_t) row0 * H + head) * vectorsPerRow,
              (size_t) H * vectorsPerRow, BlockRows, vectorsPerRow);
     for (int r = threadIdx.x; r < BlockRows; r += Threads) {
         const int row = row0 + r;
@@ -91,11 +96,19 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         if (real) {
             atomicMin(&range[0], rowBegin[r]);
             atomicMax(&range[1], rowEnd[r]);
+            atomicMax(&range[2], rowBegin[r]);
+            atomicMin(&range[3], rowEnd[r]);
+            atomicMin(&range[4], rowSegment[r]);
+            atomicMax(&range[5], rowSegment[r]);
+            atomicAdd(&range[6], 1);
         }
     }
     __syncthreads();
     const int firstTile = range[0] == INT_MAX ? 0 : range[0] / BlockKeys;
     const int lastTile = range[0] == INT_MAX ? 0 : (range[1] + BlockKeys - 1) / BlockKeys;
+    // All rows real, of one segment and one key range: whole key tiles inside it need no mask.
+    const bool uniformRows = range[6] == BlockRows && range[4] == range[5] && range[0] == range[2] && range[1] == range[3];
+    const int uniformBegin = range[0], uniformEnd = range[1], uniformSegment = range[4], keySteps = pack.keyColumns / 16;
     const int myRow[2] = {warp * 16 + g, warp * 16 + g + 8};
     float rowStats[2][4];
     for (int h = 0; h < 2; h++)
@@ -106,32 +119,26 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     float runningMax[2] = {-CUDART_INF_F, -CUDART_INF_F}, runningSum[2] = {0.0f, 0.0f};
     const uint4* values = static_cast<const uint4*>(pack.values) + (size_t) head * pack.valueColumns * (pack.paddedRows / 8);
     const uint4* valuesLo = static_cast<const uint4*>(pack.valuesLo) + (size_t) head * 8 * pack.loTiles * (pack.paddedRows / 8);
-    const int loBegin = max(loFirst, 0), loEnd = min(loFirst + pack.loTiles, chunkTiles);
+    const int loTiles = blockIdx.z == 0 ? pack.loTiles : 0; // value-point residual tiles in this chunk
     const int vectorsPerColumn = pack.paddedRows / 8;
 
-    // Starts copying one key tile into a buffer (cp.async, one commit group) and fills its key terms
-    // -(w/2)(sum|b|^2 - 2 d.sum b), d = c_q - c_k, and segments with plain stores.
+    // Starts copying one key tile into a buffer: keys, values, value residuals, the keys' point sums
+    // and segments (cp.async, one commit group; nothing in the loop waits on a global load).
     auto stageTile = [&](int tile, int buffer) {
         uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
         const int key0 = tile * BlockKeys;
-        copyRows(base, layout.keyStride, static_cast<const uint4*>(pack.keys) + ((size_t) key0 * H + head) * vectorsPerRow,
+        copyRows<Threads>(base, layout.keyStride, static_cast<const uint4*>(pack.keys) + ((size_t) key0 * H + head) * vectorsPerRow,
                  (size_t) H * vectorsPerRow, BlockKeys, vectorsPerRow);
-        copyRows(base + layout.valueOffset - layout.keyOffset, layout.valueStride, values + (size_t) chunk0 * vectorsPerColumn + key0 / 8,
-                 vectorsPerColumn, 8 * chunkTiles, BlockKeys / 8);
-        if (loEnd > loBegin)
-            copyRows(base + layout.valueLoOffset - layout.keyOffset, layout.valueStride,
-                     valuesLo + (size_t) 8 * (loBegin - loFirst) * vectorsPerColumn + key0 / 8, vectorsPerColumn, 8 * (loEnd - loBegin),
+        copyRows<Threads>(base + layout.valueOffset - layout.keyOffset, layout.valueStride, values + (size_t) chunk0 * vectorsPerColumn + key0 / 8,
+                 vectorsPerColumn, 8 * ValueTiles, BlockKeys / 8); // whole chunk: the packing zero-pads it
+        if (loTiles > 0)
+            copyRows<Threads>(base + layout.valueLoOffset - layout.keyOffset, layout.valueStride, valuesLo + key0 / 8, vectorsPerColumn, 8 * loTiles,
                      BlockKeys / 8);
+        copyRows<Threads>(base + layout.keyStatsOffset - layout.keyOffset, 4, static_cast<const uint4*>(static_cast<const void*>(pack.keyStats)) + (size_t) key0 * H + head,
+                 H, BlockKeys, 1);
+        copyRows<Threads>(base + layout.keySegmentOffset - layout.keyOffset, 0, static_cast<const uint4*>(static_cast<const void*>(pack.segments + key0)), 0, 1,
+                 BlockKeys / 4);
         commitCopies();
-        float* keyTerm = reinterpret_cast<float*>(base + layout.keyTermOffset - layout.keyOffset);
-        int* keySegment = reinterpret_cast<int*>(base + layout.keySegmentOffset - layout.keyOffset);
-        const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
-        const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
-        for (int j = threadIdx.x; j < BlockKeys; j += Threads) {
-            const float4 stats = reinterpret_cast<const float4*>(pack.keyStats)[(size_t) (key0 + j) * H + head];
-            keyTerm[j] = -0.5f * pointWeight * (stats.x - 2.0f * (d[0] * stats.y + d[1] * stats.z + d[2] * stats.w));
-            keySegment[j] = key0 + j < p.rows ? p.segment[key0 + j] : -1;
-        }
     };
     if (firstTile < lastTile)
         stageTile(firstTile, 0);
@@ -145,84 +152,121 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         if (tile + 1 < lastTile)
             stageTile(tile + 1, buffer ^ 1);
         const uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
-        const uint32_t* keyWords = base;
-        const uint32_t* valueWords = base + layout.valueOffset - layout.keyOffset;
-        const uint32_t* valueLoWords = base + layout.valueLoOffset - layout.keyOffset;
-        const float* keyTerm = reinterpret_cast<const float*>(base + layout.keyTermOffset - layout.keyOffset);
+        const unsigned keyTile = sharedAddress(base), valueTile = keyTile + 4u * (layout.valueOffset - layout.keyOffset),
+                       valueLoTile = keyTile + 4u * (layout.valueLoOffset - layout.keyOffset);
+        const float4* keyStats = reinterpret_cast<const float4*>(base + layout.keyStatsOffset - layout.keyOffset);
         const int* keySegment = reinterpret_cast<const int*>(base + layout.keySegmentOffset - layout.keyOffset);
+        const int tileSegment = pack.tileSegments[tile]; // used after the logits: its latency is hidden
         const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
         const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
 
-        // Logits for this warp's 16 rows x 64 keys.
+        // Logits for this warp's 16 rows x 64 keys (fragments through ldmatrix).
         float s[8][4] = {};
-        for (int ks = 0; ks < pack.keyColumns / 16; ks++) {
-            const int col = ks * 8 + t; // in words
-            const uint32_t a0 = queryWords[myRow[0] * layout.keyStride + col], a1 = queryWords[myRow[1] * layout.keyStride + col];
-            const uint32_t a2 = queryWords[myRow[0] * layout.keyStride + col + 4], a3 = queryWords[myRow[1] * layout.keyStride + col + 4];
+#pragma unroll 1
+        for (int ks = 0; ks < keySteps; ks++) {
+            uint32_t a[4];
+            loadA(a, queryFragments, keyLanes, layout.keyStride, warp * 16, ks);
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int key = nt * 8 + g;
-                mma(s[nt], a0, a1, a2, a3, keyWords[key * layout.keyStride + col], keyWords[key * layout.keyStride + col + 4]);
+            for (int np = 0; np < 4; np++) {
+                uint32_t b[4];
+                loadB(b, keyTile, keyLanes, layout.keyStride, 16 * np, ks);
+                mma(s[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+                mma(s[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
             }
         }
         const float pointCount = (float) p.queryPoints, dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+        // Tiles wholly inside every row's key range (and so inside one segment) skip the mask.
+        const bool wholeTile = uniformRows && key0 >= uniformBegin && key0 + BlockKeys <= uniformEnd && tileSegment == uniformSegment;
+        // This thread's 16 keys' terms -(w/2)(sum|b|^2 - 2 d.sum b), d = c_q - c_k, in log2 units like
+        // everything below (exp2 is one instruction).
+        float keyTerms[8][2];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float4 stats = keyStats[nt * 8 + 2 * t + e];
+                keyTerms[nt][e] = -0.5f * Log2E * pointWeight * (stats.x - 2.0f * (d[0] * stats.y + d[1] * stats.z + d[2] * stats.w));
+            }
         // Row terms, mask, online softmax (rows g and g + 8 of the warp; 4 lanes share a row).
+        float scales[2];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = myRow[h];
-            const float rowTerm = -0.5f * pointWeight *
+            const float rowTerm = -0.5f * Log2E * pointWeight *
                                   (rowStats[h][0] + pointCount * dd + 2.0f * (d[0] * rowStats[h][1] + d[1] * rowStats[h][2] + d[2] * rowStats[h][3]));
-            const int segment = rowSegment[r], begin = rowBegin[r], end = rowEnd[r];
             float tileMax = -CUDART_INF_F;
+            if (wholeTile) {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = nt * 8 + 2 * t + e, key = key0 + j;
-                    const bool valid = segment >= 0 && key >= begin && key < end && keySegment[j] == segment;
-                    float& x = s[nt][2 * h + e];
-                    x = valid ? x + rowTerm + keyTerm[j] : -CUDART_INF_F;
-                    tileMax = fmaxf(tileMax, x);
-                }
+                    for (int e = 0; e < 2; e++) {
+                        float& x = s[nt][2 * h + e];
+                        x = fmaf(x, Log2E, rowTerm + keyTerms[nt][e]);
+                        tileMax = fmaxf(tileMax, x);
+                    }
+            } else {
+                const int segment = rowSegment[r], begin = rowBegin[r], end = rowEnd[r];
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = nt * 8 + 2 * t + e, key = key0 + j;
+                        const bool valid = segment >= 0 && key >= begin && key < end && keySegment[j] == segment;
+                        float& x = s[nt][2 * h + e];
+                        x = valid ? fmaf(x, Log2E, rowTerm + keyTerms[nt][e]) : -CUDART_INF_F;
+                        tileMax = fmaxf(tileMax, x);
+                    }
+            }
             tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 1));
             tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 2));
             const float newMax = fmaxf(runningMax[h], tileMax);
-            const float scale = runningMax[h] == -CUDART_INF_F ? 0.0f : expf(runningMax[h] - newMax);
+            // A row with nothing valid yet keeps max -inf: its probabilities are exp2(-inf) = 0.
+            const float shift = newMax == -CUDART_INF_F ? 0.0f : newMax;
+            const float scale = exp2f(runningMax[h] - shift);
             float sum = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * h + e];
-                    x = x == -CUDART_INF_F ? 0.0f : expf(x - newMax);
+                    x = exp2f(x - shift);
                     sum += x;
                 }
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             runningSum[h] = runningSum[h] * scale + sum;
             runningMax[h] = newMax;
+            scales[h] = scale;
+        }
+        // Rescale the accumulators only when a row's maximum moved (rare after the first tiles).
+        if (__any_sync(0xffffffffu, scales[0] != 1.0f || scales[1] != 1.0f)) {
 #pragma unroll
             for (int nv = 0; nv < ValueTiles; nv++) {
-                acc[nv][2 * h] *= scale;
-                acc[nv][2 * h + 1] *= scale;
+                acc[nv][0] *= scales[0];
+                acc[nv][1] *= scales[0];
+                acc[nv][2] *= scales[1];
+                acc[nv][3] *= scales[1];
             }
         }
-        // acc += P V: P re-packed from the logit accumulators as bf16 A operands.
+        // acc += P V: P re-packed from the logit accumulators as bf16 A operands; the value points'
+        // residual tiles after all the main tiles, so that no mma waits on the one before it.
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             const uint32_t a0 = packBf16(s[2 * kk][0], s[2 * kk][1]), a1 = packBf16(s[2 * kk][2], s[2 * kk][3]);
             const uint32_t a2 = packBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = packBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const int col = kk * 8 + t; // key pair, in words
 #pragma unroll
-            for (int nv = 0; nv < ValueTiles; nv++) {
-                if (nv < chunkTiles) {
-                    const int column = nv * 8 + g;
-                    mma(acc[nv], a0, a1, a2, a3, valueWords[column * layout.valueStride + col], valueWords[column * layout.valueStride + col + 4]);
-                    if (nv >= loBegin && nv < loEnd) {
-                        const int loColumn = (nv - loBegin) * 8 + g;
-                        mma(acc[nv], a0, a1, a2, a3, valueLoWords[loColumn * layout.valueStride + col],
-                            valueLoWords[loColumn * layout.valueStride + col + 4]);
-                    }
+            for (int np = 0; np < ValueTiles / 2; np++) {
+                uint32_t b[4];
+                loadB(b, valueTile, valueLanes, ValueStride, 16 * np, kk);
+                mma(acc[2 * np], a0, a1, a2, a3, b[0], b[1]);
+                mma(acc[2 * np + 1], a0, a1, a2, a3, b[2], b[3]);
+            }
+#pragma unroll
+            for (int l = 0; l < MaxLoTiles; l++) {
+                if (l < loTiles) {
+                    uint32_t b[2];
+                    loadBOne(b, valueLoTile, valueLanes, ValueStride, 8 * l, kk);
+                    mma(acc[l], a0, a1, a2, a3, b[0], b[1]);
                 }
             }
         }
@@ -235,17 +279,19 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         if (row >= p.rows)
             continue;
         const float inverse = runningSum[h] > 0.0f ? 1.0f / runningSum[h] : 0.0f;
-        float* outRow = out + ((size_t) row * p.heads + head) * valueWidth + chunk0;
+        const int pointColumns = 3 * p.valuePoints; // packed first, written after v
+        float* outRow = out + ((size_t) row * p.heads + head) * valueWidth;
 #pragma unroll
         for (int nv = 0; nv < ValueTiles; nv++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int col = nv * 8 + 2 * t + e;
+                const int col = nv * 8 + 2 * t + e, packed = chunk0 + col;
                 if (col < chunkColumns)
-                    outRow[col] = acc[nv][2 * h + e] * inverse;
+                    outRow[packed < pointColumns ? p.headDim + packed : (packed < pointColumns + p.headDim ? packed - pointColumns : packed)] =
+                        acc[nv][2 * h + e] * inverse;
             }
         if (blockIdx.z == 0 && t == 0)
-            logSumExp[(size_t) row * p.heads + head] = runningSum[h] > 0.0f ? runningMax[h] + logf(runningSum[h]) : 0.0f;
+            logSumExp[(size_t) row * p.heads + head] = runningSum[h] > 0.0f ? runningMax[h] / Log2E + logf(runningSum[h]) : 0.0f;
     }
 }
 
@@ -277,7 +323,9 @@ bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
     // Shared memory at the widest packing this problem can have.
     TensorCorePack pack;
     pack.keyColumns = (p.liftedKeyDim() + 15) / 16 * 16 + (9 * p.queryPoints + 15) / 16 * 16;
-    pack.loTiles = (3 * p.valuePoints + 7) / 8 + 1;
+    pack.loTiles = (3 * p.valuePoints + 7) / 8;
+    if (pack.loTiles > MaxLoTiles)
+        return false;
     const int tiles = tensorCoreValueChunk(p.liftedValueDim()) / 8;
     const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + 2048;
     return bytes <= (size_t) limit;

@@ -51,68 +51,121 @@ __device__ __forceinline__ void waitCopies() {
 }
 
 /**
- * Copies `rows` rows of `vectors` 16-byte vectors from src (row pitch srcPitch vectors) to dst (pitch
- * dstPitch words), spread over the block's threads.
+ * Which 16-byte vectors of a row-by-row copy a thread moves: the first (row, vector) and the step
+ * between its copies (one division per call, none per copied vector).
  */
+struct CopyPlan {
+    int vectors, row, vector, rowStep, vectorStep;
+};
+
+template <int Threads>
+__device__ __forceinline__ CopyPlan planCopies(int vectors) {
+    return {vectors, (int) threadIdx.x / vectors, (int) threadIdx.x % vectors, Threads / vectors, Threads % vectors};
+}
+
+/**
+ * Copies `rows` rows of `vectors` 16-byte vectors from src (row pitch srcPitch vectors) to dst
+ * (pitch dstPitch words), spread over the block's threads.
+ */
+template <int Threads>
 __device__ __forceinline__ void copyRows(uint32_t* dst, int dstPitch, const uint4* src, size_t srcPitch, int rows, int vectors) {
-    for (int e = threadIdx.x; e < rows * vectors; e += blockDim.x) {
-        const int r = e / vectors, v = e % vectors;
-        copyAsync16(dst + r * dstPitch + 4 * v, src + r * srcPitch + v);
+    // Pointers advance by fixed steps (one more row when the vector index wraps): no multiplications per copy.
+    const CopyPlan plan = planCopies<Threads>(vectors);
+    int r = plan.row, v = plan.vector;
+    unsigned target = sharedAddress(dst) + 4u * (unsigned) (r * dstPitch + 4 * v);
+    const uint4* source = src + r * srcPitch + v;
+    const unsigned targetStep = 4u * (unsigned) (plan.rowStep * dstPitch + 4 * plan.vectorStep);
+    const unsigned targetWrap = 4u * (unsigned) (dstPitch - 4 * plan.vectors);
+    const ptrdiff_t sourceStep = (ptrdiff_t) (plan.rowStep * srcPitch) + plan.vectorStep;
+    const ptrdiff_t sourceWrap = (ptrdiff_t) srcPitch - plan.vectors;
+    while (r < rows) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target), "l"(source));
+        v += plan.vectorStep;
+        r += plan.rowStep;
+        target += targetStep;
+        source += sourceStep;
+        if (v >= plan.vectors) {
+            v -= plan.vectors;
+            r++;
+            target += targetWrap;
+            source += sourceWrap;
+        }
     }
 }
 
-/** Four 8 x 8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8. */
-__device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], const uint32_t* address) {
+/** Four 8 x 8 bf16 matrices; lane l gives the shared address of row l % 8 of matrix l / 8. */
+__device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(sharedAddress(address))
+                 : "r"(address)
                  : "memory");
 }
 
 /** As loadMatrices, transposed: lane 4 g + t receives elements (2t, g) and (2t + 1, g) of each matrix. */
-__device__ __forceinline__ void loadMatricesTransposed(uint32_t (&r)[4], const uint32_t* address) {
+__device__ __forceinline__ void loadMatricesTransposed(uint32_t (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(sharedAddress(address))
+                 : "r"(address)
                  : "memory");
+}
+
+/** Two matrices (lanes 0..15 give the addresses). */
+__device__ __forceinline__ void loadTwoMatrices(uint32_t (&r)[2], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
 }
 
 /** Two matrices, transposed (lanes 0..15 give the addresses). */
-__device__ __forceinline__ void loadTwoMatricesTransposed(uint32_t (&r)[2], const uint32_t* address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(sharedAddress(address))
-                 : "memory");
+__device__ __forceinline__ void loadTwoMatricesTransposed(uint32_t (&r)[2], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
 }
 
-/** A fragment of rows m0..m0+15, k-step ks (16 columns), of a row-major tile with the given stride (words). */
-__device__ __forceinline__ void loadA(uint32_t (&a)[4], const uint32_t* tile, int stride, int m0, int ks) {
-    const int lane = threadIdx.x % 32;
-    loadMatrices(a, tile + (m0 + (lane & 15)) * stride + ks * 8 + (lane >> 4) * 4);
+// Fragment loads from a row-major bf16 tile in shared memory with a row stride in 32-bit words. The
+// lane-dependent part of each address is computed once per kernel (FragmentLanes); a load adds only
+// its tile's base and the block offset (rows times stride, plus 32 bytes per 16-column k-step).
+
+/** Byte offsets of this lane's row address for each fragment pattern of a tile with the given stride. */
+struct FragmentLanes {
+    unsigned a, b, bOne, bTransposed, bTransposedOne;
+
+    __device__ __forceinline__ explicit FragmentLanes(int stride) {
+        const int lane = threadIdx.x % 32;
+        a = 4u * (unsigned) ((lane & 15) * stride + (lane >> 4) * 4);
+        b = 4u * (unsigned) (((lane & 7) + ((lane >> 4) << 3)) * stride + ((lane >> 3) & 1) * 4);
+        bOne = 4u * (unsigned) ((lane & 7) * stride + ((lane >> 3) & 1) * 4);
+        bTransposed = 4u * (unsigned) (((lane & 7) + (((lane >> 3) & 1) << 3)) * stride + (lane >> 4) * 4);
+        bTransposedOne = 4u * (unsigned) (((lane & 7) + (((lane >> 3) & 1) << 3)) * stride);
+    }
+};
+
+/** A fragment of rows m0..m0+15, k-step ks (16 columns), of the tile at `tile` (shared address). */
+__device__ __forceinline__ void loadA(uint32_t (&a)[4], unsigned tile, const FragmentLanes& lanes, int stride, int m0, int ks) {
+    loadMatrices(a, tile + lanes.a + 4u * (unsigned) (m0 * stride + ks * 8));
 }
 
 /**
  * B fragments of two n-tiles (rows n0..n0+15 of a row-major tile [n][k]), k-step ks:
  * b[0], b[1] for n0..n0+7 and b[2], b[3] for n0+8..n0+15.
  */
-__device__ __forceinline__ void loadB(uint32_t (&b)[4], const uint32_t* tile, int stride, int n0, int ks) {
-    const int lane = threadIdx.x % 32;
-    loadMatrices(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + ks * 8 + ((lane >> 3) & 1) * 4);
+__device__ __forceinline__ void loadB(uint32_t (&b)[4], unsigned tile, const FragmentLanes& lanes, int stride, int n0, int ks) {
+    loadMatrices(b, tile + lanes.b + 4u * (unsigned) (n0 * stride + ks * 8));
+}
+
+/** As loadB for one n-tile (rows n0..n0+7). */
+__device__ __forceinline__ void loadBOne(uint32_t (&b)[2], unsigned tile, const FragmentLanes& lanes, int stride, int n0, int ks) {
+    loadTwoMatrices(b, tile + lanes.bOne + 4u * (unsigned) (n0 * stride + ks * 8));
 }
 
 /**
  * B fragments of two n-tiles (columns n0..n0+15) from a row-major tile [k][n] (rows k0..k0+15):
  * the transposed use of a tile, without a transposed copy.
  */
-__device__ __forceinline__ void loadBTransposed(uint32_t (&b)[4], const uint32_t* tile, int stride, int k0, int n0) {
-    const int lane = threadIdx.x % 32;
-    loadMatricesTransposed(b, tile + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * stride + n0 / 2 + (lane >> 4) * 4);
+__device__ __forceinline__ void loadBTransposed(uint32_t (&b)[4], unsigned tile, const FragmentLanes& lanes, int stride, int k0, int n0) {
+    loadMatricesTransposed(b, tile + lanes.bTransposed + 4u * (unsigned) (k0 * stride + n0 / 2));
 }
 
 /** As loadBTransposed for one n-tile (columns n0..n0+7). */
-__device__ __forceinline__ void loadBTransposedOne(uint32_t (&b)[2], const uint32_t* tile, int stride, int k0, int n0) {
-    const int lane = threadIdx.x % 32;
-    loadTwoMatricesTransposed(b, tile + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * stride + n0 / 2);
+__device__ __forceinline__ void loadBTransposedOne(uint32_t (&b)[2], unsigned tile, const FragmentLanes& lanes, int stride, int k0, int n0) {
+    loadTwoMatricesTransposed(b, tile + lanes.bTransposedOne + 4u * (unsigned) (k0 * stride + n0 / 2));
 }
 
 } // namespace kernels

@@ -82,16 +82,17 @@ struct TensorCorePack {
     int keyColumns = 0;    ///< width of a packed query/key row (multiple of 16)
     int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to 16; points follow
     int valueColumns = 0;  ///< packed value columns (multiple of 8 * value tiles per block)
-    int loFirstTile = 0;   ///< first 8-column tile holding value points
-    int loTiles = 0;       ///< number of such tiles (their lo parts are packed separately)
+    int loTiles = 0;       ///< 8-column tiles holding value points (the first ones; their lo parts are packed separately)
     const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
     const float* queryStats = nullptr;   ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
     const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | w b_hi | w b_hi | w b_lo | 0]
     const float* keyStats = nullptr;     ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
     const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
     const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]
-    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: lifted value columns, transposed
-    const void* valuesLo = nullptr;      ///< [H, 8 loTiles, paddedRows] bf16: value-point residuals (v - bf16(v))
+    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: [value points (hi) | v | pair values], transposed
+    const void* valuesLo = nullptr;      ///< [H, 8 loTiles, paddedRows] bf16: value-point residuals (x - bf16(x))
+    const int* segments = nullptr;       ///< [paddedRows]: segment ids, -1 on padding rows
+    const int* tileSegments = nullptr;   ///< [paddedRows / 64]: the common segment of a key tile's keys, or INT_MIN
 };
 
 /** Rows per query tile and keys per key tile of the tensor-core forward. */

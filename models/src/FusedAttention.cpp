@@ -3,6 +3,7 @@
 // flashipa::fused_ipa_attention. Builds without CUDA too; then every call explains that the kernels
 // are missing.
 #include "flashipa/FusedAttention.h"
+#include <climits>
 #include <stdexcept>
 #include <torch/library.h>
 
@@ -178,24 +179,29 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     torch::Tensor keys = padRows(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
                                              (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), zeros(fill), bHi, bHi, bLo,
                                              zeros(pointFill)}, -1));
-    // Values: [v | value points (hi) | pair values] transposed per head; value-point residuals separately.
+    // Values: [value points (hi) | v | pair values] transposed per head; value-point residuals separately.
     const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
     const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
     auto [vpHi, vpLo] = splitBf16(t[7].flatten(2));
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    torch::Tensor values = torch::cat({t[2].to(torch::kBFloat16), vpHi, pair, zeros(valueColumns - width)}, -1);
-    const int64_t loFirst = c / 8, loTiles = Pv > 0 ? (c + 3 * Pv + 7) / 8 - loFirst : 0;
-    torch::Tensor valuesLo = torch::cat({zeros(c - 8 * loFirst), vpLo, zeros(8 * loTiles - (c - 8 * loFirst) - 3 * Pv)}, -1);
+    // Value points first, so that their residual tiles are the first tiles of the first chunk.
+    torch::Tensor values = torch::cat({vpHi, t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1);
+    const int64_t loTiles = (3 * Pv + 7) / 8;
+    torch::Tensor valuesLo = torch::cat({vpLo, zeros(8 * loTiles - 3 * Pv)}, -1);
     values = padRows(values).permute({1, 2, 0}).contiguous();
     valuesLo = padRows(valuesLo).permute({1, 2, 0}).contiguous();
+    // Segments padded with -1, and per key tile the segment all its keys share (INT_MIN where they differ).
+    torch::Tensor segments = torch::constant_pad_nd(t[10], {0, padded - N}, -1).contiguous();
+    torch::Tensor perTile = segments.view({-1, kernels::TensorCoreKeyTile});
+    torch::Tensor lowest = std::get<0>(perTile.min(1)), highest = std::get<0>(perTile.max(1));
+    torch::Tensor tileSegments = torch::where(lowest == highest, lowest, torch::full({}, INT_MIN, lowest.options())).contiguous();
     PackedOperands out;
-    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, valuesLo};
+    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, valuesLo, segments, tileSegments};
     kernels::TensorCorePack& k = out.pack;
     k.paddedRows = (int) padded;
     k.keyColumns = (int) (scalarColumns + pointColumns);
     k.scalarColumns = (int) scalarColumns;
     k.valueColumns = (int) valueColumns;
-    k.loFirstTile = (int) loFirst;
     k.loTiles = (int) loTiles;
     k.queries = out.keepAlive[0].data_ptr();
     k.keys = out.keepAlive[1].data_ptr();
@@ -205,6 +211,8 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     k.keyCentres = out.keepAlive[5].data_ptr<float>();
     k.values = out.keepAlive[6].data_ptr();
     k.valuesLo = out.keepAlive[7].data_ptr();
+    k.segments = out.keepAlive[8].data_ptr<int>();
+    k.tileSegments = out.keepAlive[9].data_ptr<int>();
     return out;
 }
 
