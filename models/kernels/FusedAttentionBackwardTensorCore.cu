@@ -30,7 +30,7 @@ namespace {
 
 constexpr int Warps = 8;
 constexpr int OwnRows = 16 * Warps; // one query tile of the forward (its centre is one centre)
-constexpr int OtherRows = 32;       // half a key tile of the forward (its centre is the key tile's)
+constexpr int OtherRows = TensorCoreBackwardTile; // half a key tile of the forward (its centre is the key tile's)
 constexpr int Threads = 32 * Warps;
 constexpr int MaxPointTiles = 4;    // 3 P_q <= 32
 static_assert(OwnRows == TensorCoreQueryTile && TensorCoreKeyTile % OtherRows == 0 && TensorCoreKeyTile % 16 == 0,
@@ -38,13 +38,11 @@ static_assert(OwnRows == TensorCoreQueryTile && TensorCoreKeyTile % OtherRows ==
 
 enum class Side { Query, Key, Value };
 
-/** Per-row values of a staged tile of the other side (only what the side needs is filled). */
+/** Per-row values of a staged tile of the other side, copied by cp.async from the pack's row arrays. */
 struct OtherRowInfo {
-    float stat[4][OtherRows]; // sum |p|^2, sum p (x, y, z) relative to the row's tile centre
-    float logSumExp[OtherRows];
-    float delta[OtherRows];
-    float gradSum[3][OtherRows]; // sum over value points of dOut (x, y, z)
-    int segment[OtherRows], begin[OtherRows], end[OtherRows];
+    float4 stat[OtherRows];     // sum |p|^2, sum p (x, y, z) relative to the row's tile centre
+    float4 terms[OtherRows][2]; // log-sum-exp, delta, sum over value points of dOut (x, y, z), 0, 0, 0
+    int4 range[OtherRows];      // segment (-1: padding), key range begin, end, 0
 };
 static_assert(sizeof(OtherRowInfo) % 16 == 0, "keeps the next buffer 16-byte aligned");
 
@@ -70,12 +68,11 @@ struct BackwardLayout {
 
 template <Side side, int AccTiles>
 __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(FusedAttentionProblem p, TensorCoreBackwardPack pack,
-                                                                            const float* logSumExp, const float* delta,
                                                                             FusedAttentionGradients grads) {
     constexpr bool querySide = side == Side::Query, valueSide = side == Side::Value;
     extern __shared__ uint4 sharedVectors[];
     uint32_t* words = reinterpret_cast<uint32_t*>(sharedVectors);
-    __shared__ int range[2];
+    __shared__ int range[7]; // min begin, max end, max begin, min end, min segment, max segment, real rows
     __shared__ float warpSums[Warps];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int own0 = blockIdx.x * OwnRows, head = blockIdx.y, H = p.heads;
@@ -93,8 +90,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     uint32_t* ownValue = words + layout.ownValue;
 
     if (threadIdx.x == 0) {
-        range[0] = INT_MAX;
-        range[1] = 0;
+        range[0] = range[3] = range[4] = INT_MAX;
+        range[1] = range[2] = range[5] = INT_MIN;
+        range[6] = 0;
     }
     __syncthreads();
     const int keyCopies = keyVectors, valueCopies = valueSide ? AccTiles : usedValueVectors; // 16-byte vectors per row
@@ -107,10 +105,15 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     // The other side's rows that meet an own row: a query sees [keyBegin, keyEnd); segments are
     // contiguous runs, so the queries that see a key are those of the same range.
     for (int r = threadIdx.x; r < OwnRows; r += Threads) {
-        const int row = own0 + r;
-        if (row < p.rows && p.segment[row] >= 0) {
-            atomicMin(&range[0], p.keyBegin[row]);
-            atomicMax(&range[1], p.keyEnd[row]);
+        const int4 rowRange = reinterpret_cast<const int4*>(pack.rowRanges)[own0 + r];
+        if (rowRange.x >= 0) {
+            atomicMin(&range[0], rowRange.y);
+            atomicMax(&range[1], rowRange.z);
+            atomicMax(&range[2], rowRange.y);
+            atomicMin(&range[3], rowRange.z);
+            atomicMin(&range[4], rowRange.x);
+            atomicMax(&range[5], rowRange.x);
+            atomicAdd(&range[6], 1);
         }
     }
 
@@ -122,18 +125,19 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     for (int h = 0; h < 2; h++) {
         const int row = ownRow[h];
         const size_t index = (size_t) row * H + head;
-        const bool real = row < p.rows && p.segment[row] >= 0;
-        ownSegment[h] = real ? p.segment[row] : -1;
-        ownBegin[h] = real ? p.keyBegin[row] : 0;
-        ownEnd[h] = real ? p.keyEnd[row] : 0;
+        const int4 rowRange = reinterpret_cast<const int4*>(pack.rowRanges)[row];
+        ownSegment[h] = rowRange.x;
+        ownBegin[h] = rowRange.y;
+        ownEnd[h] = rowRange.z;
         const float* stats = querySide ? pack.queryStats : pack.keyStats;
         for (int k = 0; k < 4; k++)
             ownStat[h][k] = stats[index * 4 + k];
-        if (querySide && row < p.rows) {
-            ownLse[h] = logSumExp[index];
-            ownDelta[h] = delta[index];
+        if (querySide) {
+            const float* terms = pack.rowTerms + index * 8;
+            ownLse[h] = terms[0];
+            ownDelta[h] = terms[1];
             for (int k = 0; k < 3; k++)
-                ownGradSum[h][k] = pack.gradOutPointSums[index * 4 + k];
+                ownGradSum[h][k] = terms[2 + k];
         }
     }
     // The query side's rows share one centre; a key-side warp's 16 keys lie in one key tile.
@@ -143,6 +147,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     __syncthreads();
     const int firstTile = range[0] == INT_MAX ? 0 : range[0] / OtherRows;
     const int lastTile = range[0] == INT_MAX ? 0 : (range[1] + OtherRows - 1) / OtherRows;
+    // All own rows real, of one segment and one key range: tiles of that segment need no mask.
+    const bool uniformRows = range[6] == OwnRows && range[4] == range[5] && range[0] == range[2] && range[1] == range[3];
+    const int uniformBegin = range[0], uniformEnd = range[1], uniformSegment = range[4];
 
     auto stageTile = [&](int tile, int buffer) {
         uint32_t* base = words + layout.buffers + buffer * layout.bufferWords;
@@ -152,25 +159,15 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         copyRows<Threads>(base + layout.otherValue, layout.otherValueStride,
                  otherValueSource + (size_t) other0 * H * valueVectors + (size_t) head * valueVectors + chunk0 / 8, (size_t) H * valueVectors,
                  OtherRows, valueCopies);
+        OtherRowInfo* info = reinterpret_cast<OtherRowInfo*>(base + layout.info);
+        const float* stats = querySide ? pack.keyStats : pack.queryStats;
+        copyRows<Threads>(reinterpret_cast<uint32_t*>(info->stat), 4, reinterpret_cast<const uint4*>(stats) + (size_t) other0 * H + head, H,
+                          OtherRows, 1);
+        if (!querySide)
+            copyRows<Threads>(reinterpret_cast<uint32_t*>(info->terms), 8, reinterpret_cast<const uint4*>(pack.rowTerms) + ((size_t) other0 * H + head) * 2,
+                              (size_t) H * 2, OtherRows, 2);
+        copyRows<Threads>(reinterpret_cast<uint32_t*>(info->range), 0, reinterpret_cast<const uint4*>(pack.rowRanges) + other0, 0, 1, OtherRows);
         commitCopies();
-        OtherRowInfo& info = *reinterpret_cast<OtherRowInfo*>(base + layout.info);
-        for (int j = threadIdx.x; j < OtherRows; j += Threads) {
-            const int row = other0 + j;
-            const size_t index = (size_t) row * H + head;
-            const bool inside = row < p.rows;
-            const float* stats = querySide ? pack.keyStats : pack.queryStats;
-            for (int k = 0; k < 4; k++)
-                info.stat[k][j] = stats[index * 4 + k];
-            info.segment[j] = inside ? p.segment[row] : -1;
-            if (!querySide) {
-                info.begin[j] = inside ? p.keyBegin[row] : 0;
-                info.end[j] = inside ? p.keyEnd[row] : 0;
-                info.logSumExp[j] = inside ? logSumExp[index] : 0.0f;
-                info.delta[j] = inside ? delta[index] : 0.0f;
-                for (int k = 0; k < 3; k++)
-                    info.gradSum[k][j] = pack.gradOutPointSums[index * 4 + k];
-            }
-        }
     };
     if (firstTile < lastTile)
         stageTile(firstTile, 0);
@@ -192,6 +189,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         const uint32_t* otherKeyWords = words + layout.buffers + buffer * layout.bufferWords;
         const unsigned otherKey = sharedAddress(otherKeyWords), otherValue = otherKey + 4u * layout.otherValue;
         const OtherRowInfo& info = *reinterpret_cast<const OtherRowInfo*>(otherKeyWords + layout.info);
+        const int tileSegment = pack.tileSegments[tile]; // used after the logits: its latency is hidden
         const float* otherCentre = querySide ? pack.keyCentres + ((size_t) (other0 / TensorCoreKeyTile) * H + head) * 3
                                              : pack.queryCentres + ((size_t) (other0 / TensorCoreQueryTile) * H + head) * 3;
         float d[3], keyCentre[3];
@@ -219,34 +217,46 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
             multiplyKeyStep(s, ks);
         for (int ks = scalarSteps; ks < keySteps; ks++)
             multiplyKeyStep(cross, ks);
-        // Probabilities (into s) and -D/2 (into cross). Rows of the accumulators are own rows.
-        bool valid[2][8];
+        // Probabilities (into s) and -D/2 (into cross). Rows of the accumulators are own rows; bit
+        // 8 h + 2 nt + e of `valid` says whether element (h, nt, e) is a pair that attends.
+        const bool wholeTile = uniformRows && tileSegment == uniformSegment && (!querySide || (other0 >= uniformBegin && other0 + OtherRows <= uniformEnd));
+        unsigned valid = 0;
+        float ownTerm[2];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             // The own row's share of -D/2: the query part carries P d.d.
             const float ownDot = d[0] * ownStat[h][1] + d[1] * ownStat[h][2] + d[2] * ownStat[h][3];
-            const float ownTerm = querySide ? -0.5f * (ownStat[h][0] + pointCount * dd + 2.0f * ownDot) : -0.5f * (ownStat[h][0] - 2.0f * ownDot);
+            ownTerm[h] = querySide ? -0.5f * (ownStat[h][0] + pointCount * dd + 2.0f * ownDot) : -0.5f * (ownStat[h][0] - 2.0f * ownDot);
+        }
+        // Other rows outermost: each one's staged values are read once for both own rows.
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++)
+        for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = nt * 8 + 2 * t + e, other = other0 + j;
-                    const float otherDot = d[0] * info.stat[1][j] + d[1] * info.stat[2][j] + d[2] * info.stat[3][j];
-                    const float otherTerm = querySide ? -0.5f * (info.stat[0][j] - 2.0f * otherDot)
-                                                      : -0.5f * (info.stat[0][j] + pointCount * dd + 2.0f * otherDot);
-                    const int querySegment = querySide ? ownSegment[h] : info.segment[j];
-                    const int begin = querySide ? ownBegin[h] : info.begin[j], end = querySide ? ownEnd[h] : info.end[j];
-                    const int key = querySide ? other : ownRow[h];
-                    const int keySegment = querySide ? info.segment[j] : ownSegment[h];
-                    const bool ok = querySegment >= 0 && key >= begin && key < end && keySegment == querySegment;
-                    valid[h][2 * nt + e] = ok;
+            for (int e = 0; e < 2; e++) {
+                const int j = nt * 8 + 2 * t + e;
+                const float4 stat = info.stat[j];
+                const float otherDot = d[0] * stat.y + d[1] * stat.z + d[2] * stat.w;
+                const float otherTerm = querySide ? -0.5f * (stat.x - 2.0f * otherDot) : -0.5f * (stat.x + pointCount * dd + 2.0f * otherDot);
+                const int4 otherRange = wholeTile ? make_int4(0, 0, 0, 0) : info.range[j];
+                const float otherLse = querySide ? 0.0f : info.terms[j][0].x;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    bool ok = true;
+                    if (!wholeTile) {
+                        const int querySegment = querySide ? ownSegment[h] : otherRange.x;
+                        const int begin = querySide ? ownBegin[h] : otherRange.y, end = querySide ? ownEnd[h] : otherRange.z;
+                        const int key = querySide ? other0 + j : ownRow[h];
+                        const int keySegment = querySide ? otherRange.x : ownSegment[h];
+                        ok = querySegment >= 0 && key >= begin && key < end && keySegment == querySegment;
+                    }
+                    valid |= (ok ? 1u : 0u) << (8 * h + 2 * nt + e);
                     float& x = s[nt][2 * h + e];
                     float& halfNegD = cross[nt][2 * h + e];
-                    halfNegD += ownTerm + otherTerm;
-                    const float lse = querySide ? ownLse[h] : info.logSumExp[j];
+                    halfNegD += ownTerm[h] + otherTerm;
+                    const float lse = querySide ? ownLse[h] : otherLse;
                     x = ok ? expf(x + w * halfNegD - lse) : 0.0f;
                 }
-        }
+            }
 
         if (!valueSide) {
             // dP = dOut . V (the value points' centre share in fp32), then dS = P (dP - delta) into s.
@@ -262,28 +272,36 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
                     mma(dp[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
                 }
             }
+            float partial[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float partial = 0.0f;
+            for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-                for (int nt = 0; nt < 4; nt++)
+                for (int e = 0; e < 2; e++) {
+                    const int j = nt * 8 + 2 * t + e;
+                    float otherShare = 0.0f, otherDelta = 0.0f;
+                    if (!querySide) {
+                        const float4 first = info.terms[j][0], second = info.terms[j][1];
+                        otherShare = first.z * keyCentre[0] + first.w * keyCentre[1] + second.x * keyCentre[2];
+                        otherDelta = first.y;
+                    }
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int j = nt * 8 + 2 * t + e;
-                        const float share = querySide ? ownGradSum[h][0] * keyCentre[0] + ownGradSum[h][1] * keyCentre[1] +
-                                                            ownGradSum[h][2] * keyCentre[2]
-                                                      : info.gradSum[0][j] * keyCentre[0] + info.gradSum[1][j] * keyCentre[1] +
-                                                            info.gradSum[2][j] * keyCentre[2];
-                        const float rowDelta = querySide ? ownDelta[h] : info.delta[j];
+                    for (int h = 0; h < 2; h++) {
+                        const float share = querySide ? ownGradSum[h][0] * keyCentre[0] + ownGradSum[h][1] * keyCentre[1] + ownGradSum[h][2] * keyCentre[2]
+                                                      : otherShare;
+                        const float rowDelta = querySide ? ownDelta[h] : otherDelta;
+                        const bool ok = (valid >> (8 * h + 2 * nt + e)) & 1u;
                         float& x = s[nt][2 * h + e];
-                        x = valid[h][2 * nt + e] ? x * (dp[nt][2 * h + e] + share - rowDelta) : 0.0f;
-                        partial += x;
-                        if (querySide && valid[h][2 * nt + e])
+                        x = ok ? x * (dp[nt][2 * h + e] + share - rowDelta) : 0.0f;
+                        partial[h] += x;
+                        if (querySide && ok)
                             weightGrad = fmaf(x, cross[nt][2 * h + e], weightGrad);
                     }
-                rowSum[h] += partial;
+                }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                rowSum[h] += partial[h];
                 for (int k = 0; k < 3; k++)
-                    centreSum[h][k] = fmaf(partial, d[k], centreSum[h][k]);
+                    centreSum[h][k] = fmaf(partial[h], d[k], centreSum[h][k]);
             }
         }
 
@@ -370,10 +388,12 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
             for (int e = 0; e < 2; e++) {
                 const int col = pt * 8 + 2 * t + e;
                 if (pt < pointTiles && col < coordinates) {
+                    // Selects, not a run-time index: register arrays stay in registers.
                     const int axis = col % 3;
-                    const float relative = points[index * coordinates + col] - ownC[axis];
-                    pointGrad[index * coordinates + col] =
-                        -w * (relative * rowSum[h] - pointAcc[pt][2 * h + e] + sign * centreSum[h][axis]);
+                    const float centre = axis == 0 ? ownC[0] : (axis == 1 ? ownC[1] : ownC[2]);
+                    const float shift = axis == 0 ? centreSum[h][0] : (axis == 1 ? centreSum[h][1] : centreSum[h][2]);
+                    const float relative = points[index * coordinates + col] - centre;
+                    pointGrad[index * coordinates + col] = -w * (relative * rowSum[h] - pointAcc[pt][2 * h + e] + sign * shift);
                 }
             }
     }
@@ -399,28 +419,28 @@ int scalarTiles(int liftedKeyDim) {
 }
 
 template <Side side, int AccTiles>
-void launchSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+void launchSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack,
                 const FusedAttentionGradients& g, cudaStream_t stream, int chunks) {
     const size_t bytes = (size_t) BackwardLayout(pack, p.liftedValueDim(), side, AccTiles).words * 4;
     auto kernel = fusedAttentionBackwardTensorCore<side, AccTiles>;
     allowSharedMemory(kernel, bytes, "tensor-core backward: shared memory");
     const dim3 grid(pack.paddedRows / OwnRows, p.heads, chunks);
-    kernel<<<grid, Threads, bytes, stream>>>(p, pack, logSumExp, delta, g);
+    kernel<<<grid, Threads, bytes, stream>>>(p, pack, g);
     checkLaunch(cudaGetLastError(), "tensor-core backward");
 }
 
 template <int ScalarTiles>
-void launchKeySides(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+void launchKeySides(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack,
                     const FusedAttentionGradients& g, cudaStream_t stream) {
-    launchSide<Side::Query, ScalarTiles>(p, pack, logSumExp, delta, g, stream, 1);
-    launchSide<Side::Key, ScalarTiles>(p, pack, logSumExp, delta, g, stream, 1);
+    launchSide<Side::Query, ScalarTiles>(p, pack, g, stream, 1);
+    launchSide<Side::Key, ScalarTiles>(p, pack, g, stream, 1);
 }
 
 template <int ValueTiles>
-void launchValueSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp, const float* delta,
+void launchValueSide(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack,
                      const FusedAttentionGradients& g, cudaStream_t stream) {
     const int chunks = (p.liftedValueDim() + 8 * ValueTiles - 1) / (8 * ValueTiles);
-    launchSide<Side::Value, ValueTiles>(p, pack, logSumExp, delta, g, stream, chunks);
+    launchSide<Side::Value, ValueTiles>(p, pack, g, stream, chunks);
 }
 
 /** Shared memory of the widest of the three launches. */
@@ -456,33 +476,33 @@ bool tensorCoreBackwardApplies(const FusedAttentionProblem& p) {
     return backwardBytes(p, pack) + 1024 <= (size_t) limit;
 }
 
-bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const float* logSumExp,
-                                            const float* delta, const FusedAttentionGradients& g, cudaStream_t stream) {
+bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const FusedAttentionGradients& g,
+                                            cudaStream_t stream) {
     validateProblem(p);
     if (p.rows == 0 || !tensorCoreBackwardApplies(p))
         return false;
     switch (scalarTiles(p.liftedKeyDim())) {
     case 8:
-        launchKeySides<8>(p, pack, logSumExp, delta, g, stream);
+        launchKeySides<8>(p, pack, g, stream);
         break;
     case 16:
-        launchKeySides<16>(p, pack, logSumExp, delta, g, stream);
+        launchKeySides<16>(p, pack, g, stream);
         break;
     case 18:
-        launchKeySides<18>(p, pack, logSumExp, delta, g, stream);
+        launchKeySides<18>(p, pack, g, stream);
         break;
     default:
-        launchKeySides<24>(p, pack, logSumExp, delta, g, stream);
+        launchKeySides<24>(p, pack, g, stream);
     }
     switch (tensorCoreValueChunk(p.liftedValueDim())) {
     case 64:
-        launchValueSide<8>(p, pack, logSumExp, delta, g, stream);
+        launchValueSide<8>(p, pack, g, stream);
         break;
     case 128:
-        launchValueSide<16>(p, pack, logSumExp, delta, g, stream);
+        launchValueSide<16>(p, pack, g, stream);
         break;
     default:
-        launchValueSide<32>(p, pack, logSumExp, delta, g, stream);
+        launchValueSide<32>(p, pack, g, stream);
     }
     return true;
 }

@@ -132,8 +132,13 @@ struct TensorCoreBackwardPack {
     const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]; value points are re-centred on these too
     const void* gradOut = nullptr;       ///< [paddedRows, H, valueColumns] bf16: dOut
     const void* values = nullptr;        ///< [paddedRows, H, valueColumns] bf16: [v | value points - key tile centre | pair values]
-    const float* gradOutPointSums = nullptr; ///< [paddedRows, H, 4]: sum_p dOut of value point p (x, y, z), 0
+    const float* rowTerms = nullptr;     ///< [paddedRows, H, 8]: log-sum-exp, delta, sum_p dOut of value point p (x, y, z), 0, 0, 0
+    const int* rowRanges = nullptr;      ///< [paddedRows, 4]: segment (-1 on padding), key range begin, end, 0
+    const int* tileSegments = nullptr;   ///< [paddedRows / 32]: the common segment of a tile of 32 rows, or INT_MIN
 };
+
+/** Rows of the other side's tiles in the tensor-core backward (the unit of TensorCoreBackwardPack::tileSegments). */
+constexpr int TensorCoreBackwardTile = 32;
 
 /** Scalar columns the tensor-core backward uses for a lifted key width (0: too wide, the SIMT backward runs). */
 int tensorCoreBackwardScalarColumns(int liftedKeyDim);
@@ -143,11 +148,11 @@ bool tensorCoreBackwardApplies(const FusedAttentionProblem& problem);
 
 /**
  * The tensor-core backward for bf16 problems; returns false, launching nothing, where it does not
- * apply. Same contract as launchFusedAttentionBackward (the gradient buffers must be zeroed).
+ * apply. Same contract as launchFusedAttentionBackward (the gradient buffers must be zeroed); the
+ * log-sum-exp and delta travel in pack.rowTerms.
  */
 bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& problem, const TensorCoreBackwardPack& pack,
-                                            const float* logSumExp, const float* delta, const FusedAttentionGradients& gradients,
-                                            cudaStream_t stream);
+                                            const FusedAttentionGradients& gradients, cudaStream_t stream);
 
 /**
  * Forward: out [N, H, liftedValueDim] (fp32, value points in the global frame) and the log-sum-exp

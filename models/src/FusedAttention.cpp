@@ -223,7 +223,7 @@ struct PackedBackwardOperands {
 };
 
 PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p,
-                                                 const torch::Tensor& gradOut) {
+                                                 const torch::Tensor& gradOut, const torch::Tensor& logSumExp, const torch::Tensor& delta) {
     const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t scalarColumns = kernels::tensorCoreBackwardScalarColumns((int) (c + Rb));
@@ -254,9 +254,18 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
     torch::Tensor values = pad(torch::cat({t[2].to(torch::kBFloat16), valuePoints.to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
     torch::Tensor gradRows = pad(torch::cat({gradOut.to(torch::kBFloat16), zeros(valueColumns - width)}, -1));
-    torch::Tensor gradSums = pad(torch::cat({gradOut.narrow(-1, c, 3 * Pv).reshape({N, H, Pv, 3}).sum(2), torch::zeros({N, H, 1}, f32)}, -1));
+    torch::Tensor gradSums = gradOut.narrow(-1, c, 3 * Pv).reshape({N, H, Pv, 3}).sum(2);
+    torch::Tensor rowTerms = pad(torch::cat({logSumExp.unsqueeze(-1), delta.unsqueeze(-1), gradSums, torch::zeros({N, H, 3}, f32)}, -1));
+    // Per row: segment, key range; padding rows are segment -1. Per tile of rows: their common segment.
+    auto int32 = t[10].options().dtype(torch::kInt32);
+    torch::Tensor rowRanges = torch::stack({t[10], t[11], t[12], torch::zeros({N}, int32)}, 1);
+    rowRanges = torch::cat({rowRanges, torch::tensor({-1, 0, 0, 0}, int32).expand({padded - N, 4})}).contiguous();
+    torch::Tensor perTile = rowRanges.select(1, 0).reshape({-1, kernels::TensorCoreBackwardTile});
+    torch::Tensor lowest = std::get<0>(perTile.min(1)), highest = std::get<0>(perTile.max(1));
+    torch::Tensor tileSegments = torch::where(lowest == highest, lowest, torch::full({}, INT_MIN, int32)).contiguous();
     PackedBackwardOperands out;
-    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, gradRows, values, gradSums};
+    out.keepAlive = {queries,    keys,       pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres,
+                     gradRows,   values,     rowTerms,              rowRanges,             tileSegments};
     kernels::TensorCoreBackwardPack& k = out.pack;
     k.paddedRows = (int) padded;
     k.scalarColumns = (int) scalarColumns;
@@ -271,20 +280,22 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     k.keyCentres = out.keepAlive[5].data_ptr<float>();
     k.gradOut = out.keepAlive[6].data_ptr();
     k.values = out.keepAlive[7].data_ptr();
-    k.gradOutPointSums = out.keepAlive[8].data_ptr<float>();
+    k.rowTerms = out.keepAlive[8].data_ptr<float>();
+    k.rowRanges = out.keepAlive[9].data_ptr<int>();
+    k.tileSegments = out.keepAlive[10].data_ptr<int>();
     return out;
 }
 
 /** Runs the tensor-core backward where it applies (bf16 on sm_80+), else the fp32 SIMT backward. */
 void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& gradOut,
-                    const float* logSumExp, const float* delta, const kernels::FusedAttentionGradients& g) {
+                    const torch::Tensor& logSumExp, const torch::Tensor& delta, const kernels::FusedAttentionGradients& g) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (p.rows > 0 && kernels::tensorCoreBackwardApplies(p)) {
-        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut);
-        if (kernels::launchFusedAttentionBackwardTensorCore(p, packed.pack, logSumExp, delta, g, stream))
+        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta);
+        if (kernels::launchFusedAttentionBackwardTensorCore(p, packed.pack, g, stream))
             return;
     }
-    kernels::launchFusedAttentionBackward(p, logSumExp, gradOut.data_ptr<float>(), delta, g, stream);
+    kernels::launchFusedAttentionBackward(p, logSumExp.data_ptr<float>(), gradOut.data_ptr<float>(), delta.data_ptr<float>(), g, stream);
 }
 
 /** Runs the tensor-core forward where it applies (bf16 on sm_80+), else the fp32 SIMT forward. */
@@ -341,7 +352,7 @@ public:
         g.queryPoints = dQueryPoints.data_ptr<float>();
         g.keyPoints = dKeyPoints.data_ptr<float>();
         g.pointWeight = dWeight.data_ptr<float>();
-        launchBackward(t, p, gradOut, logSumExp.data_ptr<float>(), delta.data_ptr<float>(), g);
+        launchBackward(t, p, gradOut, logSumExp, delta, g);
         const auto element = q.scalar_type();
         auto cols = [](const torch::Tensor& x, int64_t from, int64_t count) { return x.narrow(-1, from, count); };
         torch::Tensor dPair = cols(dValue, c + 3 * Pv, p.pairRank * p.pairValueDim).sum(1).view({N, p.pairRank, p.pairValueDim});
