@@ -26,6 +26,11 @@ struct LayerCase {
     int L, rank, relPos, headDim;
 };
 
+/** How GoogleTest (and so CTest's test names) print a case. */
+void PrintTo(const LayerCase& c, std::ostream* os) {
+    *os << "L=" << c.L << " rank=" << c.rank << " relPos=" << c.relPos << " headDim=" << c.headDim;
+}
+
 class MathVersusSDPA : public ::testing::TestWithParam<LayerCase> {};
 
 TEST_P(MathVersusSDPA, SameFunctionInFloat32) {
