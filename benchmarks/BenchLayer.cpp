@@ -1,8 +1,11 @@
 // flashipa-bench-layer: times one FlashIPA layer forward (and forward+backward) for the math and SDPA
 // backends over a range of lengths, on CPU or CUDA, and prints one table. A benchmark, not a test.
 //   flashipa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--published-defaults] [--lengths 128,512,...]
-//                        [--backends fused,sdpa,math] [--max-backward L]
+//                        [--backends fused,fused-mma,sdpa,math] [--max-backward L]
+// fused-mma is the fused backend with its forward held to the mma.sync kernel (the wgmma one is the
+// default on an H100), to time the two side by side.
 #include "flashipa/EnergyModel.h"
+#include "flashipa/FusedAttention.h"
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -69,7 +72,13 @@ double peakMiB(const std::function<void()>& run) {
 int main(int argc, char** argv) {
     std::string device = "cpu", dtypeName = "float32";
     std::vector<int64_t> lengths = {64, 128, 256, 512, 1024};
-    std::vector<AttentionBackend> backends = {AttentionBackend::Math, AttentionBackend::SDPA};
+    struct Backend {
+        AttentionBackend backend;
+        FusedForwardKernel forwardKernel;
+        std::string name;
+    };
+    std::vector<Backend> backends = {{AttentionBackend::Math, FusedForwardKernel::Fastest, "math"},
+                                     {AttentionBackend::SDPA, FusedForwardKernel::Fastest, "sdpa"}};
     int64_t maxBackward = 1 << 30, maxMath = 4096, maxGraph = 16384; // math: [L, L, H, P, 3] materialised
     ModelConfig config;
     for (int i = 1; i < argc; i++) {
@@ -90,12 +99,15 @@ int main(int argc, char** argv) {
             backends.clear();
             std::stringstream list(argv[++i]);
             for (std::string item; std::getline(list, item, ',');)
-                backends.push_back(parseAttentionBackend(item));
+                if (item == "fused-mma")
+                    backends.push_back({AttentionBackend::Fused, FusedForwardKernel::MmaSync, item});
+                else
+                    backends.push_back({parseAttentionBackend(item), FusedForwardKernel::Fastest, item});
         } else if (!std::strcmp(argv[i], "--max-backward") && i + 1 < argc) {
             maxBackward = std::stoll(argv[++i]);
         } else {
             std::cerr << "usage: flashipa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--published-defaults]\n"
-                         "       [--lengths a,b,c] [--backends fused,sdpa,math] [--max-backward L]\n";
+                         "       [--lengths a,b,c] [--backends fused,fused-mma,sdpa,math] [--max-backward L]\n";
             return 2;
         }
     }
@@ -125,7 +137,9 @@ int main(int argc, char** argv) {
         in.positions = torch::arange(L, opts).unsqueeze(0);
         const int repeats = L <= 4096 ? 20 : (L <= 65536 ? 3 : 1);
         const bool warmUp = L <= 131072; // beyond, one run of minutes: the first call is the measurement
-        for (AttentionBackend backend : backends) {
+        for (const Backend& choice : backends) {
+            const AttentionBackend backend = choice.backend;
+            setFusedForwardKernel(choice.forwardKernel);
             if (backend == AttentionBackend::Math && L > maxMath)
                 continue; // materialises [L, L, H, P, 3]
             auto forward = [&] {
@@ -133,7 +147,7 @@ int main(int argc, char** argv) {
                 layer->forward(in, backend);
             };
             auto forwardBackward = [&] { layer->forward(in, backend).sum().backward(); };
-            std::cout << "| " << L << " | " << attentionBackendName(backend);
+            std::cout << "| " << L << " | " << choice.name;
             try {
                 double ms = 0.0, mib = 0.0;
                 if (warmUp) {

@@ -462,10 +462,8 @@ int tensorCoreBackwardScalarColumns(int liftedKeyDim) {
 }
 
 bool tensorCoreBackwardApplies(const FusedAttentionProblem& p) {
-    int device = 0, major = 0, limit = 0;
-    checkLaunch(cudaGetDevice(&device), "device");
-    checkLaunch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
-    checkLaunch(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+    const DeviceFacts device = currentDeviceFacts();
+    const int major = device.major, limit = device.sharedMemoryOptin;
     if (major < 8 || p.element != ElementType::BFloat16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
         3 * p.queryPoints > 8 * MaxPointTiles)
         return false;

@@ -33,6 +33,32 @@ void allowSharedMemory(Kernel kernel, size_t bytes, const char* what) {
     current = bytes;
 }
 
+/** What the launchers need to know of the current device: compute capability and the opt-in shared-memory limit per block. */
+struct DeviceFacts {
+    int major = 0, minor = 0, sharedMemoryOptin = 0;
+};
+
+/**
+ * The current device's facts, queried once per device and cached: the "does this kernel apply"
+ * checks run on every call (in the operator and again in the launchers), three runtime queries each.
+ */
+inline DeviceFacts currentDeviceFacts() {
+    static std::mutex mutex;
+    static std::map<int, DeviceFacts> known;
+    int device = 0;
+    checkLaunch(cudaGetDevice(&device), "device");
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = known.find(device);
+    if (found != known.end())
+        return found->second;
+    DeviceFacts facts;
+    checkLaunch(cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+    checkLaunch(cudaDeviceGetAttribute(&facts.minor, cudaDevAttrComputeCapabilityMinor, device), "compute capability");
+    checkLaunch(cudaDeviceGetAttribute(&facts.sharedMemoryOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "shared memory limit");
+    known[device] = facts;
+    return facts;
+}
+
 /** Refuses problems the kernels cannot index or whose tensors are missing. */
 inline void validateProblem(const FusedAttentionProblem& p) {
     if (p.rows < 0 || p.heads <= 0 || p.headDim <= 0 || p.queryPoints < 0 || p.valuePoints < 0 || p.biasRank < 0 ||

@@ -93,6 +93,13 @@ __device__ __forceinline__ void copyRows(uint32_t* dst, int dstPitch, const uint
     }
 }
 
+/** Copies `vectors` contiguous 16-byte vectors from src to the shared address dst, spread over the block's threads. */
+template <int Threads>
+__device__ __forceinline__ void copyContiguous(unsigned dst, const uint4* src, int vectors) {
+    for (int i = threadIdx.x; i < vectors; i += Threads)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16u * (unsigned) i), "l"(src + i));
+}
+
 /** Four 8 x 8 bf16 matrices; lane l gives the shared address of row l % 8 of matrix l / 8. */
 __device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -78,6 +78,14 @@ struct FusedAttentionGradients {
  * the per-row sums below (see FusedAttentionForwardTensorCore.cu).
  */
 struct TensorCorePack {
+    /**
+     * Rows: each packed tensor row-major as documented below (the mma.sync kernel). CoreMatrixTiles:
+     * the same elements tile by tile in the wgmma kernel's shared-memory order (FusedAttentionWgmma.cuh):
+     * queries [paddedRows / 128, H, 16, keyColumns / 8, 8, 8], keys [paddedRows / 64, H, 8, keyColumns / 8, 8, 8],
+     * values [H, paddedRows / 64, valueColumns / 8, 8, 8 columns, 8 keys], valuesLo likewise with 64 columns
+     * (zero-padded beyond 3 P_v: the wgmma kernel multiplies them as one 64-column product).
+     */
+    enum class Layout { Rows, CoreMatrixTiles } layout = Layout::Rows;
     int paddedRows = 0;    ///< N rounded up to 128
     int keyColumns = 0;    ///< width of a packed query/key row (multiple of 16)
     int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to 16; points follow
@@ -110,6 +118,16 @@ bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& problem,
 
 /** True when the tensor-core forward can run for this problem on the current device. */
 bool tensorCoreForwardApplies(const FusedAttentionProblem& problem);
+
+/**
+ * True when the wgmma forward (FusedAttentionForwardWgmma.cu, built for sm_90a only) can run for this
+ * problem on the current device: a compute capability 9.0 GPU, bf16, and the tiles fit shared memory.
+ */
+bool wgmmaForwardApplies(const FusedAttentionProblem& problem);
+
+/** The wgmma forward; needs a pack with Layout::CoreMatrixTiles. Returns false, launching nothing, where it does not apply. */
+bool launchFusedAttentionForwardWgmma(const FusedAttentionProblem& problem, const TensorCorePack& pack, float* out, float* logSumExp,
+                                      cudaStream_t stream);
 
 /**
  * Operands of the tensor-core backward (FusedAttentionBackwardTensorCore.cu), packed once per backward

@@ -3,6 +3,7 @@
 // flashipa::fused_ipa_attention. Builds without CUDA too; then every call explains that the kernels
 // are missing.
 #include "flashipa/FusedAttention.h"
+#include <atomic>
 #include <climits>
 #include <stdexcept>
 #include <torch/library.h>
@@ -23,6 +24,20 @@ bool fusedAttentionAvailable() {
     return true;
 #else
     return false;
+#endif
+}
+
+#ifdef FLASHIPA_HAVE_FUSED_KERNEL
+namespace {
+std::atomic<FusedForwardKernel> forwardKernelLimit{FusedForwardKernel::Fastest};
+}
+#endif
+
+void setFusedForwardKernel(FusedForwardKernel limit) {
+#ifdef FLASHIPA_HAVE_FUSED_KERNEL
+    forwardKernelLimit.store(limit);
+#else
+    (void) limit;
 #endif
 }
 
@@ -155,13 +170,43 @@ std::pair<torch::Tensor, torch::Tensor> splitBf16(const torch::Tensor& x) {
     return {hi, (x - hi.to(torch::kFloat32)).to(torch::kBFloat16)};
 }
 
+/**
+ * Per tile of `tile` consecutive rows, the segment id all its rows share, or INT_MIN where they differ
+ * (the kernels skip the mask on tiles inside one segment). `segments` is padded to a multiple of tile.
+ */
+torch::Tensor commonSegmentPerTile(const torch::Tensor& segments, int64_t tile) {
+    torch::Tensor perTile = segments.reshape({-1, tile});
+    torch::Tensor lowest = std::get<0>(perTile.min(1)), highest = std::get<0>(perTile.max(1));
+    return torch::where(lowest == highest, lowest, torch::full({}, INT_MIN, lowest.options())).contiguous();
+}
+
+/**
+ * Row-major packed rows [R, H, C] (R a multiple of tile) in core-matrix tile order, the wgmma kernel's
+ * shared-memory layout: [R / tile, H, tile / 8, C / 8, 8 rows, 8 columns] (FusedAttentionWgmma.cuh).
+ */
+torch::Tensor coreMatrixTiles(const torch::Tensor& x, int64_t tile) {
+    const int64_t R = x.size(0), H = x.size(1), C = x.size(2);
+    return x.view({R / tile, tile / 8, 8, H, C / 8, 8}).permute({0, 3, 1, 4, 2, 5}).contiguous();
+}
+
+/**
+ * Value rows [R, H, C] as the transposed B operand of P.V in core-matrix tile order:
+ * [H, R / tile, C / 8, tile / 8, 8 columns, 8 rows] (a key tile's columns are 8 x 8 blocks of keys).
+ */
+torch::Tensor transposedCoreMatrixTiles(const torch::Tensor& x, int64_t tile) {
+    const int64_t R = x.size(0), H = x.size(1), C = x.size(2);
+    return x.view({R / tile, tile / 8, 8, H, C / 8, 8}).permute({3, 0, 4, 1, 5, 2}).contiguous();
+}
+
 /** Operands of the tensor-core forward, packed with LibTorch ops (see kernels::TensorCorePack). */
 struct PackedOperands {
     std::vector<torch::Tensor> keepAlive;
     kernels::TensorCorePack pack;
 };
 
-PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& pointWeight) {
+PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& pointWeight,
+                                  kernels::TensorCorePack::Layout layout) {
+    const bool tiled = layout == kernels::TensorCorePack::Layout::CoreMatrixTiles;
     const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t scalarColumns = (c + Rb + 15) / 16 * 16, pointColumns = (9 * Pq + 15) / 16 * 16;
@@ -186,18 +231,24 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
     // Value points first, so that their residual tiles are the first tiles of the first chunk.
     torch::Tensor values = torch::cat({vpHi, t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1);
-    const int64_t loTiles = (3 * Pv + 7) / 8;
-    torch::Tensor valuesLo = torch::cat({vpLo, zeros(8 * loTiles - 3 * Pv)}, -1);
-    values = padRows(values).permute({1, 2, 0}).contiguous();
-    valuesLo = padRows(valuesLo).permute({1, 2, 0}).contiguous();
-    // Segments padded with -1, and per key tile the segment all its keys share (INT_MIN where they differ).
+    // Residuals: 8 loTiles columns (64 in core-matrix tiles, where they are one 64-column product).
+    const int64_t loTiles = (3 * Pv + 7) / 8, loColumns = tiled && loTiles > 0 ? 64 : 8 * loTiles;
+    torch::Tensor valuesLo = torch::cat({vpLo, zeros(loColumns - 3 * Pv)}, -1);
+    if (tiled) {
+        queries = coreMatrixTiles(queries, kernels::TensorCoreQueryTile);
+        keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
+        values = transposedCoreMatrixTiles(padRows(values), kernels::TensorCoreKeyTile);
+        valuesLo = transposedCoreMatrixTiles(padRows(valuesLo), kernels::TensorCoreKeyTile);
+    } else {
+        values = padRows(values).permute({1, 2, 0}).contiguous();
+        valuesLo = padRows(valuesLo).permute({1, 2, 0}).contiguous();
+    }
     torch::Tensor segments = torch::constant_pad_nd(t[10], {0, padded - N}, -1).contiguous();
-    torch::Tensor perTile = segments.view({-1, kernels::TensorCoreKeyTile});
-    torch::Tensor lowest = std::get<0>(perTile.min(1)), highest = std::get<0>(perTile.max(1));
-    torch::Tensor tileSegments = torch::where(lowest == highest, lowest, torch::full({}, INT_MIN, lowest.options())).contiguous();
+    torch::Tensor tileSegments = commonSegmentPerTile(segments, kernels::TensorCoreKeyTile);
     PackedOperands out;
     out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, valuesLo, segments, tileSegments};
     kernels::TensorCorePack& k = out.pack;
+    k.layout = layout;
     k.paddedRows = (int) padded;
     k.keyColumns = (int) (scalarColumns + pointColumns);
     k.scalarColumns = (int) scalarColumns;
@@ -260,9 +311,7 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     auto int32 = t[10].options().dtype(torch::kInt32);
     torch::Tensor rowRanges = torch::stack({t[10], t[11], t[12], torch::zeros({N}, int32)}, 1);
     rowRanges = torch::cat({rowRanges, torch::tensor({-1, 0, 0, 0}, int32).expand({padded - N, 4})}).contiguous();
-    torch::Tensor perTile = rowRanges.select(1, 0).reshape({-1, kernels::TensorCoreBackwardTile});
-    torch::Tensor lowest = std::get<0>(perTile.min(1)), highest = std::get<0>(perTile.max(1));
-    torch::Tensor tileSegments = torch::where(lowest == highest, lowest, torch::full({}, INT_MIN, int32)).contiguous();
+    torch::Tensor tileSegments = commonSegmentPerTile(rowRanges.select(1, 0), kernels::TensorCoreBackwardTile);
     PackedBackwardOperands out;
     out.keepAlive = {queries,    keys,       pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres,
                      gradRows,   values,     rowTerms,              rowRanges,             tileSegments};
@@ -298,11 +347,20 @@ void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAtt
     kernels::launchFusedAttentionBackward(p, logSumExp.data_ptr<float>(), gradOut.data_ptr<float>(), delta.data_ptr<float>(), g, stream);
 }
 
-/** Runs the tensor-core forward where it applies (bf16 on sm_80+), else the fp32 SIMT forward. */
+/**
+ * Runs the fastest forward that applies within the limit set by setFusedForwardKernel: wgmma (bf16 on
+ * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT forward.
+ */
 void launchForward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, float* out, float* logSumExp) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (p.rows > 0 && kernels::tensorCoreForwardApplies(p)) {
-        PackedOperands packed = packForTensorCores(t, p, t[9]);
+    const FusedForwardKernel limit = forwardKernelLimit.load();
+    if (p.rows > 0 && limit == FusedForwardKernel::Fastest && kernels::wgmmaForwardApplies(p)) {
+        PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::CoreMatrixTiles);
+        if (kernels::launchFusedAttentionForwardWgmma(p, packed.pack, out, logSumExp, stream))
+            return;
+    }
+    if (p.rows > 0 && limit != FusedForwardKernel::Simt && kernels::tensorCoreForwardApplies(p)) {
+        PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::Rows);
         if (kernels::launchFusedAttentionForwardTensorCore(p, packed.pack, out, logSumExp, stream))
             return;
     }

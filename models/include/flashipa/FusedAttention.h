@@ -33,6 +33,15 @@ bool fusedAttentionAvailable();
  */
 torch::Tensor fusedIPAAttention(const FusedAttentionInputs& inputs, double scalarScale, double biasScale);
 
+/**
+ * The fastest kind of forward kernel the fused backend may use, process-wide (for tests and
+ * benchmarks that compare the kernels; users keep the default): Fastest picks wgmma on compute
+ * capability 9.0 GPUs, mma.sync tensor cores on other sm_80+ GPUs, SIMT otherwise; MmaSync stops at
+ * mma.sync; Simt uses the fp32 kernel for every element type. The backward is not affected.
+ */
+enum class FusedForwardKernel { Fastest, MmaSync, Simt };
+void setFusedForwardKernel(FusedForwardKernel limit);
+
 /** Each row's key range [begin, end): the run of equal segment ids it belongs to. */
 std::pair<torch::Tensor, torch::Tensor> segmentKeyRanges(const torch::Tensor& segment);
 
