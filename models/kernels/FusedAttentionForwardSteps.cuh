@@ -188,29 +188,58 @@ __device__ __forceinline__ void probabilityFragment(uint32_t (&a)[4], const floa
 }
 
 /**
- * Writes this thread's normalised output columns (packed order [value points | v | pair values] back to
- * the output's [v | value points | pair values]) and, from the first chunk, the log-sum-exp.
+ * Writes this thread's output columns and, from the first chunk, the log-sum-exp. Packed order
+ * [extras | value points - c | v | pair values] (TensorCorePack) goes back to the output's
+ * [v | value points | pair values]. Scalar and pair columns are normalised by the fp32 sum of the
+ * probabilities; value points by the sum of the bf16 probabilities the products used (the extras'
+ * ones column), with the centre's share added, so that they move exactly with the structure.
  */
 template <int ValueTiles>
 __device__ __forceinline__ void writeOutput(const FusedAttentionProblem& p, const RowSoftmax& softmax, const float (&acc)[ValueTiles][4],
                                             int row0, int head, int chunk0, float* out, float* logSumExp, int t) {
-    const int valueWidth = p.liftedValueDim(), chunkColumns = min(8 * ValueTiles, valueWidth - chunk0);
+    static_assert(TensorCoreValueExtras == 8, "the extras are the first n-tile: lanes 4 g .. 4 g + 3 hold them");
+    const int valueWidth = p.liftedValueDim(), chunkColumns = min(8 * ValueTiles, tensorCoreForwardValueWidth(p) - chunk0);
     const int pointColumns = 3 * p.valuePoints;
+    // The first chunk's first n-tile: [sum p | c_hi x y z | c_lo x y z | 0] per row, spread over the 4 lanes of the row.
+    float pointSum[2] = {0.0f, 0.0f}, centre[2][3] = {};
+    if (chunk0 == 0) {
+        const int quad = (threadIdx.x % 32) & ~3;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float extra[8];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                extra[2 * k] = __shfl_sync(0xffffffffu, acc[0][2 * h], quad + k);
+                extra[2 * k + 1] = __shfl_sync(0xffffffffu, acc[0][2 * h + 1], quad + k);
+            }
+            pointSum[h] = extra[0];
+            for (int x = 0; x < 3; x++)
+                centre[h][x] = extra[1 + x] + extra[4 + x];
+        }
+    }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int row = row0 + softmax.localRow[h];
         if (row >= p.rows)
             continue;
         const float inverse = softmax.runningSum[h] > 0.0f ? 1.0f / softmax.runningSum[h] : 0.0f;
+        const float pointInverse = pointSum[h] > 0.0f ? 1.0f / pointSum[h] : 0.0f;
         float* outRow = out + ((size_t) row * p.heads + head) * valueWidth;
 #pragma unroll
         for (int nv = 0; nv < ValueTiles; nv++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int col = nv * 8 + 2 * t + e, packed = chunk0 + col;
-                if (col < chunkColumns)
-                    outRow[packed < pointColumns ? p.headDim + packed : (packed < pointColumns + p.headDim ? packed - pointColumns : packed)] =
-                        acc[nv][2 * h + e] * inverse;
+                const int col = nv * 8 + 2 * t + e, packed = chunk0 + col - TensorCoreValueExtras;
+                if (col >= chunkColumns || packed < 0)
+                    continue;
+                const float x = acc[nv][2 * h + e];
+                if (packed < pointColumns) {
+                    const int axis = packed % 3;
+                    const float c = axis == 0 ? centre[h][0] : (axis == 1 ? centre[h][1] : centre[h][2]);
+                    outRow[p.headDim + packed] = (x + c) * pointInverse;
+                } else {
+                    outRow[packed < pointColumns + p.headDim ? packed - pointColumns : packed] = x * inverse;
+                }
             }
         if (chunk0 == 0 && t == 0)
             logSumExp[(size_t) row * p.heads + head] =

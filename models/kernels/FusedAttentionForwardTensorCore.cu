@@ -15,8 +15,12 @@
 //    |a| and |b| are the size of a tile's neighbourhood wherever the structure sits and however large
 //    it is; pairs of distant tiles get large errors in absolute terms only where their weights
 //    underflow anyway;
-//  - value points: global coordinates as bf16 hi + lo parts accumulated into the same fp32
-//    accumulators (two mma per column tile), about 16 bits whatever their magnitude.
+//  - value points: relative to their key tile's centre c (bf16: the size of a tile's neighbourhood,
+//    rounded like every other bf16 operand), plus the centre's share from extra value columns
+//    [1 | c_hi | c_lo] (TensorCorePack), all normalised by the sum of the same bf16 probabilities:
+//    the weights sum to one exactly, so the output moves with the structure to fp32 precision.
+//    (Session 5 packed global coordinates as bf16 hi + lo instead: twice the value-point products,
+//    and the probabilities' bf16 rounding still multiplied coordinates of 100 nm.)
 // The online softmax follows FlashAttention-2: probabilities stay in registers and are re-packed as
 // the A operand of the P.V product (the accumulator layout of m16n8k16 matches the operand layout).
 #include "FusedAttentionForwardSteps.cuh"
@@ -32,29 +36,25 @@ constexpr int BlockKeys = TensorCoreKeyTile;
 constexpr int Threads = 32 * Warps;
 constexpr int MaxValueTiles = 32;
 constexpr int ValueStride = paddedWords(BlockKeys / 2); // value tiles: rows are value columns, 64 keys each
-constexpr int MaxLoTiles = 8; // value-point residual tiles: 3 P_v <= 64
-static_assert(MaxLoTiles <= 8, "the residual tiles fit in the first chunk (at least 8 tiles)");
 static_assert(BlockRows == 16 * Warps, "one warp per 16 query rows");
 
 /**
- * Shared-memory geometry (offsets in 32-bit words). The key, value and value-residual tiles are
- * double-buffered: the next tile is copied (cp.async) while the current one is multiplied.
+ * Shared-memory geometry (offsets in 32-bit words). The key and value tiles are double-buffered:
+ * the next tile is copied (cp.async) while the current one is multiplied.
  */
 struct Layout {
-    int keyStride, valueStride, loTiles, bufferWords;
-    int queryOffset, keyOffset, valueOffset, valueLoOffset, keyStatsOffset, keySegmentOffset, words;
+    int keyStride, valueStride, bufferWords;
+    int queryOffset, keyOffset, valueOffset, keyStatsOffset, keySegmentOffset, words;
 
     __host__ __device__ Layout(const TensorCorePack& pack, int valueTiles) {
         keyStride = paddedWords(pack.keyColumns / 2);
         valueStride = ValueStride;
-        loTiles = pack.loTiles; // all in the first chunk (value points come first)
         queryOffset = 0;
         keyOffset = queryOffset + BlockRows * keyStride;
         valueOffset = keyOffset + BlockKeys * keyStride;
-        valueLoOffset = valueOffset + 8 * valueTiles * valueStride;
-        keyStatsOffset = valueLoOffset + 8 * loTiles * valueStride;
+        keyStatsOffset = valueOffset + 8 * valueTiles * valueStride;
         keySegmentOffset = keyStatsOffset + 4 * BlockKeys;
-        bufferWords = keySegmentOffset + BlockKeys - keyOffset; // one buffer: key, value, residual tiles, key stats, segments
+        bufferWords = keySegmentOffset + BlockKeys - keyOffset; // one buffer: key and value tiles, key stats, segments
         words = keyOffset + 2 * bufferWords;
     }
 };
@@ -84,11 +84,9 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
 
     float acc[ValueTiles][4] = {};
     const uint4* values = static_cast<const uint4*>(pack.values) + (size_t) head * pack.valueColumns * (pack.paddedRows / 8);
-    const uint4* valuesLo = static_cast<const uint4*>(pack.valuesLo) + (size_t) head * 8 * pack.loTiles * (pack.paddedRows / 8);
-    const int loTiles = blockIdx.z == 0 ? pack.loTiles : 0; // value-point residual tiles in this chunk
     const int vectorsPerColumn = pack.paddedRows / 8;
 
-    // Starts copying one key tile into a buffer: keys, values, value residuals, the keys' point sums
+    // Starts copying one key tile into a buffer: keys, values, the keys' point sums
     // and segments (cp.async, one commit group; nothing in the loop waits on a global load).
     auto stageTile = [&](int tile, int buffer) {
         uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
@@ -97,9 +95,6 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
                  (size_t) H * vectorsPerRow, BlockKeys, vectorsPerRow);
         copyRows<Threads>(base + layout.valueOffset - layout.keyOffset, layout.valueStride, values + (size_t) chunk0 * vectorsPerColumn + key0 / 8,
                  vectorsPerColumn, 8 * ValueTiles, BlockKeys / 8); // whole chunk: the packing zero-pads it
-        if (loTiles > 0)
-            copyRows<Threads>(base + layout.valueLoOffset - layout.keyOffset, layout.valueStride, valuesLo + key0 / 8, vectorsPerColumn, 8 * loTiles,
-                     BlockKeys / 8);
         copyRows<Threads>(base + layout.keyStatsOffset - layout.keyOffset, 4, static_cast<const uint4*>(static_cast<const void*>(pack.keyStats)) + (size_t) key0 * H + head,
                  H, BlockKeys, 1);
         copyRows<Threads>(base + layout.keySegmentOffset - layout.keyOffset, 0, static_cast<const uint4*>(static_cast<const void*>(pack.segments + key0)), 0, 1,
@@ -118,8 +113,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         if (tile + 1 < span.lastTile)
             stageTile(tile + 1, buffer ^ 1);
         const uint32_t* base = words + layout.keyOffset + buffer * layout.bufferWords;
-        const unsigned keyTile = sharedAddress(base), valueTile = keyTile + 4u * (layout.valueOffset - layout.keyOffset),
-                       valueLoTile = keyTile + 4u * (layout.valueLoOffset - layout.keyOffset);
+        const unsigned keyTile = sharedAddress(base), valueTile = keyTile + 4u * (layout.valueOffset - layout.keyOffset);
         const float4* keyStats = reinterpret_cast<const float4*>(base + layout.keyStatsOffset - layout.keyOffset);
         const int* keySegment = reinterpret_cast<const int*>(base + layout.keySegmentOffset - layout.keyOffset);
         const int tileSegment = pack.tileSegments[tile]; // used after the logits: its latency is hidden
@@ -144,8 +138,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         softmax.update(s, scales, keyStats, keySegment, rows, key0, span.covers(key0, BlockKeys, tileSegment), d, pointWeight,
                        (float) p.queryPoints, t);
         rescale(acc, scales);
-        // acc += P V: P re-packed from the logit accumulators as bf16 A operands; the value points'
-        // residual tiles after all the main tiles, so that no mma waits on the one before it.
+        // acc += P V: P re-packed from the logit accumulators as bf16 A operands.
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t a[4];
@@ -157,14 +150,6 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
                 mma(acc[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
                 mma(acc[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
             }
-#pragma unroll
-            for (int l = 0; l < MaxLoTiles; l++) {
-                if (l < loTiles) {
-                    uint32_t b[2];
-                    loadBOne(b, valueLoTile, valueLanes, ValueStride, 8 * l, kk);
-                    mma(acc[l], a[0], a[1], a[2], a[3], b[0], b[1]);
-                }
-            }
         }
     }
 
@@ -174,7 +159,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
 
 template <int ValueTiles>
 void launch(const FusedAttentionProblem& p, const TensorCorePack& pack, float* out, float* logSumExp, cudaStream_t stream) {
-    const int chunks = (p.liftedValueDim() + 8 * ValueTiles - 1) / (8 * ValueTiles);
+    const int chunks = (tensorCoreForwardValueWidth(p) + 8 * ValueTiles - 1) / (8 * ValueTiles);
     const size_t bytes = (size_t) Layout(pack, ValueTiles).words * 4;
     auto kernel = fusedAttentionForwardTensorCore<ValueTiles>;
     allowSharedMemory(kernel, bytes, "tensor-core forward: shared memory");
@@ -197,11 +182,10 @@ bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
         return false;
     // Shared memory at the widest packing this problem can have.
     TensorCorePack pack;
-    pack.keyColumns = (p.liftedKeyDim() + 15) / 16 * 16 + (9 * p.queryPoints + 15) / 16 * 16;
-    pack.loTiles = (3 * p.valuePoints + 7) / 8;
-    if (pack.loTiles > MaxLoTiles)
-        return false;
-    const int tiles = tensorCoreValueChunk(p.liftedValueDim()) / 8;
+    pack.keyColumns = (p.liftedKeyDim() + 9 * p.queryPoints + 15) / 16 * 16;
+    const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p)), tiles = chunk / 8;
+    if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
+        return false; // the value points and the extras that normalise them share the first chunk
     const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + 2048;
     return bytes <= (size_t) limit;
 }
@@ -213,7 +197,7 @@ bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& p, const
         throw std::invalid_argument("fused FlashIPA attention: the mma.sync forward reads row-major packed operands");
     if (p.rows == 0 || !tensorCoreForwardApplies(p))
         return false;
-    switch (tensorCoreValueChunk(p.liftedValueDim())) {
+    switch (tensorCoreValueChunk(tensorCoreForwardValueWidth(p))) {
     case 64:
         launch<8>(p, pack, out, logSumExp, stream);
         break;

@@ -23,20 +23,17 @@ constexpr int Threads = 32 * Warps;
 constexpr int BlockRows = TensorCoreQueryTile;
 constexpr int BlockKeys = TensorCoreKeyTile;
 constexpr int MaxValueTiles = 32;
-constexpr int MaxLoTiles = 8; // value-point residual tiles: 3 P_v <= 64, all in the first chunk
-constexpr int LoColumns = 8 * MaxLoTiles; // residuals are packed 64 columns wide (zero-padded): one 64-column wgmma
 static_assert(BlockRows == 2 * 64, "two warpgroups of 64 rows");
 static_assert(BlockKeys == 64, "one 64-column wgmma per logit tile, four k-steps per P.V");
 
-/** Shared-memory geometry in bytes: the query tile, then two buffers of (keys, values, residuals, key stats, segments). */
+/** Shared-memory geometry in bytes: the query tile, then two buffers of (keys, values, key stats, segments). */
 struct Layout {
-    int queryBytes, valueOffset, loOffset, statsOffset, segmentOffset, bufferBytes, bytes;
+    int queryBytes, valueOffset, statsOffset, segmentOffset, bufferBytes, bytes;
 
     __host__ __device__ Layout(const TensorCorePack& pack, int valueTiles) {
         queryBytes = BlockRows * pack.keyColumns * 2;
         valueOffset = BlockKeys * pack.keyColumns * 2;
-        loOffset = valueOffset + 8 * valueTiles * BlockKeys * 2;
-        statsOffset = loOffset + (pack.loTiles > 0 ? LoColumns * BlockKeys * 2 : 0);
+        statsOffset = valueOffset + 8 * valueTiles * BlockKeys * 2;
         segmentOffset = statsOffset + 16 * BlockKeys;
         bufferBytes = segmentOffset + 4 * BlockKeys;
         bytes = queryBytes + 2 * bufferBytes;
@@ -67,21 +64,16 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
     const int keySteps = keyColumns / 16;
 
     float acc[ValueTiles][4] = {};
-    const int loTiles = blockIdx.z == 0 ? pack.loTiles : 0; // value-point residual tiles in this chunk
-    // Per key tile: keys [tile, head], this chunk of the values [head, tile, chunk], residuals [head, tile].
-    const size_t keyVectors = (size_t) BlockKeys * keyColumns / 8, valueVectors = (size_t) pack.valueColumns * BlockKeys / 8,
-                 loVectors = (size_t) LoColumns * BlockKeys / 8;
+    // Per key tile: keys [tile, head], this chunk of the values [head, tile, chunk].
+    const size_t keyVectors = (size_t) BlockKeys * keyColumns / 8, valueVectors = (size_t) pack.valueColumns * BlockKeys / 8;
     const uint4* keys = static_cast<const uint4*>(pack.keys) + head * keyVectors;
     const uint4* values = static_cast<const uint4*>(pack.values) + (size_t) head * keyTiles * valueVectors + chunk0 * BlockKeys / 8;
-    const uint4* valuesLo = static_cast<const uint4*>(pack.valuesLo) + (size_t) head * keyTiles * loVectors;
 
     // Starts copying one key tile into a buffer (cp.async, one commit group).
     auto stageTile = [&](int tile, int buffer) {
         const int offset = layout.queryBytes + buffer * layout.bufferBytes;
         copyContiguous<Threads>(base + offset, keys + (size_t) tile * H * keyVectors, (int) keyVectors);
         copyContiguous<Threads>(base + offset + layout.valueOffset, values + tile * valueVectors, ValueTiles * BlockKeys);
-        if (loTiles > 0)
-            copyContiguous<Threads>(base + offset + layout.loOffset, valuesLo + tile * loVectors, (int) loVectors);
         copyRows<Threads>(reinterpret_cast<uint32_t*>(shared + offset + layout.statsOffset), 4,
                           static_cast<const uint4*>(static_cast<const void*>(pack.keyStats)) + (size_t) tile * BlockKeys * H + head, H, BlockKeys, 1);
         copyContiguous<Threads>(base + offset + layout.segmentOffset, static_cast<const uint4*>(static_cast<const void*>(pack.segments + tile * BlockKeys)),
@@ -124,11 +116,8 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
                        (float) p.queryPoints, t);
         rescale(acc, scales);
 
-        // acc += P V, 64 value columns per wgmma; the value points' residuals (the first chunk's first
-        // columns) as a second product into the same accumulators, like a longer k-loop: separate
-        // narrow products into a subset of them would serialise the wgmma pipeline.
+        // acc += P V, 64 value columns per wgmma.
         const uint64_t valueDescriptor = tileDescriptor(base + offset + layout.valueOffset, BlockKeys);
-        const uint64_t loDescriptor = tileDescriptor(base + offset + layout.loOffset, BlockKeys);
         wgmmaFence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
@@ -138,8 +127,6 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
             for (int c = 0; c < ValueTiles / 8; c++)
                 wgmma64x64(*reinterpret_cast<float(*)[32]>(&acc[8 * c][0]), a[0], a[1], a[2], a[3],
                            advance(valueDescriptor, 64u * BlockKeys * 2 * c + 256u * kk));
-            if (loTiles > 0)
-                wgmma64x64(*reinterpret_cast<float(*)[32]>(&acc[0][0]), a[0], a[1], a[2], a[3], advance(loDescriptor, 256u * kk));
         }
         wgmmaCommit();
         wgmmaWait<0>();
@@ -157,7 +144,7 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
 
 template <int ValueTiles>
 void launch(const FusedAttentionProblem& p, const TensorCorePack& pack, float* out, float* logSumExp, cudaStream_t stream) {
-    const int chunks = (p.liftedValueDim() + 8 * ValueTiles - 1) / (8 * ValueTiles);
+    const int chunks = (tensorCoreForwardValueWidth(p) + 8 * ValueTiles - 1) / (8 * ValueTiles);
     const size_t bytes = (size_t) Layout(pack, ValueTiles).bytes;
     auto kernel = fusedAttentionForwardWgmma<ValueTiles>;
     allowSharedMemory(kernel, bytes, "wgmma forward: shared memory");
@@ -173,11 +160,11 @@ bool wgmmaForwardApplies(const FusedAttentionProblem& p) {
     if (device.major != 9 || device.minor != 0 || p.element != ElementType::BFloat16)
         return false;
     TensorCorePack pack; // the widest packing this problem can have, as in tensorCoreForwardApplies
-    pack.keyColumns = (p.liftedKeyDim() + 15) / 16 * 16 + (9 * p.queryPoints + 15) / 16 * 16;
-    pack.loTiles = (3 * p.valuePoints + 7) / 8;
-    if (pack.loTiles > MaxLoTiles)
-        return false;
-    const size_t bytes = (size_t) Layout(pack, tensorCoreValueChunk(p.liftedValueDim()) / 8).bytes + 2048;
+    pack.keyColumns = (p.liftedKeyDim() + 9 * p.queryPoints + 15) / 16 * 16;
+    const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p));
+    if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
+        return false; // the value points and the extras that normalise them share the first chunk
+    const size_t bytes = (size_t) Layout(pack, chunk / 8).bytes + 2048;
     return bytes <= (size_t) device.sharedMemoryOptin;
 }
 
@@ -188,7 +175,7 @@ bool launchFusedAttentionForwardWgmma(const FusedAttentionProblem& p, const Tens
         throw std::invalid_argument("fused FlashIPA attention: the wgmma forward reads operands packed as core-matrix tiles");
     if (p.rows == 0 || !wgmmaForwardApplies(p))
         return false;
-    switch (tensorCoreValueChunk(p.liftedValueDim())) {
+    switch (tensorCoreValueChunk(tensorCoreForwardValueWidth(p))) {
     case 64:
         launch<8>(p, pack, out, logSumExp, stream);
         break;

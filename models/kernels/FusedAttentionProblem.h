@@ -76,38 +76,52 @@ struct FusedAttentionGradients {
  * padded to a multiple of 128 with zeros. Points enter re-centred on the centre of their own tile
  * (query tiles of 128 rows, key tiles of 64 keys); the kernel restores exact pair distances from
  * the per-row sums below (see FusedAttentionForwardTensorCore.cu).
+ *
+ * Value rows start with TensorCoreValueExtras columns that the P.V product turns into per-row sums:
+ * [1 | c_hi (x y z) | c_lo (x y z) | 0], c = c_hi + c_lo the key tile's centre split into bf16 parts.
+ * Value points follow relative to that centre (bf16), then v and the pair values. The kernel's output
+ * for a value point is (sum_j p_j (y_j - c_j) + sum_j p_j c_j) / sum_j p_j with every sum taken over
+ * the same bf16-rounded probabilities, so a translation of the structure moves the output by exactly
+ * the translation (to fp32 rounding), wherever the structure sits.
  */
 struct TensorCorePack {
     /**
      * Rows: each packed tensor row-major as documented below (the mma.sync kernel). CoreMatrixTiles:
      * the same elements tile by tile in the wgmma kernel's shared-memory order (FusedAttentionWgmma.cuh):
      * queries [paddedRows / 128, H, 16, keyColumns / 8, 8, 8], keys [paddedRows / 64, H, 8, keyColumns / 8, 8, 8],
-     * values [H, paddedRows / 64, valueColumns / 8, 8, 8 columns, 8 keys], valuesLo likewise with 64 columns
-     * (zero-padded beyond 3 P_v: the wgmma kernel multiplies them as one 64-column product).
+     * values [H, paddedRows / 64, valueColumns / 8, 8, 8 columns, 8 keys].
      */
     enum class Layout { Rows, CoreMatrixTiles } layout = Layout::Rows;
     int paddedRows = 0;    ///< N rounded up to 128
-    int keyColumns = 0;    ///< width of a packed query/key row (multiple of 16)
-    int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to 16; points follow
-    int valueColumns = 0;  ///< packed value columns (multiple of 8 * value tiles per block)
-    int loTiles = 0;       ///< 8-column tiles holding value points (the first ones; their lo parts are packed separately)
-    const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
+    int keyColumns = 0;    ///< width of a packed query/key row: c + Rb + 9 P_q rounded up to 16
+    int valueColumns = 0;  ///< packed value columns: extras + lifted value row, rounded up to the value chunk
+    const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] bf16: [q | bl | a_hi | a_lo | a_hi | 0]
     const float* queryStats = nullptr;   ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
-    const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | w b_hi | w b_hi | w b_lo | 0]
+    const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] bf16: [s k | s br | w b_hi | w b_hi | w b_lo | 0]
     const float* keyStats = nullptr;     ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
     const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
     const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]
-    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: [value points (hi) | v | pair values], transposed
-    const void* valuesLo = nullptr;      ///< [H, 8 loTiles, paddedRows] bf16: value-point residuals (x - bf16(x))
+    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: [extras | value points - c | v | pair values], transposed
     const int* segments = nullptr;       ///< [paddedRows]: segment ids, -1 on padding rows
     const int* tileSegments = nullptr;   ///< [paddedRows / 64]: the common segment of a key tile's keys, or INT_MIN
 };
 
+/** Leading columns of a packed value row of the tensor-core forward: [1 | centre hi | centre lo | 0]. */
+constexpr int TensorCoreValueExtras = 8;
+
+/** Width of a packed value row of the tensor-core forward before padding to the chunk. */
+inline FLASHIPA_HOST_DEVICE int tensorCoreForwardValueWidth(const FusedAttentionProblem& p) {
+    return TensorCoreValueExtras + p.liftedValueDim();
+}
+
 /** Rows per query tile and keys per key tile of the tensor-core forward. */
 constexpr int TensorCoreQueryTile = 128;
 constexpr int TensorCoreKeyTile = 64;
-/** Value columns one block keeps in registers (wider rows are split into chunks of this many). */
-int tensorCoreValueChunk(int liftedValueDim);
+/**
+ * Value columns one block keeps in registers (wider rows are split into chunks of this many), for a
+ * packed value width (the forward's: TensorCoreValueExtras + liftedValueDim; the backward's: liftedValueDim).
+ */
+int tensorCoreValueChunk(int packedValueWidth);
 
 /**
  * The tensor-core forward for bf16 problems on sm_80 or newer; returns false, launching nothing,

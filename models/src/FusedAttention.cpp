@@ -207,53 +207,49 @@ struct PackedOperands {
 PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& pointWeight,
                                   kernels::TensorCorePack::Layout layout) {
     const bool tiled = layout == kernels::TensorCorePack::Layout::CoreMatrixTiles;
-    const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
+    const int64_t N = p.rows, H = p.heads, Pq = p.queryPoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
-    const int64_t scalarColumns = (c + Rb + 15) / 16 * 16, pointColumns = (9 * Pq + 15) / 16 * 16;
+    const int64_t keyColumns = (p.liftedKeyDim() + 9 * Pq + 15) / 16 * 16;
     const auto bf16 = t[0].options().dtype(torch::kBFloat16);
     auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
-    auto padRows = [&](const torch::Tensor& x) { return FlashIPAPlugin::padRows(x, padded); };
-    // Points relative to their tile's centre, split into bf16 hi + lo.
+    auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
+    // Points relative to their tile's centre (key tiles: the key points' centre, or the value points'
+    // where there are no key points), split into bf16 hi + lo for the logits' cross term.
     torch::Tensor queryCentres, keyCentres;
     torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
-    torch::Tensor b = relativeToTile(t[6], t[6], kernels::TensorCoreKeyTile, padded, keyCentres);
+    torch::Tensor b = relativeToTile(t[6], Pq > 0 ? t[6] : t[7], kernels::TensorCoreKeyTile, padded, keyCentres);
     auto [aHi, aLo] = splitBf16(a.flatten(2));
     auto [bHi, bLo] = splitBf16(b.flatten(2) * pointWeight.view({1, H, 1}));
-    const int64_t fill = scalarColumns - c - Rb, pointFill = pointColumns - 9 * Pq;
-    torch::Tensor queries = padRows(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), zeros(fill), aHi, aLo, aHi, zeros(pointFill)}, -1));
-    torch::Tensor keys = padRows(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
-                                             (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), zeros(fill), bHi, bHi, bLo,
-                                             zeros(pointFill)}, -1));
-    // Values: [value points (hi) | v | pair values] transposed per head; value-point residuals separately.
-    const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
+    const int64_t fill = keyColumns - p.liftedKeyDim() - 9 * Pq;
+    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), aHi, aLo, aHi, zeros(fill)}, -1));
+    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
+                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), bHi, bHi, bLo, zeros(fill)}, -1));
+    // Values: [1 | key tile centre hi | lo | 0 | value points - centre | v | pair values] (TensorCorePack).
+    const int64_t width = kernels::tensorCoreForwardValueWidth(p), chunk = kernels::tensorCoreValueChunk((int) width);
     const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
-    auto [vpHi, vpLo] = splitBf16(t[7].flatten(2));
+    torch::Tensor tileOfRow = torch::arange(N, t[0].options().dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
+    torch::Tensor centre = keyCentres.index_select(0, tileOfRow); // [N, H, 3]
+    auto [centreHi, centreLo] = splitBf16(centre);
+    torch::Tensor relativeValuePoints = (t[7] - centre.unsqueeze(2)).flatten(2).to(torch::kBFloat16);
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    // Value points first, so that their residual tiles are the first tiles of the first chunk.
-    torch::Tensor values = torch::cat({vpHi, t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1);
-    // Residuals: 8 loTiles columns (64 in core-matrix tiles, where they are one 64-column product).
-    const int64_t loTiles = (3 * Pv + 7) / 8, loColumns = tiled && loTiles > 0 ? 64 : 8 * loTiles;
-    torch::Tensor valuesLo = torch::cat({vpLo, zeros(loColumns - 3 * Pv)}, -1);
+    torch::Tensor values = pad(torch::cat({torch::ones({N, H, 1}, bf16), centreHi, centreLo, zeros(1), relativeValuePoints,
+                                           t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
     if (tiled) {
         queries = coreMatrixTiles(queries, kernels::TensorCoreQueryTile);
         keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
-        values = transposedCoreMatrixTiles(padRows(values), kernels::TensorCoreKeyTile);
-        valuesLo = transposedCoreMatrixTiles(padRows(valuesLo), kernels::TensorCoreKeyTile);
+        values = transposedCoreMatrixTiles(values, kernels::TensorCoreKeyTile);
     } else {
-        values = padRows(values).permute({1, 2, 0}).contiguous();
-        valuesLo = padRows(valuesLo).permute({1, 2, 0}).contiguous();
+        values = values.permute({1, 2, 0}).contiguous();
     }
     torch::Tensor segments = torch::constant_pad_nd(t[10], {0, padded - N}, -1).contiguous();
     torch::Tensor tileSegments = commonSegmentPerTile(segments, kernels::TensorCoreKeyTile);
     PackedOperands out;
-    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, valuesLo, segments, tileSegments};
+    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, segments, tileSegments};
     kernels::TensorCorePack& k = out.pack;
     k.layout = layout;
     k.paddedRows = (int) padded;
-    k.keyColumns = (int) (scalarColumns + pointColumns);
-    k.scalarColumns = (int) scalarColumns;
+    k.keyColumns = (int) keyColumns;
     k.valueColumns = (int) valueColumns;
-    k.loTiles = (int) loTiles;
     k.queries = out.keepAlive[0].data_ptr();
     k.keys = out.keepAlive[1].data_ptr();
     k.queryStats = out.keepAlive[2].data_ptr<float>();
@@ -261,9 +257,8 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     k.queryCentres = out.keepAlive[4].data_ptr<float>();
     k.keyCentres = out.keepAlive[5].data_ptr<float>();
     k.values = out.keepAlive[6].data_ptr();
-    k.valuesLo = out.keepAlive[7].data_ptr();
-    k.segments = out.keepAlive[8].data_ptr<int>();
-    k.tileSegments = out.keepAlive[9].data_ptr<int>();
+    k.segments = out.keepAlive[7].data_ptr<int>();
+    k.tileSegments = out.keepAlive[8].data_ptr<int>();
     return out;
 }
 
