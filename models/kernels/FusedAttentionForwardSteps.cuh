@@ -34,6 +34,11 @@ struct KeySpan {
     }
 };
 
+/** x as the compiler sees a warp-uniform value (lane 0's), so that what derives from it lives in uniform registers. */
+__device__ __forceinline__ int warpUniform(int x) {
+    return __shfl_sync(0xffffffffu, x, 0);
+}
+
 /** Fills `rows` for query rows row0 .. row0 + 127 (every thread calls it; it synchronises the block). */
 template <int Threads>
 __device__ KeySpan describeQueryRows(const FusedAttentionProblem& p, int row0, int tileKeys, QueryRows& rows) {
@@ -62,14 +67,32 @@ __device__ KeySpan describeQueryRows(const FusedAttentionProblem& p, int row0, i
     __syncthreads();
     const int* range = rows.range;
     KeySpan span;
-    span.firstTile = range[0] == INT_MAX ? 0 : range[0] / tileKeys;
-    span.lastTile = range[0] == INT_MAX ? 0 : (range[1] + tileKeys - 1) / tileKeys;
+    span.firstTile = warpUniform(range[0] == INT_MAX ? 0 : range[0] / tileKeys);
+    span.lastTile = warpUniform(range[0] == INT_MAX ? 0 : (range[1] + tileKeys - 1) / tileKeys);
     span.uniform = range[6] == TensorCoreQueryTile && range[4] == range[5] && range[0] == range[2] && range[1] == range[3];
     span.begin = range[0];
     span.end = range[1];
     span.segment = range[4];
     return span;
 }
+
+/**
+ * The global values a key tile needs besides its staged rows: its centre and its keys' common segment.
+ * The kernels load them one tile ahead, so that no load latency sits between a tile's barrier and its
+ * products (profiled: it did, once the logit loop became short).
+ */
+struct KeyTileFacts {
+    float centre[3];
+    int segment;
+
+    __device__ __forceinline__ void load(const TensorCorePack& pack, int tile, int heads, int head) {
+        const float* c = pack.keyCentres + ((size_t) tile * heads + head) * 3;
+        centre[0] = c[0];
+        centre[1] = c[1];
+        centre[2] = c[2];
+        segment = pack.tileSegments[tile];
+    }
+};
 
 /**
  * One warp's online softmax over its two rows per thread (FlashAttention-2), in log2 units, with the
@@ -98,27 +121,43 @@ struct RowSoftmax {
     /**
      * Turns this warp's logits tile s (16 rows x 64 keys, from the products) into unnormalised
      * probabilities and returns each row's rescaling factor for the accumulators.
-     * keyStats: the tile's 64 keys' (sum|b|^2, sum b) in shared memory; keySegment likewise.
+     * keyStats: the tile's 64 keys' (sum|b|^2, sum b) in shared memory; keySegment likewise;
+     * warpScratch: 64 floats of shared memory owned by this warp.
+     *
+     * Instruction count is what bounds the tensor-core kernels here (benchmarks/results/
+     * fused_kernel_ncu_h100.md), hence: each key's point term computed once per warp (two per lane,
+     * through warpScratch) rather than by each of the 8 lanes that use it; maxima and sums in four
+     * independent chains; and the running maximum moved only when a row's logits exceed it by more
+     * than 2^8 (FlashAttention-3's lazy rescaling: probabilities up to 256 are harmless in fp32 and
+     * bf16), so that the accumulators are rescaled in the first tiles only.
      */
     __device__ __forceinline__ void update(float (&s)[8][4], float (&scales)[2], const float4* keyStats, const int* keySegment,
-                                           const QueryRows& rows, int key0, bool wholeTile, const float (&d)[3], float pointWeight,
-                                           float pointCount, int t) {
+                                           float* warpScratch, const QueryRows& rows, int key0, bool wholeTile, const float (&d)[3],
+                                           float pointWeight, float pointCount, int t) {
+        constexpr float MaxGrowth = 8.0f; // log2 units
         const float dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
-        // This thread's 16 keys' terms -(w/2)(sum|b|^2 - 2 d.sum b).
+        const int lane = threadIdx.x % 32;
+        // Each key's terms -(w/2)(sum|b|^2 - 2 d.sum b) in log2 units, two keys per lane.
+#pragma unroll
+        for (int k = lane; k < 64; k += 32) {
+            const float4 stats = keyStats[k];
+            warpScratch[k] = -0.5f * Log2E * pointWeight * (stats.x - 2.0f * (d[0] * stats.y + d[1] * stats.z + d[2] * stats.w));
+        }
+        __syncwarp();
         float keyTerms[8][2];
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const float4 stats = keyStats[nt * 8 + 2 * t + e];
-                keyTerms[nt][e] = -0.5f * Log2E * pointWeight * (stats.x - 2.0f * (d[0] * stats.y + d[1] * stats.z + d[2] * stats.w));
-            }
+        for (int nt = 0; nt < 8; nt++) {
+            const float2 pair = *reinterpret_cast<const float2*>(warpScratch + nt * 8 + 2 * t);
+            keyTerms[nt][0] = pair.x;
+            keyTerms[nt][1] = pair.y;
+        }
+        __syncwarp(); // every lane has read the scratch before the next tile overwrites it
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = localRow[h];
             const float rowTerm = -0.5f * Log2E * pointWeight *
                                   (rowStats[h][0] + pointCount * dd + 2.0f * (d[0] * rowStats[h][1] + d[1] * rowStats[h][2] + d[2] * rowStats[h][3]));
-            float tileMax = -CUDART_INF_F;
+            float partialMax[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
             if (wholeTile) {
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++)
@@ -126,7 +165,7 @@ struct RowSoftmax {
                     for (int e = 0; e < 2; e++) {
                         float& x = s[nt][2 * h + e];
                         x = fmaf(x, Log2E, rowTerm + keyTerms[nt][e]);
-                        tileMax = fmaxf(tileMax, x);
+                        partialMax[nt % 4] = fmaxf(partialMax[nt % 4], x);
                     }
             } else {
                 const int segment = rows.segment[r], begin = rows.begin[r], end = rows.end[r];
@@ -138,28 +177,34 @@ struct RowSoftmax {
                         const bool valid = segment >= 0 && key >= begin && key < end && keySegment[j] == segment;
                         float& x = s[nt][2 * h + e];
                         x = valid ? fmaf(x, Log2E, rowTerm + keyTerms[nt][e]) : -CUDART_INF_F;
-                        tileMax = fmaxf(tileMax, x);
+                        partialMax[nt % 4] = fmaxf(partialMax[nt % 4], x);
                     }
             }
+            float tileMax = fmaxf(fmaxf(partialMax[0], partialMax[1]), fmaxf(partialMax[2], partialMax[3]));
             tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 1));
             tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, 2));
-            const float newMax = fmaxf(runningMax[h], tileMax);
-            // A row with nothing valid yet keeps max -inf: its probabilities are exp2(-inf) = 0.
-            const float shift = newMax == -CUDART_INF_F ? 0.0f : newMax;
-            const float scale = exp2f(runningMax[h] - shift);
-            float sum = 0.0f;
+            // Move the shift only when the logits outgrow it by more than MaxGrowth (always for the first
+            // valid logits: the running maximum starts at -inf). A row with nothing valid yet keeps
+            // -inf and shift 0: its probabilities are exp2(-inf) = 0.
+            float scale = 1.0f;
+            if (tileMax > runningMax[h] + MaxGrowth) {
+                scale = exp2f(runningMax[h] - tileMax);
+                runningMax[h] = tileMax;
+            }
+            const float shift = runningMax[h] == -CUDART_INF_F ? 0.0f : runningMax[h];
+            float partialSum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * h + e];
                     x = exp2f(x - shift);
-                    sum += x;
+                    partialSum[nt % 4] += x;
                 }
+            float sum = (partialSum[0] + partialSum[1]) + (partialSum[2] + partialSum[3]);
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             runningSum[h] = runningSum[h] * scale + sum;
-            runningMax[h] = newMax;
             scales[h] = scale;
         }
     }

@@ -65,6 +65,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     extern __shared__ uint4 sharedVectors[];
     uint32_t* words = reinterpret_cast<uint32_t*>(sharedVectors);
     __shared__ QueryRows rows;
+    __shared__ __align__(16) float keyTermScratch[Warps][TensorCoreKeyTile]; // read as float2
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int queryTile = blockIdx.x, row0 = queryTile * BlockRows, head = blockIdx.y;
     const int chunk0 = 8 * ValueTiles * blockIdx.z;
@@ -74,7 +75,8 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     const unsigned queryFragments = sharedAddress(queryWords);
     const float pointWeight = p.pointWeight[head];
     const int H = p.heads, vectorsPerRow = pack.keyColumns / 8;
-    const float* queryCentre = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
+    const float* queryCentreGlobal = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
+    const float queryCentre[3] = {queryCentreGlobal[0], queryCentreGlobal[1], queryCentreGlobal[2]};
 
     copyRows<Threads>(queryWords, layout.keyStride, static_cast<const uint4*>(pack.queries) + ((size_t) row0 * H + head) * vectorsPerRow,
              (size_t) H * vectorsPerRow, BlockRows, vectorsPerRow);
@@ -106,7 +108,13 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
     else
         commitCopies(); // the query tile's copies
 
+    KeyTileFacts next;
+    if (span.firstTile < span.lastTile)
+        next.load(pack, span.firstTile, H, head);
     for (int tile = span.firstTile; tile < span.lastTile; tile++) {
+        const KeyTileFacts facts = next;
+        if (tile + 1 < span.lastTile)
+            next.load(pack, tile + 1, H, head);
         const int key0 = tile * BlockKeys, buffer = (tile - span.firstTile) & 1;
         waitCopies();
         __syncthreads(); // this tile has landed, and every warp is done with the other buffer
@@ -116,9 +124,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         const unsigned keyTile = sharedAddress(base), valueTile = keyTile + 4u * (layout.valueOffset - layout.keyOffset);
         const float4* keyStats = reinterpret_cast<const float4*>(base + layout.keyStatsOffset - layout.keyOffset);
         const int* keySegment = reinterpret_cast<const int*>(base + layout.keySegmentOffset - layout.keyOffset);
-        const int tileSegment = pack.tileSegments[tile]; // used after the logits: its latency is hidden
-        const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
-        const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
+        const float d[3] = {queryCentre[0] - facts.centre[0], queryCentre[1] - facts.centre[1], queryCentre[2] - facts.centre[2]};
 
         // Logits for this warp's 16 rows x 64 keys (fragments through ldmatrix).
         float s[8][4] = {};
@@ -135,7 +141,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
             }
         }
         float scales[2];
-        softmax.update(s, scales, keyStats, keySegment, rows, key0, span.covers(key0, BlockKeys, tileSegment), d, pointWeight,
+        softmax.update(s, scales, keyStats, keySegment, keyTermScratch[warp], rows, key0, span.covers(key0, BlockKeys, facts.segment), d, pointWeight,
                        (float) p.queryPoints, t);
         rescale(acc, scales);
         // acc += P V: P re-packed from the logit accumulators as bf16 A operands.

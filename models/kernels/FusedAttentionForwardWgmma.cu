@@ -48,13 +48,16 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
     char* shared = reinterpret_cast<char*>(sharedVectors);
     const unsigned base = sharedAddress(shared);
     __shared__ QueryRows rows;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warpgroup = warp / 4;
+    __shared__ __align__(16) float keyTermScratch[Warps][TensorCoreKeyTile]; // read as float2
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warpgroup = warpUniform(warp / 4); // descriptors derived from it stay in uniform registers
     const int queryTile = blockIdx.x, row0 = queryTile * BlockRows, head = blockIdx.y;
     const int chunk0 = 8 * ValueTiles * blockIdx.z;
     const Layout layout(pack, ValueTiles);
     const int H = p.heads, keyColumns = pack.keyColumns, keyTiles = pack.paddedRows / BlockKeys;
     const float pointWeight = p.pointWeight[head];
-    const float* queryCentre = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
+    const float* queryCentreGlobal = pack.queryCentres + ((size_t) queryTile * H + head) * 3;
+    const float queryCentre[3] = {queryCentreGlobal[0], queryCentreGlobal[1], queryCentreGlobal[2]};
 
     copyContiguous<Threads>(base, static_cast<const uint4*>(pack.queries) + (size_t) (queryTile * H + head) * BlockRows * keyColumns / 8,
                             BlockRows * keyColumns / 8);
@@ -85,7 +88,13 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
     else
         commitCopies(); // the query tile's copies
 
+    KeyTileFacts next;
+    if (span.firstTile < span.lastTile)
+        next.load(pack, span.firstTile, H, head);
     for (int tile = span.firstTile; tile < span.lastTile; tile++) {
+        const KeyTileFacts facts = next;
+        if (tile + 1 < span.lastTile)
+            next.load(pack, tile + 1, H, head);
         const int key0 = tile * BlockKeys, buffer = (tile - span.firstTile) & 1;
         waitCopies();
         fenceSharedForTensorCores(); // the copies are read by the tensor cores next
@@ -95,16 +104,14 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
         const int offset = layout.queryBytes + buffer * layout.bufferBytes;
         const float4* keyStats = reinterpret_cast<const float4*>(shared + offset + layout.statsOffset);
         const int* keySegment = reinterpret_cast<const int*>(shared + offset + layout.segmentOffset);
-        const int tileSegment = pack.tileSegments[tile];
-        const float* keyCentre = pack.keyCentres + ((size_t) tile * H + head) * 3;
-        const float d[3] = {queryCentre[0] - keyCentre[0], queryCentre[1] - keyCentre[1], queryCentre[2] - keyCentre[2]};
+        const float d[3] = {queryCentre[0] - facts.centre[0], queryCentre[1] - facts.centre[1], queryCentre[2] - facts.centre[2]};
 
         // Logits of this warpgroup's 64 rows x 64 keys: one wgmma per k-step.
         float s[8][4];
         float(&logits)[32] = *reinterpret_cast<float(*)[32]>(&s[0][0]);
         const uint64_t keyDescriptor = tileDescriptor(base + offset, keyColumns);
         wgmmaFence();
-#pragma unroll 1
+#pragma unroll 2
         for (int ks = 0; ks < keySteps; ks++)
             wgmma64x64(logits, advance(queryDescriptor, 256u * ks), advance(keyDescriptor, 256u * ks), ks > 0);
         wgmmaCommit();
@@ -112,7 +119,7 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
         fenceRegisters(logits);
 
         float scales[2];
-        softmax.update(s, scales, keyStats, keySegment, rows, key0, span.covers(key0, BlockKeys, tileSegment), d, pointWeight,
+        softmax.update(s, scales, keyStats, keySegment, keyTermScratch[warp], rows, key0, span.covers(key0, BlockKeys, facts.segment), d, pointWeight,
                        (float) p.queryPoints, t);
         rescale(acc, scales);
 
