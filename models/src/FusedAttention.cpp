@@ -344,22 +344,32 @@ void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAtt
 
 /**
  * Runs the fastest forward that applies within the limit set by setFusedForwardKernel: wgmma (bf16 on
- * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT forward.
+ * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT forward. Returns the output
+ * [N, H, liftedValueDim] and the log-sum-exp [N, H], allocated after the packing so that the packing's
+ * temporaries and the fp32 output never coexist (the forward's peak memory).
  */
-void launchForward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, float* out, float* logSumExp) {
+std::pair<torch::Tensor, torch::Tensor> launchForward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto options = t[0].options().dtype(torch::kFloat32);
+    auto allocate = [&] {
+        return std::make_pair(torch::empty({t[0].size(0), t[0].size(1), p.liftedValueDim()}, options), torch::empty({t[0].size(0), t[0].size(1)}, options));
+    };
     const FusedForwardKernel limit = forwardKernelLimit.load();
     if (p.rows > 0 && limit == FusedForwardKernel::Fastest && kernels::wgmmaForwardApplies(p)) {
         PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::CoreMatrixTiles);
-        if (kernels::launchFusedAttentionForwardWgmma(p, packed.pack, out, logSumExp, stream))
-            return;
+        auto [out, logSumExp] = allocate();
+        if (kernels::launchFusedAttentionForwardWgmma(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))
+            return {out, logSumExp};
     }
     if (p.rows > 0 && limit != FusedForwardKernel::Simt && kernels::tensorCoreForwardApplies(p)) {
         PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::Rows);
-        if (kernels::launchFusedAttentionForwardTensorCore(p, packed.pack, out, logSumExp, stream))
-            return;
+        auto [out, logSumExp] = allocate();
+        if (kernels::launchFusedAttentionForwardTensorCore(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))
+            return {out, logSumExp};
     }
-    kernels::launchFusedAttentionForward(p, out, logSumExp, stream);
+    auto [out, logSumExp] = allocate();
+    kernels::launchFusedAttentionForward(p, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream);
+    return {out, logSumExp};
 }
 
 class FusedAttentionFunction : public torch::autograd::Function<FusedAttentionFunction> {
@@ -371,10 +381,7 @@ public:
         std::vector<torch::Tensor> t = {q, k, v, biasLeft, biasRight, queryPoints, keyPoints, valuePoints, pairValues, pointWeight, segment, keyBegin, keyEnd};
         c10::cuda::CUDAGuard guard(q.device());
         kernels::FusedAttentionProblem p = describe(t, scalarScale, biasScale);
-        auto options = q.options().dtype(torch::kFloat32);
-        torch::Tensor out = torch::empty({q.size(0), q.size(1), p.liftedValueDim()}, options);
-        torch::Tensor logSumExp = torch::empty({q.size(0), q.size(1)}, options);
-        launchForward(t, p, out.data_ptr<float>(), logSumExp.data_ptr<float>());
+        auto [out, logSumExp] = launchForward(t, p);
         t.push_back(out);
         t.push_back(logSumExp);
         ctx->save_for_backward(t);
