@@ -180,8 +180,27 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
     const FragmentLanes keyLanes(layout.keyStride), ownValueLanes(layout.ownValueStride), otherValueLanes(layout.otherValueStride);
     const unsigned ownKeyFragments = sharedAddress(ownKey), ownValueFragments = sharedAddress(ownValue);
 
+    // The other tile's centre and common segment, loaded one tile ahead: no global load latency between
+    // a tile's barrier and its products.
+    float nextCentre[3] = {0.0f, 0.0f, 0.0f};
+    int nextSegment = INT_MIN;
+    auto loadTileFacts = [&](int tile) {
+        const int other0 = tile * OtherRows;
+        const float* centre = querySide ? pack.keyCentres + ((size_t) (other0 / TensorCoreKeyTile) * H + head) * 3
+                                        : pack.queryCentres + ((size_t) (other0 / TensorCoreQueryTile) * H + head) * 3;
+        for (int k = 0; k < 3; k++)
+            nextCentre[k] = centre[k];
+        nextSegment = pack.tileSegments[tile];
+    };
+    if (firstTile < lastTile)
+        loadTileFacts(firstTile);
+
     for (int tile = firstTile; tile < lastTile; tile++) {
         const int other0 = tile * OtherRows, buffer = (tile - firstTile) & 1;
+        const float otherCentre[3] = {nextCentre[0], nextCentre[1], nextCentre[2]};
+        const int tileSegment = nextSegment;
+        if (tile + 1 < lastTile)
+            loadTileFacts(tile + 1);
         waitCopies();
         __syncthreads(); // this tile has landed, and every warp is done with the other buffer
         if (tile + 1 < lastTile)
@@ -189,9 +208,6 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         const uint32_t* otherKeyWords = words + layout.buffers + buffer * layout.bufferWords;
         const unsigned otherKey = sharedAddress(otherKeyWords), otherValue = otherKey + 4u * layout.otherValue;
         const OtherRowInfo& info = *reinterpret_cast<const OtherRowInfo*>(otherKeyWords + layout.info);
-        const int tileSegment = pack.tileSegments[tile]; // used after the logits: its latency is hidden
-        const float* otherCentre = querySide ? pack.keyCentres + ((size_t) (other0 / TensorCoreKeyTile) * H + head) * 3
-                                             : pack.queryCentres + ((size_t) (other0 / TensorCoreQueryTile) * H + head) * 3;
         float d[3], keyCentre[3];
         for (int k = 0; k < 3; k++) {
             const float other = otherCentre[k];
@@ -254,7 +270,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
                     float& halfNegD = cross[nt][2 * h + e];
                     halfNegD += ownTerm[h] + otherTerm;
                     const float lse = querySide ? ownLse[h] : otherLse;
-                    x = ok ? expf(x + w * halfNegD - lse) : 0.0f;
+                    x = ok ? exp2Flushed(Log2E * (x + w * halfNegD - lse)) : 0.0f;
                 }
             }
 

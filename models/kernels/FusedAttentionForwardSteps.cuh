@@ -14,19 +14,6 @@
 namespace FlashIPAPlugin {
 namespace kernels {
 
-constexpr float Log2E = 1.4426950408889634f;
-
-/**
- * 2^x with results below 2^-126 flushed to zero (ex2.approx.ftz): exp2f handles denormal results with a
- * compare and two multiplies per call, 3 of the softmax's ~30 instructions per logit; probabilities that
- * small are zero for every purpose here.
- */
-__device__ __forceinline__ float exp2Flushed(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 /** The query tile's rows in shared memory: segment (-1: padding) and key range, and their extremes. */
 struct QueryRows {
     int segment[TensorCoreQueryTile], begin[TensorCoreQueryTile], end[TensorCoreQueryTile];

@@ -22,6 +22,19 @@ __host__ __device__ constexpr int paddedWords(int words) {
     return words + ((4 - words % 32) + 32) % 32;
 }
 
+constexpr float Log2E = 1.4426950408889634f;
+
+/**
+ * 2^x with results below 2^-126 flushed to zero (ex2.approx.ftz): exp2f handles denormal results with a
+ * compare and two multiplies per call, 3 of the forward softmax's ~30 instructions per logit; probabilities that
+ * small are zero for every purpose here.
+ */
+__device__ __forceinline__ float exp2Flushed(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
