@@ -221,13 +221,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         auto multiplyKeyStep = [&](float(&target)[4][4], int ks) {
             uint32_t a[4];
             loadA(a, ownKeyFragments, keyLanes, layout.keyStride, warp * 16, ks);
-#pragma unroll
-            for (int np = 0; np < 2; np++) {
-                uint32_t b[4];
-                loadB(b, otherKey, keyLanes, layout.keyStride, 16 * np, ks);
-                mma(target[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
-                mma(target[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-            }
+            multiplyKStep(target, a, otherKey, keyLanes, layout.keyStride, ks);
         };
         for (int ks = 0; ks < scalarSteps; ks++)
             multiplyKeyStep(s, ks);
@@ -280,13 +274,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
             for (int ks = 0; ks < valueSteps; ks++) {
                 uint32_t a[4];
                 loadA(a, ownValueFragments, ownValueLanes, layout.ownValueStride, warp * 16, ks);
-#pragma unroll
-                for (int np = 0; np < 2; np++) {
-                    uint32_t b[4];
-                    loadB(b, otherValue, otherValueLanes, layout.otherValueStride, 16 * np, ks);
-                    mma(dp[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
-                    mma(dp[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-                }
+                multiplyKStep(dp, a, otherValue, otherValueLanes, layout.otherValueStride, ks);
             }
             float partial[2] = {0.0f, 0.0f};
 #pragma unroll

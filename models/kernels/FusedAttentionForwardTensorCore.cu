@@ -132,13 +132,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         for (int ks = 0; ks < keySteps; ks++) {
             uint32_t a[4];
             loadA(a, queryFragments, keyLanes, layout.keyStride, warp * 16, ks);
-#pragma unroll
-            for (int np = 0; np < 4; np++) {
-                uint32_t b[4];
-                loadB(b, keyTile, keyLanes, layout.keyStride, 16 * np, ks);
-                mma(s[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
-                mma(s[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-            }
+            multiplyKStep(s, a, keyTile, keyLanes, layout.keyStride, ks);
         }
         float scales[2];
         softmax.update(s, scales, keyStats, keySegment, keyTermScratch[warp], rows, key0, span.covers(key0, BlockKeys, facts.segment), d, pointWeight,
@@ -149,13 +143,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         for (int kk = 0; kk < 4; kk++) {
             uint32_t a[4];
             probabilityFragment(a, s, kk);
-#pragma unroll
-            for (int np = 0; np < ValueTiles / 2; np++) {
-                uint32_t b[4];
-                loadB(b, valueTile, valueLanes, ValueStride, 16 * np, kk);
-                mma(acc[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
-                mma(acc[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-            }
+            multiplyKStep(acc, a, valueTile, valueLanes, ValueStride, kk);
         }
     }
 

@@ -188,6 +188,24 @@ __device__ __forceinline__ void loadBTransposedOne(uint32_t (&b)[2], unsigned ti
     loadTwoMatricesTransposed(b, tile + lanes.bTransposedOne + 4u * (unsigned) (k0 * stride + n0 / 2));
 }
 
+/**
+ * One k-step of a 16-row product into NTiles accumulator n-tiles: acc[n] += A B_n for the A fragment `a`
+ * and the B fragments of rows 0 .. 8 NTiles - 1 of a row-major [n][k] tile (k-step ks), read in pairs
+ * of n-tiles by ldmatrix. The inner loop of every mma.sync product here (logits, dP, P.V).
+ */
+template <int NTiles>
+__device__ __forceinline__ void multiplyKStep(float (&acc)[NTiles][4], const uint32_t (&a)[4], unsigned tile, const FragmentLanes& lanes,
+                                              int stride, int ks) {
+    static_assert(NTiles % 2 == 0, "n-tiles come in pairs");
+#pragma unroll
+    for (int np = 0; np < NTiles / 2; np++) {
+        uint32_t b[4];
+        loadB(b, tile, lanes, stride, 16 * np, ks);
+        mma(acc[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+        mma(acc[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+    }
+}
+
 } // namespace kernels
 } // namespace FlashIPAPlugin
 
