@@ -20,6 +20,11 @@ struct QueryRows {
     int range[7]; // min begin, max end, max begin, min end, min segment, max segment, real rows
 };
 
+/** Static shared memory of a tensor-core forward block of `warps` warps (QueryRows and the key-term scratch). */
+constexpr size_t forwardStaticSharedBytes(int warps) {
+    return sizeof(QueryRows) + sizeof(float) * warps * TensorCoreKeyTile;
+}
+
 /** Which key tiles a query tile visits, and whether its rows share one segment and key range. */
 struct KeySpan {
     int firstTile, lastTile;

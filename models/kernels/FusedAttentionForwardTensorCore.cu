@@ -180,7 +180,8 @@ bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
     const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p)), tiles = chunk / 8;
     if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
         return false; // the value points and the extras that normalise them share the first chunk
-    const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + 2048;
+    // Dynamic plus static shared memory must fit the per-block limit.
+    const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + forwardStaticSharedBytes(Warps);
     return bytes <= (size_t) limit;
 }
 

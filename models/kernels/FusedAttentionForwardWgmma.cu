@@ -171,7 +171,8 @@ bool wgmmaForwardApplies(const FusedAttentionProblem& p) {
     const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p));
     if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
         return false; // the value points and the extras that normalise them share the first chunk
-    const size_t bytes = (size_t) Layout(pack, chunk / 8).bytes + 2048;
+    // Dynamic plus static shared memory must fit the per-block limit.
+    const size_t bytes = (size_t) Layout(pack, chunk / 8).bytes + forwardStaticSharedBytes(Warps);
     return bytes <= (size_t) device.sharedMemoryOptin;
 }
 
