@@ -25,6 +25,15 @@ constexpr size_t forwardStaticSharedBytes(int warps) {
     return sizeof(QueryRows) + sizeof(float) * warps * TensorCoreKeyTile;
 }
 
+/**
+ * The value chunk (columns per block) of a tensor-core forward, or 0 where the value points and the extras
+ * that normalise them do not fit in its first chunk (then the SIMT forward runs). Both forwards' checks.
+ */
+inline int forwardValueChunk(const FusedAttentionProblem& p) {
+    const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p));
+    return TensorCoreValueExtras + 3 * p.valuePoints <= chunk ? chunk : 0;
+}
+
 /** Which key tiles a query tile visits, and whether its rows share one segment and key range. */
 struct KeySpan {
     int firstTile, lastTile;

@@ -174,14 +174,13 @@ bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
     const int major = device.major, limit = device.sharedMemoryOptin;
     if (major < 8 || p.element != ElementType::BFloat16)
         return false;
-    // Shared memory at the widest packing this problem can have.
-    TensorCorePack pack;
-    pack.keyColumns = (p.liftedKeyDim() + 9 * p.queryPoints + 15) / 16 * 16;
-    const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p)), tiles = chunk / 8;
-    if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
-        return false; // the value points and the extras that normalise them share the first chunk
+    const int chunk = forwardValueChunk(p);
+    if (chunk == 0)
+        return false;
+    TensorCorePack pack; // the widths the packing will choose
+    pack.keyColumns = tensorCoreForwardKeyColumns(p);
     // Dynamic plus static shared memory must fit the per-block limit.
-    const size_t bytes = (size_t) Layout(pack, tiles).words * 4 + forwardStaticSharedBytes(Warps);
+    const size_t bytes = (size_t) Layout(pack, chunk / 8).words * 4 + forwardStaticSharedBytes(Warps);
     return bytes <= (size_t) limit;
 }
 
@@ -192,7 +191,7 @@ bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& p, const
         throw std::invalid_argument("fused FlashIPA attention: the mma.sync forward reads row-major packed operands");
     if (p.rows == 0 || !tensorCoreForwardApplies(p))
         return false;
-    switch (tensorCoreValueChunk(tensorCoreForwardValueWidth(p))) {
+    switch (forwardValueChunk(p)) {
     case 64:
         launch<8>(p, pack, out, logSumExp, stream);
         break;

@@ -166,11 +166,11 @@ bool wgmmaForwardApplies(const FusedAttentionProblem& p) {
     const DeviceFacts device = currentDeviceFacts();
     if (device.major != 9 || device.minor != 0 || p.element != ElementType::BFloat16)
         return false;
-    TensorCorePack pack; // the widest packing this problem can have, as in tensorCoreForwardApplies
-    pack.keyColumns = (p.liftedKeyDim() + 9 * p.queryPoints + 15) / 16 * 16;
-    const int chunk = tensorCoreValueChunk(tensorCoreForwardValueWidth(p));
-    if (TensorCoreValueExtras + 3 * p.valuePoints > chunk)
-        return false; // the value points and the extras that normalise them share the first chunk
+    const int chunk = forwardValueChunk(p);
+    if (chunk == 0)
+        return false;
+    TensorCorePack pack; // the widths the packing will choose
+    pack.keyColumns = tensorCoreForwardKeyColumns(p);
     // Dynamic plus static shared memory must fit the per-block limit.
     const size_t bytes = (size_t) Layout(pack, chunk / 8).bytes + forwardStaticSharedBytes(Warps);
     return bytes <= (size_t) device.sharedMemoryOptin;
@@ -183,7 +183,7 @@ bool launchFusedAttentionForwardWgmma(const FusedAttentionProblem& p, const Tens
         throw std::invalid_argument("fused FlashIPA attention: the wgmma forward reads operands packed as core-matrix tiles");
     if (p.rows == 0 || !wgmmaForwardApplies(p))
         return false;
-    switch (tensorCoreValueChunk(tensorCoreForwardValueWidth(p))) {
+    switch (forwardValueChunk(p)) {
     case 64:
         launch<8>(p, pack, out, logSumExp, stream);
         break;

@@ -109,6 +109,11 @@ struct TensorCorePack {
 /** Leading columns of a packed value row of the tensor-core forward: [1 | centre hi | centre lo | 0]. */
 constexpr int TensorCoreValueExtras = 8;
 
+/** Width of a packed query/key row of the tensor-core forward: [q | bl | point columns] rounded up to 16. */
+inline FLASHIPA_HOST_DEVICE int tensorCoreForwardKeyColumns(const FusedAttentionProblem& p) {
+    return (p.liftedKeyDim() + 9 * p.queryPoints + 15) / 16 * 16;
+}
+
 /** Width of a packed value row of the tensor-core forward before padding to the chunk. */
 inline FLASHIPA_HOST_DEVICE int tensorCoreForwardValueWidth(const FusedAttentionProblem& p) {
     return TensorCoreValueExtras + p.liftedValueDim();

@@ -151,7 +151,7 @@ PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const ker
     const bool tiled = layout == kernels::TensorCorePack::Layout::CoreMatrixTiles;
     const int64_t N = p.rows, H = p.heads, Pq = p.queryPoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
-    const int64_t keyColumns = (p.liftedKeyDim() + 9 * Pq + 15) / 16 * 16;
+    const int64_t keyColumns = kernels::tensorCoreForwardKeyColumns(p);
     const auto bf16 = t[0].options().dtype(torch::kBFloat16);
     auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
     auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };

@@ -16,41 +16,43 @@ torch::Tensor numbered(int64_t R, int64_t H, int64_t C) {
     return torch::arange(R * H * C, torch::kInt64).view({R, H, C});
 }
 
+/**
+ * Checks that `packed` (flattened) holds element (r, h, c) of x [R, H, C] at position(r, h, c), for every
+ * element: a permutation test, since every element of `numbered` is distinct.
+ */
+template <typename Position>
+void expectPlacement(const torch::Tensor& x, const torch::Tensor& packed, Position position) {
+    ASSERT_EQ(packed.numel(), x.numel());
+    auto source = x.accessor<int64_t, 3>();
+    const torch::Tensor flat = packed.flatten();
+    auto target = flat.accessor<int64_t, 1>();
+    for (int64_t r = 0; r < x.size(0); r++)
+        for (int64_t h = 0; h < x.size(1); h++)
+            for (int64_t c = 0; c < x.size(2); c++)
+                ASSERT_EQ(target[position(r, h, c)], source[r][h][c]) << "row " << r << " head " << h << " column " << c;
+}
+
 } // namespace
 
 TEST(TensorCorePacking, CoreMatrixTilesPlaceEachElementWhereTheDescriptorsLook) {
     const int64_t tile = 64, R = 3 * tile, H = 2, C = 24;
     torch::Tensor x = numbered(R, H, C);
-    torch::Tensor packed = packing::coreMatrixTiles(x, tile).flatten();
-    ASSERT_EQ(packed.numel(), x.numel());
-    auto source = x.accessor<int64_t, 3>();
-    auto target = packed.accessor<int64_t, 1>();
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t local = r % tile;
-                const int64_t inTile = ((local / 8) * (C / 8) + c / 8) * 64 + (local % 8) * 8 + c % 8;
-                const int64_t position = ((r / tile) * H + h) * tile * C + inTile;
-                ASSERT_EQ(target[position], source[r][h][c]) << "row " << r << " head " << h << " column " << c;
-            }
+    expectPlacement(x, packing::coreMatrixTiles(x, tile), [&](int64_t r, int64_t h, int64_t c) {
+        const int64_t local = r % tile;
+        const int64_t inTile = ((local / 8) * (C / 8) + c / 8) * 64 + (local % 8) * 8 + c % 8;
+        return ((r / tile) * H + h) * tile * C + inTile;
+    });
 }
 
 TEST(TensorCorePacking, TransposedTilesHoldValueColumnsAsRowsOfKeys) {
     // The P.V operand: per (head, key tile) a tile whose rows are value columns and whose columns are keys.
     const int64_t tile = 64, R = 2 * tile, H = 3, C = 16;
     torch::Tensor x = numbered(R, H, C);
-    torch::Tensor packed = packing::transposedCoreMatrixTiles(x, tile).flatten();
-    ASSERT_EQ(packed.numel(), x.numel());
-    auto source = x.accessor<int64_t, 3>();
-    auto target = packed.accessor<int64_t, 1>();
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t key = r % tile; // the tile's column
-                const int64_t inTile = ((c / 8) * (tile / 8) + key / 8) * 64 + (c % 8) * 8 + key % 8;
-                const int64_t position = (h * (R / tile) + r / tile) * C * tile + inTile;
-                ASSERT_EQ(target[position], source[r][h][c]) << "row " << r << " head " << h << " column " << c;
-            }
+    expectPlacement(x, packing::transposedCoreMatrixTiles(x, tile), [&](int64_t r, int64_t h, int64_t c) {
+        const int64_t key = r % tile; // the tile's column
+        const int64_t inTile = ((c / 8) * (tile / 8) + key / 8) * 64 + (c % 8) * 8 + key % 8;
+        return (h * (R / tile) + r / tile) * C * tile + inTile;
+    });
 }
 
 TEST(TensorCorePacking, CommonSegmentPerTileMarksMixedTiles) {
