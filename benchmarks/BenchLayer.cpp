@@ -2,8 +2,8 @@
 // backends over a range of lengths, on CPU or CUDA, and prints one table. A benchmark, not a test.
 //   flashipa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--published-defaults] [--lengths 128,512,...]
 //                        [--backends fused,fused-mma,sdpa,math] [--max-backward L]
-// fused-mma is the fused backend with its forward held to the mma.sync kernel (the wgmma one is the
-// default on an H100), to time the two side by side.
+// fused-mma is the fused backend held to the mma.sync kernels, forward and backward (what other sm_80+
+// GPUs run; the wgmma ones are the default on an H100), to time the two side by side.
 #include "flashipa/EnergyModel.h"
 #include "flashipa/FusedAttention.h"
 #include <ATen/cuda/CUDAContext.h>
@@ -74,11 +74,11 @@ int main(int argc, char** argv) {
     std::vector<int64_t> lengths = {64, 128, 256, 512, 1024};
     struct Backend {
         AttentionBackend backend;
-        FusedForwardKernel forwardKernel;
+        FusedKernelLimit kernelLimit;
         std::string name;
     };
-    std::vector<Backend> backends = {{AttentionBackend::Math, FusedForwardKernel::Fastest, "math"},
-                                     {AttentionBackend::SDPA, FusedForwardKernel::Fastest, "sdpa"}};
+    std::vector<Backend> backends = {{AttentionBackend::Math, FusedKernelLimit::Fastest, "math"},
+                                     {AttentionBackend::SDPA, FusedKernelLimit::Fastest, "sdpa"}};
     int64_t maxBackward = 1 << 30, maxMath = 4096, maxGraph = 16384; // math: [L, L, H, P, 3] materialised
     ModelConfig config;
     for (int i = 1; i < argc; i++) {
@@ -100,9 +100,9 @@ int main(int argc, char** argv) {
             std::stringstream list(argv[++i]);
             for (std::string item; std::getline(list, item, ',');)
                 if (item == "fused-mma")
-                    backends.push_back({AttentionBackend::Fused, FusedForwardKernel::MmaSync, item});
+                    backends.push_back({AttentionBackend::Fused, FusedKernelLimit::MmaSync, item});
                 else
-                    backends.push_back({parseAttentionBackend(item), FusedForwardKernel::Fastest, item});
+                    backends.push_back({parseAttentionBackend(item), FusedKernelLimit::Fastest, item});
         } else if (!std::strcmp(argv[i], "--max-backward") && i + 1 < argc) {
             maxBackward = std::stoll(argv[++i]);
         } else {
@@ -139,7 +139,7 @@ int main(int argc, char** argv) {
         const bool warmUp = L <= 131072; // beyond, one run of minutes: the first call is the measurement
         for (const Backend& choice : backends) {
             const AttentionBackend backend = choice.backend;
-            setFusedForwardKernel(choice.forwardKernel);
+            setFusedKernelLimit(choice.kernelLimit);
             if (backend == AttentionBackend::Math && L > maxMath)
                 continue; // materialises [L, L, H, P, 3]
             auto forward = [&] {

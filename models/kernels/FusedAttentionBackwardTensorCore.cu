@@ -481,6 +481,8 @@ bool tensorCoreBackwardApplies(const FusedAttentionProblem& p) {
 bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& p, const TensorCoreBackwardPack& pack, const FusedAttentionGradients& g,
                                             cudaStream_t stream) {
     validateProblem(p);
+    if (pack.layout != TensorCoreBackwardPack::Layout::Rows)
+        throw std::invalid_argument("fused FlashIPA attention: the mma.sync backward reads operands packed as rows");
     if (p.rows == 0 || !tensorCoreBackwardApplies(p))
         return false;
     switch (scalarTiles(p.liftedKeyDim())) {

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(Threads, 1) fusedAttentionForwardWgmma(FusedAt
             probabilityFragment(a, s, kk);
 #pragma unroll
             for (int c = 0; c < ValueTiles / 8; c++)
-                wgmma64x64(*reinterpret_cast<float(*)[32]>(&acc[8 * c][0]), a[0], a[1], a[2], a[3],
+                wgmmaRegisterA<0>(*reinterpret_cast<float(*)[32]>(&acc[8 * c][0]), a[0], a[1], a[2], a[3],
                            advance(valueDescriptor, 64u * BlockKeys * 2 * c + 256u * kk));
         }
         wgmmaCommit();

@@ -156,11 +156,17 @@ bool launchFusedAttentionForwardWgmma(const FusedAttentionProblem& problem, cons
  * ldmatrix can read it as the B operand of the point-gradient products.
  */
 struct TensorCoreBackwardPack {
+    /**
+     * Rows: each packed tensor [paddedRows, H, columns] row-major (the mma.sync backward). CoreMatrixTiles:
+     * queries, keys, gradOut and values as tiles of 64 rows in core-matrix order, [paddedRows / 64, H, 8,
+     * columns / 8, 8, 8] (the wgmma backward, which reads each tile both K-major and N-major).
+     */
+    enum class Layout { Rows, CoreMatrixTiles } layout = Layout::Rows;
     int paddedRows = 0;    ///< N rounded up to 128
     int scalarColumns = 0; ///< [q | bl] (or [scalarScale k | biasScale br]) padded to tensorCoreBackwardScalarColumns
     int pointBlock = 0;    ///< 3 P_q rounded up to 8
     int keyColumns = 0;    ///< scalarColumns + three point blocks, rounded up to 16
-    int valueColumns = 0;  ///< packed value (and gradient) columns: liftedValueDim rounded up to the value chunk
+    int valueColumns = 0;  ///< packed value (and gradient) columns: liftedValueDim rounded up to the value chunk (Rows) or to 64 (CoreMatrixTiles)
     const void* queries = nullptr;      ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
     const void* keys = nullptr;         ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | b_hi | b_hi | b_lo | 0]
     const float* queryStats = nullptr;  ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
@@ -171,7 +177,7 @@ struct TensorCoreBackwardPack {
     const void* values = nullptr;        ///< [paddedRows, H, valueColumns] bf16: [v | value points - key tile centre | pair values]
     const float* rowTerms = nullptr;     ///< [paddedRows, H, 8]: log-sum-exp, delta, sum_p dOut of value point p (x, y, z), 0, 0, 0
     const int* rowRanges = nullptr;      ///< [paddedRows, 4]: segment (-1 on padding), key range begin, end, 0
-    const int* tileSegments = nullptr;   ///< [paddedRows / 32]: the common segment of a tile of 32 rows, or INT_MIN
+    const int* tileSegments = nullptr;   ///< per tile of 32 rows (Rows) or 64 rows (CoreMatrixTiles): the rows' common segment, or INT_MIN
 };
 
 /** Rows of the other side's tiles in the tensor-core backward (the unit of TensorCoreBackwardPack::tileSegments). */
@@ -190,6 +196,20 @@ bool tensorCoreBackwardApplies(const FusedAttentionProblem& problem);
  */
 bool launchFusedAttentionBackwardTensorCore(const FusedAttentionProblem& problem, const TensorCoreBackwardPack& pack,
                                             const FusedAttentionGradients& gradients, cudaStream_t stream);
+
+/** Packed value columns of the wgmma backward for a lifted value width: rounded up to 64, or 0 above 256 (it does not apply). */
+int wgmmaBackwardValueColumns(int liftedValueDim);
+
+/**
+ * True when the wgmma backward (FusedAttentionBackwardWgmma.cu, built for sm_90a only) can run for this
+ * problem on the current device: a compute capability 9.0 GPU, bf16, the mma.sync backward's widths, lifted
+ * value rows of at most 256 columns, and the tiles fit shared memory.
+ */
+bool wgmmaBackwardApplies(const FusedAttentionProblem& problem);
+
+/** The wgmma backward; needs a pack with Layout::CoreMatrixTiles. Returns false, launching nothing, where it does not apply. */
+bool launchFusedAttentionBackwardWgmma(const FusedAttentionProblem& problem, const TensorCoreBackwardPack& pack,
+                                       const FusedAttentionGradients& gradients, cudaStream_t stream);
 
 /**
  * Forward: out [N, H, liftedValueDim] (fp32, value points in the global frame) and the log-sum-exp

@@ -33,6 +33,17 @@ __device__ __forceinline__ uint64_t tileDescriptor(unsigned address, int columns
     return (uint64_t) ((address & 0x3FFFF) >> 4) | (leading << 16) | (stride << 32);
 }
 
+/**
+ * Descriptor of the same core-matrix tile read N-major (the transposed B operand): the product's K runs
+ * along the tile's rows and N along its columns. Core matrices adjacent along N are 128 bytes apart,
+ * along K (8 rows) columns * 16 bytes; a 16-row k-step advances the start by columns * 32 bytes and
+ * 8 columns along N by 128 bytes.
+ */
+__device__ __forceinline__ uint64_t transposedTileDescriptor(unsigned address, int columns) {
+    const uint64_t leading = (uint64_t) (columns * 16) >> 4, stride = (uint64_t) (128) >> 4;
+    return (uint64_t) ((address & 0x3FFFF) >> 4) | (leading << 16) | (stride << 32);
+}
+
 /** A descriptor moved by `bytes` (a multiple of 16) along its tile. */
 __device__ __forceinline__ uint64_t advance(uint64_t descriptor, unsigned bytes) {
     return descriptor + (bytes >> 4);
@@ -74,12 +85,50 @@ __device__ __forceinline__ void wgmma64x64(float (&d)[32], uint64_t a, uint64_t 
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
-/** d (64 x 64 per warpgroup) += A B^T with A from registers (per warp, the mma.sync A fragment of its 16 rows) and B from shared memory. */
-__device__ __forceinline__ void wgmma64x64(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
+/**
+ * d (64 x N per warpgroup, N = 2 x the accumulator count) += A B^T with A from registers (per warp, the
+ * mma.sync A fragment of its 16 rows) and B from shared memory. TransposeB = 0: B is K-major (core
+ * matrices hold 8 of B's rows, K contiguous), as from tileDescriptor; 1: B is N-major, as from
+ * transposedTileDescriptor (the products of the backward that multiply by an operand tile along its rows).
+ */
+template <int TransposeB>
+__device__ __forceinline__ void wgmmaRegisterA(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, %10;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1), "n"(TransposeB));
+}
+
+template <int TransposeB>
+__device__ __forceinline__ void wgmmaRegisterA(float (&d)[8], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, %14;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1), "n"(TransposeB));
+}
+
+template <int TransposeB>
+__device__ __forceinline__ void wgmmaRegisterA(float (&d)[12], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %17, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, {%12,%13,%14,%15}, %16, p, 1, 1, %18;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1), "n"(TransposeB));
+}
+
+template <int TransposeB>
+__device__ __forceinline__ void wgmmaRegisterA(float (&d)[16], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, %22;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1), "n"(TransposeB));
+}
+
+template <int TransposeB>
+__device__ __forceinline__ void wgmmaRegisterA(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t b) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1));
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b), "r"(1), "n"(TransposeB));
 }
 
 } // namespace kernels

@@ -30,13 +30,13 @@ bool fusedAttentionAvailable() {
 
 #ifdef FLASHIPA_HAVE_FUSED_KERNEL
 namespace {
-std::atomic<FusedForwardKernel> forwardKernelLimit{FusedForwardKernel::Fastest};
+std::atomic<FusedKernelLimit> kernelLimit{FusedKernelLimit::Fastest};
 }
 #endif
 
-void setFusedForwardKernel(FusedForwardKernel limit) {
+void setFusedKernelLimit(FusedKernelLimit limit) {
 #ifdef FLASHIPA_HAVE_FUSED_KERNEL
-    forwardKernelLimit.store(limit);
+    kernelLimit.store(limit);
 #else
     (void) limit;
 #endif
@@ -211,7 +211,9 @@ struct PackedBackwardOperands {
 };
 
 PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p,
-                                                 const torch::Tensor& gradOut, const torch::Tensor& logSumExp, const torch::Tensor& delta) {
+                                                 const torch::Tensor& gradOut, const torch::Tensor& logSumExp, const torch::Tensor& delta,
+                                                 kernels::TensorCoreBackwardPack::Layout layout) {
+    const bool tiled = layout == kernels::TensorCoreBackwardPack::Layout::CoreMatrixTiles;
     const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t scalarColumns = kernels::tensorCoreBackwardScalarColumns((int) (c + Rb));
@@ -236,7 +238,7 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     // Value rows with value points relative to their key tile's centre; the centre's share of dP is
     // added in fp32 by the kernel from the per-row sums of dOut over value points.
     const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
-    const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
+    const int64_t valueColumns = tiled ? kernels::wgmmaBackwardValueColumns((int) width) : (width + chunk - 1) / chunk * chunk;
     torch::Tensor tileOfRow = torch::arange(N, f32.dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
     torch::Tensor valuePoints = (t[7] - keyCentres.index_select(0, tileOfRow).unsqueeze(2)).flatten(2);
     torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
@@ -248,11 +250,19 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     auto int32 = t[10].options().dtype(torch::kInt32);
     torch::Tensor rowRanges = torch::stack({t[10], t[11], t[12], torch::zeros({N}, int32)}, 1);
     rowRanges = torch::cat({rowRanges, torch::tensor({-1, 0, 0, 0}, int32).expand({padded - N, 4})}).contiguous();
-    torch::Tensor tileSegments = commonSegmentPerTile(rowRanges.select(1, 0), kernels::TensorCoreBackwardTile);
+    torch::Tensor tileSegments =
+        commonSegmentPerTile(rowRanges.select(1, 0), tiled ? kernels::TensorCoreKeyTile : kernels::TensorCoreBackwardTile);
+    if (tiled) {
+        queries = coreMatrixTiles(queries, kernels::TensorCoreKeyTile);
+        keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
+        gradRows = coreMatrixTiles(gradRows, kernels::TensorCoreKeyTile);
+        values = coreMatrixTiles(values, kernels::TensorCoreKeyTile);
+    }
     PackedBackwardOperands out;
     out.keepAlive = {queries,    keys,       pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres,
                      gradRows,   values,     rowTerms,              rowRanges,             tileSegments};
     kernels::TensorCoreBackwardPack& k = out.pack;
+    k.layout = layout;
     k.paddedRows = (int) padded;
     k.scalarColumns = (int) scalarColumns;
     k.pointBlock = (int) pointBlock;
@@ -272,12 +282,22 @@ PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor
     return out;
 }
 
-/** Runs the tensor-core backward where it applies (bf16 on sm_80+), else the fp32 SIMT backward. */
+/**
+ * Runs the fastest backward that applies within the limit set by setFusedKernelLimit: wgmma (bf16 on
+ * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT backward.
+ */
 void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& gradOut,
                     const torch::Tensor& logSumExp, const torch::Tensor& delta, const kernels::FusedAttentionGradients& g) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (p.rows > 0 && kernels::tensorCoreBackwardApplies(p)) {
-        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta);
+    const FusedKernelLimit limit = kernelLimit.load();
+    using Layout = kernels::TensorCoreBackwardPack::Layout;
+    if (p.rows > 0 && limit == FusedKernelLimit::Fastest && kernels::wgmmaBackwardApplies(p)) {
+        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta, Layout::CoreMatrixTiles);
+        if (kernels::launchFusedAttentionBackwardWgmma(p, packed.pack, g, stream))
+            return;
+    }
+    if (p.rows > 0 && limit != FusedKernelLimit::Simt && kernels::tensorCoreBackwardApplies(p)) {
+        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta, Layout::Rows);
         if (kernels::launchFusedAttentionBackwardTensorCore(p, packed.pack, g, stream))
             return;
     }
@@ -285,7 +305,7 @@ void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAtt
 }
 
 /**
- * Runs the fastest forward that applies within the limit set by setFusedForwardKernel: wgmma (bf16 on
+ * Runs the fastest forward that applies within the limit set by setFusedKernelLimit: wgmma (bf16 on
  * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT forward. Returns the output
  * [N, H, liftedValueDim] and the log-sum-exp [N, H], allocated after the packing so that the packing's
  * temporaries and the fp32 output never coexist (the forward's peak memory).
@@ -296,14 +316,14 @@ std::pair<torch::Tensor, torch::Tensor> launchForward(const std::vector<torch::T
     auto allocate = [&] {
         return std::make_pair(torch::empty({t[0].size(0), t[0].size(1), p.liftedValueDim()}, options), torch::empty({t[0].size(0), t[0].size(1)}, options));
     };
-    const FusedForwardKernel limit = forwardKernelLimit.load();
-    if (p.rows > 0 && limit == FusedForwardKernel::Fastest && kernels::wgmmaForwardApplies(p)) {
+    const FusedKernelLimit limit = kernelLimit.load();
+    if (p.rows > 0 && limit == FusedKernelLimit::Fastest && kernels::wgmmaForwardApplies(p)) {
         PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::CoreMatrixTiles);
         auto [out, logSumExp] = allocate();
         if (kernels::launchFusedAttentionForwardWgmma(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))
             return {out, logSumExp};
     }
-    if (p.rows > 0 && limit != FusedForwardKernel::Simt && kernels::tensorCoreForwardApplies(p)) {
+    if (p.rows > 0 && limit != FusedKernelLimit::Simt && kernels::tensorCoreForwardApplies(p)) {
         PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::Rows);
         auto [out, logSumExp] = allocate();
         if (kernels::launchFusedAttentionForwardTensorCore(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))

@@ -202,20 +202,21 @@ INSTANTIATE_TEST_SUITE_P(Sizes, FusedVersusMath,
                          });
 
 /**
- * Runs a bf16 check once per forward kernel the device has: the fastest (wgmma on compute capability
- * 9.0), mma.sync, and the fp32 SIMT kernel on the same bf16 operands. Restores the default afterwards.
+ * Runs a bf16 check once per kind of kernel the device has, forward and backward alike: the fastest
+ * (wgmma on compute capability 9.0), mma.sync, and the fp32 SIMT kernels on the same bf16 operands.
+ * Restores the default afterwards.
  */
 template <typename Check>
-void forEachForwardKernel(Check check) {
-    const std::vector<std::pair<FusedForwardKernel, const char*>> kernels = {
-        {FusedForwardKernel::Fastest, "fastest forward (wgmma on sm_90)"}, {FusedForwardKernel::MmaSync, "mma.sync forward"},
-        {FusedForwardKernel::Simt, "SIMT forward"}};
+void forEachKernel(Check check) {
+    const std::vector<std::pair<FusedKernelLimit, const char*>> kernels = {
+        {FusedKernelLimit::Fastest, "fastest kernels (wgmma on sm_90)"}, {FusedKernelLimit::MmaSync, "mma.sync kernels"},
+        {FusedKernelLimit::Simt, "SIMT kernels"}};
     for (auto [kernel, name] : kernels) {
         SCOPED_TRACE(name);
-        setFusedForwardKernel(kernel);
+        setFusedKernelLimit(kernel);
         check();
     }
-    setFusedForwardKernel(FusedForwardKernel::Fastest);
+    setFusedKernelLimit(FusedKernelLimit::Fastest);
 }
 
 // bf16 (the network and the kernel's scalar operands in bf16) against float64 with the same rounded
@@ -224,7 +225,7 @@ void forEachForwardKernel(Check check) {
 // and every gradient), and is always allowed 3e-2 (outputs) / 6e-2 (gradients).
 TEST(FusedAttention, BFloat16AgainstMathInFloat64) {
     REQUIRE_GPU();
-    forEachForwardKernel([] {
+    forEachKernel([] {
         for (int64_t L : {17, 256, 4097})
             compareWithMath(smallConfig(2), L, torch::kBFloat16, 3e-2, 6e-2, true);
     });
@@ -244,7 +245,7 @@ ModelConfig publishedWidths(int rank) {
 TEST(FusedAttention, PublishedWidthsWithRank16) {
     REQUIRE_GPU();
     compareWithMath(publishedWidths(16), 256, torch::kFloat32, 1e-5, 1e-3);
-    forEachForwardKernel([] { compareWithMath(publishedWidths(16), 300, torch::kBFloat16, 3e-2, 6e-2, true); });
+    forEachKernel([] { compareWithMath(publishedWidths(16), 300, torch::kBFloat16, 3e-2, 6e-2, true); });
 }
 
 // The configuration the benchmark times (benchmarks/results/fused_layer_h100.md): published widths with
@@ -252,7 +253,7 @@ TEST(FusedAttention, PublishedWidthsWithRank16) {
 // one value chunk of 256 columns. 700 rows: several key tiles, whole tiles and a ragged last one.
 TEST(FusedAttention, PublishedWidthsWithRank2InBFloat16) {
     REQUIRE_GPU();
-    forEachForwardKernel([] { compareWithMath(publishedWidths(2), 700, torch::kBFloat16, 3e-2, 6e-2, true); });
+    forEachKernel([] { compareWithMath(publishedWidths(2), 700, torch::kBFloat16, 3e-2, 6e-2, true); });
 }
 
 /** Dense attention of DESIGN 2.4 for one segment, in double, written independently of the layer. */
@@ -331,7 +332,7 @@ TEST(FusedAttention, PackedChainsMatchDenseOracle) {
 // mask-free path). bf16 rounds the probabilities (8 bits): 1e-2 on outputs, 3e-2 on gradients.
 TEST(FusedAttention, PackedChainsInBFloat16) {
     REQUIRE_GPU();
-    forEachForwardKernel([] { checkPackedChains({5, 70, 131, 300, 64}, torch::kBFloat16, 1e-2, 3e-2); });
+    forEachKernel([] { checkPackedChains({5, 70, 131, 300, 64}, torch::kBFloat16, 1e-2, 3e-2); });
 }
 
 /**
@@ -373,7 +374,7 @@ TEST(FusedAttention, InvariantFarFromOriginAtL100000) {
             EXPECT_LT(relativeError(force1Back, force0), tolerance) << (dtype == torch::kFloat32 ? "fp32" : "bf16") << " translation gradient";
         };
         if (dtype == torch::kBFloat16)
-            forEachForwardKernel(check);
+            forEachKernel(check);
         else
             check();
     }

@@ -34,13 +34,13 @@ bool fusedAttentionAvailable();
 torch::Tensor fusedIPAAttention(const FusedAttentionInputs& inputs, double scalarScale, double biasScale);
 
 /**
- * The fastest kind of forward kernel the fused backend may use, process-wide (for tests and
- * benchmarks that compare the kernels; users keep the default): Fastest picks wgmma on compute
- * capability 9.0 GPUs, mma.sync tensor cores on other sm_80+ GPUs, SIMT otherwise; MmaSync stops at
- * mma.sync; Simt uses the fp32 kernel for every element type. The backward is not affected.
+ * The fastest kind of kernel the fused backend may use, process-wide, for the forward and the backward
+ * (for tests and benchmarks that compare the kernels; users keep the default): Fastest picks wgmma on
+ * compute capability 9.0 GPUs, mma.sync tensor cores on other sm_80+ GPUs, SIMT otherwise; MmaSync stops
+ * at mma.sync (what other sm_80+ GPUs run); Simt uses the fp32 kernels for every element type.
  */
-enum class FusedForwardKernel { Fastest, MmaSync, Simt };
-void setFusedForwardKernel(FusedForwardKernel limit);
+enum class FusedKernelLimit { Fastest, MmaSync, Simt };
+void setFusedKernelLimit(FusedKernelLimit limit);
 
 /** Each row's key range [begin, end): the run of equal segment ids it belongs to. */
 std::pair<torch::Tensor, torch::Tensor> segmentKeyRanges(const torch::Tensor& segment);
