@@ -75,7 +75,7 @@ __device__ __forceinline__ void multiplyColumns(float (&acc)[Tiles][4], const ui
 }
 
 /** pointAcc (64 x 8 tiles) += A x the point columns at `tile`: one wgmma of 8, 16, 24 or 32 columns. */
-__device__ __forceinline__ void multiplyPoints(float (&pointAcc)[MaxPointTiles][4], const uint32_t (&a)[4], uint64_t tile, int tiles) {
+[[maybe_unused]] __device__ __forceinline__ void multiplyPoints(float (&pointAcc)[MaxPointTiles][4], const uint32_t (&a)[4], uint64_t tile, int tiles) {
     switch (tiles) {
     case 1:
         wgmmaRegisterA<1>(tilesOf<8>(pointAcc, 0), a[0], a[1], a[2], a[3], tile);

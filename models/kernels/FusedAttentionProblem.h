@@ -212,6 +212,20 @@ bool launchFusedAttentionBackwardWgmma(const FusedAttentionProblem& problem, con
                                        const FusedAttentionGradients& gradients, cudaStream_t stream);
 
 /**
+ * Builds a forward pack on the GPU (OperandPacking.cu): `pack` holds the widths, the layout and pointers to
+ * device buffers of the documented sizes, which this fills (centres, stats and segments first, then the
+ * operands). Same contents as the LibTorch packing in FusedAttention.cpp, in four launches.
+ */
+void launchForwardPacking(const FusedAttentionProblem& problem, const TensorCorePack& pack, cudaStream_t stream);
+
+/**
+ * Builds a backward pack on the GPU likewise, from the forward's log-sum-exp [N, H], delta [N, H] and the
+ * gradient of the output [N, H, liftedValueDim] (fp32); five launches.
+ */
+void launchBackwardPacking(const FusedAttentionProblem& problem, const TensorCoreBackwardPack& pack, const float* gradOut,
+                           const float* logSumExp, const float* delta, cudaStream_t stream);
+
+/**
  * Forward: out [N, H, liftedValueDim] (fp32, value points in the global frame) and the log-sum-exp
  * of each row's logits, lse [N, H]. Throws std::runtime_error on a launch failure.
  */

@@ -3,7 +3,7 @@
 // flashipa::fused_ipa_attention. Builds without CUDA too; then every call explains that the kernels
 // are missing.
 #include "flashipa/FusedAttention.h"
-#include "TensorCorePacking.h"
+#include "OperandPacking.h"
 #include <atomic>
 #include <climits>
 #include <stdexcept>
@@ -110,178 +110,6 @@ void checkInputs(const FusedAttentionInputs& in) {
 
 using namespace packing;
 
-kernels::FusedAttentionProblem describe(const std::vector<torch::Tensor>& t, double scalarScale, double biasScale) {
-    // t: q k v biasLeft biasRight queryPoints keyPoints valuePoints pairValues pointWeight segment keyBegin keyEnd
-    kernels::FusedAttentionProblem p;
-    p.rows = (int) t[0].size(0);
-    p.heads = (int) t[0].size(1);
-    p.headDim = (int) t[0].size(2);
-    p.biasRank = (int) t[3].size(2);
-    p.queryPoints = (int) t[5].size(2);
-    p.valuePoints = (int) t[7].size(2);
-    p.pairRank = (int) t[8].size(1);
-    p.pairValueDim = (int) t[8].size(2);
-    p.scalarScale = (float) scalarScale;
-    p.biasScale = (float) biasScale;
-    p.element = t[0].scalar_type() == torch::kBFloat16 ? kernels::ElementType::BFloat16 : kernels::ElementType::Float32;
-    p.q = t[0].data_ptr();
-    p.k = t[1].data_ptr();
-    p.v = t[2].data_ptr();
-    p.biasLeft = t[3].data_ptr();
-    p.biasRight = t[4].data_ptr();
-    p.queryPointsGlobal = t[5].data_ptr<float>();
-    p.keyPointsGlobal = t[6].data_ptr<float>();
-    p.valuePointsGlobal = t[7].data_ptr<float>();
-    p.pairValues = t[8].data_ptr();
-    p.pointWeight = t[9].data_ptr<float>();
-    p.segment = t[10].data_ptr<int>();
-    p.keyBegin = t[11].data_ptr<int>();
-    p.keyEnd = t[12].data_ptr<int>();
-    return p;
-}
-
-/** Operands of the tensor-core forward, packed with LibTorch ops (see kernels::TensorCorePack). */
-struct PackedOperands {
-    std::vector<torch::Tensor> keepAlive;
-    kernels::TensorCorePack pack;
-};
-
-PackedOperands packForTensorCores(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& pointWeight,
-                                  kernels::TensorCorePack::Layout layout) {
-    const bool tiled = layout == kernels::TensorCorePack::Layout::CoreMatrixTiles;
-    const int64_t N = p.rows, H = p.heads, Pq = p.queryPoints;
-    const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
-    const int64_t keyColumns = kernels::tensorCoreForwardKeyColumns(p);
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16);
-    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
-    auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
-    // Points relative to their tile's centre (key tiles: the key points' centre, or the value points'
-    // where there are no key points), split into bf16 hi + lo for the logits' cross term.
-    torch::Tensor queryCentres, keyCentres;
-    torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
-    torch::Tensor b = relativeToTile(t[6], Pq > 0 ? t[6] : t[7], kernels::TensorCoreKeyTile, padded, keyCentres);
-    auto [aHi, aLo] = splitBf16(a.flatten(2));
-    auto [bHi, bLo] = splitBf16(b.flatten(2) * pointWeight.view({1, H, 1}));
-    const int64_t fill = keyColumns - p.liftedKeyDim() - 9 * Pq;
-    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), aHi, aLo, aHi, zeros(fill)}, -1));
-    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
-                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), bHi, bHi, bLo, zeros(fill)}, -1));
-    // Values: [1 | key tile centre hi | lo | 0 | value points - centre | v | pair values] (TensorCorePack).
-    const int64_t width = kernels::tensorCoreForwardValueWidth(p), chunk = kernels::tensorCoreValueChunk((int) width);
-    const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
-    torch::Tensor tileOfRow = torch::arange(N, t[0].options().dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
-    torch::Tensor centre = keyCentres.index_select(0, tileOfRow); // [N, H, 3]
-    auto [centreHi, centreLo] = splitBf16(centre);
-    torch::Tensor relativeValuePoints = (t[7] - centre.unsqueeze(2)).flatten(2).to(torch::kBFloat16);
-    torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    torch::Tensor values = pad(torch::cat({torch::ones({N, H, 1}, bf16), centreHi, centreLo, zeros(1), relativeValuePoints,
-                                           t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
-    if (tiled) {
-        queries = coreMatrixTiles(queries, kernels::TensorCoreQueryTile);
-        keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
-        values = transposedCoreMatrixTiles(values, kernels::TensorCoreKeyTile);
-    } else {
-        values = values.permute({1, 2, 0}).contiguous();
-    }
-    torch::Tensor segments = torch::constant_pad_nd(t[10], {0, padded - N}, -1).contiguous();
-    torch::Tensor tileSegments = commonSegmentPerTile(segments, kernels::TensorCoreKeyTile);
-    PackedOperands out;
-    out.keepAlive = {queries, keys, pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres, values, segments, tileSegments};
-    kernels::TensorCorePack& k = out.pack;
-    k.layout = layout;
-    k.paddedRows = (int) padded;
-    k.keyColumns = (int) keyColumns;
-    k.valueColumns = (int) valueColumns;
-    k.queries = out.keepAlive[0].data_ptr();
-    k.keys = out.keepAlive[1].data_ptr();
-    k.queryStats = out.keepAlive[2].data_ptr<float>();
-    k.keyStats = out.keepAlive[3].data_ptr<float>();
-    k.queryCentres = out.keepAlive[4].data_ptr<float>();
-    k.keyCentres = out.keepAlive[5].data_ptr<float>();
-    k.values = out.keepAlive[6].data_ptr();
-    k.segments = out.keepAlive[7].data_ptr<int>();
-    k.tileSegments = out.keepAlive[8].data_ptr<int>();
-    return out;
-}
-
-/** Operands of the tensor-core backward, packed with LibTorch ops (see kernels::TensorCoreBackwardPack). */
-struct PackedBackwardOperands {
-    std::vector<torch::Tensor> keepAlive;
-    kernels::TensorCoreBackwardPack pack;
-};
-
-PackedBackwardOperands packForTensorCoreBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p,
-                                                 const torch::Tensor& gradOut, const torch::Tensor& logSumExp, const torch::Tensor& delta,
-                                                 kernels::TensorCoreBackwardPack::Layout layout) {
-    const bool tiled = layout == kernels::TensorCoreBackwardPack::Layout::CoreMatrixTiles;
-    const int64_t N = p.rows, H = p.heads, c = p.headDim, Rb = p.biasRank, Pq = p.queryPoints, Pv = p.valuePoints;
-    const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
-    const int64_t scalarColumns = kernels::tensorCoreBackwardScalarColumns((int) (c + Rb));
-    const int64_t pointBlock = (3 * Pq + 7) / 8 * 8, pointColumns = (3 * pointBlock + 15) / 16 * 16;
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16), f32 = t[0].options().dtype(torch::kFloat32);
-    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
-    auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
-    auto block = [&](const torch::Tensor& x) { return torch::cat({x, zeros(pointBlock - 3 * Pq)}, -1); };
-    // Key tiles are centred on their key points, or on their value points where there are no key points.
-    const torch::Tensor& keyCentreSource = Pq > 0 ? t[6] : t[7];
-    torch::Tensor queryCentres, keyCentres;
-    torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
-    torch::Tensor b = relativeToTile(t[6], keyCentreSource, kernels::TensorCoreKeyTile, padded, keyCentres);
-    auto [aHi, aLo] = splitBf16(a.flatten(2));
-    auto [bHi, bLo] = splitBf16(b.flatten(2));
-    const int64_t scalarFill = scalarColumns - c - Rb, pointFill = pointColumns - 3 * pointBlock;
-    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), zeros(scalarFill), block(aHi),
-                                            block(aLo), block(aHi), zeros(pointFill)}, -1));
-    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
-                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), zeros(scalarFill), block(bHi),
-                                         block(bHi), block(bLo), zeros(pointFill)}, -1));
-    // Value rows with value points relative to their key tile's centre; the centre's share of dP is
-    // added in fp32 by the kernel from the per-row sums of dOut over value points.
-    const int64_t width = p.liftedValueDim(), chunk = kernels::tensorCoreValueChunk((int) width);
-    const int64_t valueColumns = tiled ? kernels::wgmmaBackwardValueColumns((int) width) : (width + chunk - 1) / chunk * chunk;
-    torch::Tensor tileOfRow = torch::arange(N, f32.dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
-    torch::Tensor valuePoints = (t[7] - keyCentres.index_select(0, tileOfRow).unsqueeze(2)).flatten(2);
-    torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    torch::Tensor values = pad(torch::cat({t[2].to(torch::kBFloat16), valuePoints.to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
-    torch::Tensor gradRows = pad(torch::cat({gradOut.to(torch::kBFloat16), zeros(valueColumns - width)}, -1));
-    torch::Tensor gradSums = gradOut.narrow(-1, c, 3 * Pv).reshape({N, H, Pv, 3}).sum(2);
-    torch::Tensor rowTerms = pad(torch::cat({logSumExp.unsqueeze(-1), delta.unsqueeze(-1), gradSums, torch::zeros({N, H, 3}, f32)}, -1));
-    // Per row: segment, key range; padding rows are segment -1. Per tile of rows: their common segment.
-    auto int32 = t[10].options().dtype(torch::kInt32);
-    torch::Tensor rowRanges = torch::stack({t[10], t[11], t[12], torch::zeros({N}, int32)}, 1);
-    rowRanges = torch::cat({rowRanges, torch::tensor({-1, 0, 0, 0}, int32).expand({padded - N, 4})}).contiguous();
-    torch::Tensor tileSegments =
-        commonSegmentPerTile(rowRanges.select(1, 0), tiled ? kernels::TensorCoreKeyTile : kernels::TensorCoreBackwardTile);
-    if (tiled) {
-        queries = coreMatrixTiles(queries, kernels::TensorCoreKeyTile);
-        keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
-        gradRows = coreMatrixTiles(gradRows, kernels::TensorCoreKeyTile);
-        values = coreMatrixTiles(values, kernels::TensorCoreKeyTile);
-    }
-    PackedBackwardOperands out;
-    out.keepAlive = {queries,    keys,       pointStats(a, padded), pointStats(b, padded), queryCentres, keyCentres,
-                     gradRows,   values,     rowTerms,              rowRanges,             tileSegments};
-    kernels::TensorCoreBackwardPack& k = out.pack;
-    k.layout = layout;
-    k.paddedRows = (int) padded;
-    k.scalarColumns = (int) scalarColumns;
-    k.pointBlock = (int) pointBlock;
-    k.keyColumns = (int) (scalarColumns + pointColumns);
-    k.valueColumns = (int) valueColumns;
-    k.queries = out.keepAlive[0].data_ptr();
-    k.keys = out.keepAlive[1].data_ptr();
-    k.queryStats = out.keepAlive[2].data_ptr<float>();
-    k.keyStats = out.keepAlive[3].data_ptr<float>();
-    k.queryCentres = out.keepAlive[4].data_ptr<float>();
-    k.keyCentres = out.keepAlive[5].data_ptr<float>();
-    k.gradOut = out.keepAlive[6].data_ptr();
-    k.values = out.keepAlive[7].data_ptr();
-    k.rowTerms = out.keepAlive[8].data_ptr<float>();
-    k.rowRanges = out.keepAlive[9].data_ptr<int>();
-    k.tileSegments = out.keepAlive[10].data_ptr<int>();
-    return out;
-}
-
 /**
  * Runs the fastest backward that applies within the limit set by setFusedKernelLimit: wgmma (bf16 on
  * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT backward.
@@ -292,12 +120,12 @@ void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAtt
     const FusedKernelLimit limit = kernelLimit.load();
     using Layout = kernels::TensorCoreBackwardPack::Layout;
     if (p.rows > 0 && limit == FusedKernelLimit::Fastest && kernels::wgmmaBackwardApplies(p)) {
-        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta, Layout::CoreMatrixTiles);
+        PackedBackwardOperands packed = packBackward(t, p, gradOut, logSumExp, delta, Layout::CoreMatrixTiles);
         if (kernels::launchFusedAttentionBackwardWgmma(p, packed.pack, g, stream))
             return;
     }
     if (p.rows > 0 && limit != FusedKernelLimit::Simt && kernels::tensorCoreBackwardApplies(p)) {
-        PackedBackwardOperands packed = packForTensorCoreBackward(t, p, gradOut, logSumExp, delta, Layout::Rows);
+        PackedBackwardOperands packed = packBackward(t, p, gradOut, logSumExp, delta, Layout::Rows);
         if (kernels::launchFusedAttentionBackwardTensorCore(p, packed.pack, g, stream))
             return;
     }
@@ -318,13 +146,13 @@ std::pair<torch::Tensor, torch::Tensor> launchForward(const std::vector<torch::T
     };
     const FusedKernelLimit limit = kernelLimit.load();
     if (p.rows > 0 && limit == FusedKernelLimit::Fastest && kernels::wgmmaForwardApplies(p)) {
-        PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::CoreMatrixTiles);
+        PackedOperands packed = packForward(t, p, kernels::TensorCorePack::Layout::CoreMatrixTiles);
         auto [out, logSumExp] = allocate();
         if (kernels::launchFusedAttentionForwardWgmma(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))
             return {out, logSumExp};
     }
     if (p.rows > 0 && limit != FusedKernelLimit::Simt && kernels::tensorCoreForwardApplies(p)) {
-        PackedOperands packed = packForTensorCores(t, p, t[9], kernels::TensorCorePack::Layout::Rows);
+        PackedOperands packed = packForward(t, p, kernels::TensorCorePack::Layout::Rows);
         auto [out, logSumExp] = allocate();
         if (kernels::launchFusedAttentionForwardTensorCore(p, packed.pack, out.data_ptr<float>(), logSumExp.data_ptr<float>(), stream))
             return {out, logSumExp};
@@ -396,12 +224,16 @@ public:
 
 } // namespace
 
-torch::Tensor fusedIPAAttention(const FusedAttentionInputs& in, double scalarScale, double biasScale) {
-    checkInputs(in);
 #ifdef FLASHIPA_HAVE_FUSED_KERNEL
+namespace {
+
+/**
+ * The operator's tensors in the order describe() reads them, contiguous, with absent optional parts as
+ * zero-width tensors (one kernel signature, nothing to special-case) and each row's key range.
+ */
+std::vector<torch::Tensor> attentionTensors(const FusedAttentionInputs& in) {
     const int64_t N = in.q.size(0), H = in.q.size(1);
     auto empty = [&](std::vector<int64_t> shape) { return torch::zeros(shape, in.q.options()); };
-    // Absent optional parts become zero-width tensors: one kernel signature, nothing to special-case.
     torch::Tensor biasLeft = in.biasLeft.defined() ? in.biasLeft.contiguous() : empty({N, H, 0});
     torch::Tensor biasRight = in.biasRight.defined() ? in.biasRight.contiguous() : empty({N, H, 0});
     torch::Tensor pairValues = in.pairValues.defined() ? in.pairValues.contiguous() : empty({N, 0, 1});
@@ -409,16 +241,52 @@ torch::Tensor fusedIPAAttention(const FusedAttentionInputs& in, double scalarSca
     if (!keyBegin.defined())
         std::tie(keyBegin, keyEnd) = segmentKeyRanges(in.segment);
     auto int32 = [](const torch::Tensor& x) { return x.to(torch::kInt32).contiguous(); };
-    return FusedAttentionFunction::apply(in.q.contiguous(), in.k.contiguous(), in.v.contiguous(), biasLeft, biasRight,
-                                         in.queryPoints.contiguous(), in.keyPoints.contiguous(), in.valuePoints.contiguous(), pairValues,
-                                         in.pointWeight.contiguous(), int32(in.segment), int32(keyBegin), int32(keyEnd), scalarScale,
-                                         biasScale)[0];
+    return {in.q.contiguous(), in.k.contiguous(), in.v.contiguous(), biasLeft, biasRight, in.queryPoints.contiguous(), in.keyPoints.contiguous(),
+            in.valuePoints.contiguous(), pairValues, in.pointWeight.contiguous(), int32(in.segment), int32(keyBegin), int32(keyEnd)};
+}
+
+} // namespace
+#endif
+
+torch::Tensor fusedIPAAttention(const FusedAttentionInputs& in, double scalarScale, double biasScale) {
+    checkInputs(in);
+#ifdef FLASHIPA_HAVE_FUSED_KERNEL
+    const std::vector<torch::Tensor> t = attentionTensors(in);
+    return FusedAttentionFunction::apply(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12], scalarScale, biasScale)[0];
 #else
     (void) scalarScale;
     (void) biasScale;
     throw std::invalid_argument("fused FlashIPA attention: this build has no CUDA kernels (configure with FLASHIPA_BUILD_CUDA=ON)");
 #endif
 }
+
+namespace packing {
+
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> packedOperandsTwoWays(const FusedAttentionInputs& in, double scalarScale,
+                                                                                      double biasScale, bool backward, bool coreMatrixTiles) {
+    checkInputs(in);
+    require(in.q.scalar_type() == torch::kBFloat16, "the tensor-core packs hold bf16 operands: pass bfloat16 scalar features");
+#ifdef FLASHIPA_HAVE_FUSED_KERNEL
+    const std::vector<torch::Tensor> t = attentionTensors(in);
+    c10::cuda::CUDAGuard guard(in.q.device());
+    const kernels::FusedAttentionProblem p = describe(t, scalarScale, biasScale);
+    if (!backward) {
+        const auto layout = coreMatrixTiles ? kernels::TensorCorePack::Layout::CoreMatrixTiles : kernels::TensorCorePack::Layout::Rows;
+        return {packForward(t, p, layout).keepAlive, packForwardWithTorch(t, p, layout).keepAlive};
+    }
+    // The backward pack only copies and sums these: any values do.
+    const auto f32 = in.q.options().dtype(torch::kFloat32);
+    const int64_t N = p.rows, H = p.heads;
+    torch::Tensor gradOut = torch::randn({N, H, p.liftedValueDim()}, f32), logSumExp = torch::randn({N, H}, f32), delta = torch::randn({N, H}, f32);
+    const auto layout = coreMatrixTiles ? kernels::TensorCoreBackwardPack::Layout::CoreMatrixTiles : kernels::TensorCoreBackwardPack::Layout::Rows;
+    return {packBackward(t, p, gradOut, logSumExp, delta, layout).keepAlive, packBackwardWithTorch(t, p, gradOut, logSumExp, delta, layout).keepAlive};
+#else
+    (void) scalarScale, (void) biasScale, (void) backward, (void) coreMatrixTiles;
+    throw std::invalid_argument("fused FlashIPA attention: this build has no CUDA kernels (configure with FLASHIPA_BUILD_CUDA=ON)");
+#endif
+}
+
+} // namespace packing
 
 namespace {
 

@@ -6,8 +6,10 @@
 // splitting and the tensor cores' core-matrix tile order. They are plain tensor ops on any device, so
 // the layouts the kernels rely on are tested on the CPU (tests/cpp/TestTensorCorePacking.cpp), not
 // only through the kernels on a GPU. Internal to the model library.
+#include "flashipa/FusedAttention.h"
 #include <torch/torch.h>
 #include <utility>
+#include <vector>
 
 namespace FlashIPAPlugin {
 namespace packing {
@@ -45,6 +47,15 @@ torch::Tensor coreMatrixTiles(const torch::Tensor& x, int64_t tile);
  * [H, R / tile, C / 8, tile / 8, 8 columns, 8 rows] (a key tile's columns are 8 x 8 blocks of keys).
  */
 torch::Tensor transposedCoreMatrixTiles(const torch::Tensor& x, int64_t tile);
+
+/**
+ * For tests: the packed operands of the tensor-core kernels for these (bf16) inputs, built twice, by the
+ * GPU packing kernels (first) and by the LibTorch reference (second), each list in the order of the pack's
+ * pointers (TensorCorePack, or TensorCoreBackwardPack with a random output gradient, log-sum-exp and delta).
+ * Throws std::invalid_argument in a build without the CUDA kernels.
+ */
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> packedOperandsTwoWays(const FusedAttentionInputs& inputs, double scalarScale,
+                                                                                      double biasScale, bool backward, bool coreMatrixTiles);
 
 } // namespace packing
 } // namespace FlashIPAPlugin
