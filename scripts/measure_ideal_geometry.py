@@ -7,7 +7,9 @@ Writes wrappers/python/openmmflashipa/ideal_geometry.py (a generated module of c
   which spans six bonds and is used only as an upper bound);
 - the local coordinates, in the residue's own frame (FrameBuilder's: origin at atom b, e1 along c - b, e2 in
   the a-b-c plane towards a), of the backbone atoms that generation places from a frame: protein O and OXT;
-  RNA P, OP1, OP2, O5', C5', C2', O2', C1', O3'.
+  RNA P, OP1, OP2, O5', C5', C2', O2', C1', O3';
+- protein only: the trans peptide bond's 1-3 distances CA(i)..N(i+1) and C(i)..CA(i+1) and its 1-4 distance
+  CA(i)..CA(i+1) (medians over linked pairs with CA..CA above 0.34 nm, i.e. not cis);
 
 Each value is the median over the train-split chains in data/manifest.tsv (validation chains are not read),
 so that the evaluation on the validation split never sees its own geometry. Alternate locations: the first.
@@ -31,6 +33,8 @@ FRAME = {"protein": ("N", "CA", "C"), "rna": ("C3'", "C4'", "O4'")}
 # frame's e1 axis, so generation builds it from C(i), CA(i) and N(i+1) (OXT likewise, at the C terminus).
 PLACED = {"protein": ("O",), "rna": ("P", "OP1", "OP2", "O5'", "C5'", "C2'", "O2'", "C1'", "O3'")}
 LINK = {"protein": (("C", "N"), "C(i)-N(i+1)"), "rna": (("C4'", "C4'"), "C4'(i)-C4'(i+1)")}
+PEPTIDE = (("CA", "N"), ("C", "CA"), ("CA", "CA"))  # protein: atom of residue i, atom of residue i + 1
+CIS_CA_CA = 0.34  # nm: a cis peptide's CA..CA is about 0.29, a trans one's 0.38
 
 
 def local_frame(a, b, c):
@@ -81,6 +85,9 @@ def measure(path, moltype, sums):
                 length = np.linalg.norm(atoms[link_b] - previous[link_a])
                 if length < (0.2 if moltype == "protein" else 0.9):  # a chain break is not a link
                     sums["link"].append(length)
+                    if moltype == "protein" and np.linalg.norm(atoms["CA"] - previous["CA"]) > CIS_CA_CA:
+                        for k, (x, y) in enumerate(PEPTIDE):
+                            sums["peptide%d" % k].append(np.linalg.norm(atoms[y] - previous[x]))
             previous = atoms
 
 
@@ -96,7 +103,8 @@ def main(argv=None):
     result = {}
     for moltype in ("protein", "rna"):
         files = [r["file"] for r in rows if r["moltype"] == moltype][:args.max_files]
-        sums = {"bond_ab": [], "bond_bc": [], "dist_ac": [], "link": [], "bond_co": []}
+        sums = {"bond_ab": [], "bond_bc": [], "dist_ac": [], "link": [], "bond_co": [],
+                "peptide0": [], "peptide1": [], "peptide2": []}
         for name in PLACED[moltype] + (("OXT",) if moltype == "protein" else ()):
             sums["local:" + name] = []
         for i, name in enumerate(files):
@@ -112,6 +120,7 @@ def main(argv=None):
             "link": float(np.median(sums["link"])),
             "link_p99": float(np.percentile(sums["link"], 99)),
             "bond_co": float(np.median(sums["bond_co"])) if sums["bond_co"] else None,
+            "peptide": [float(np.median(sums["peptide%d" % k])) for k in range(3)] if sums["peptide0"] else None,
             "local": {k[6:]: [round(float(x), 4) for x in np.median(np.array(v), 0)]
                       for k, v in sums.items() if k.startswith("local:") and v},
         }
@@ -131,7 +140,8 @@ def write(path, result, train_rows):
         "order the force uses (protein N, CA, C; RNA C3', C4', O4'), including the 1-3 distance that fixes the",
         "angle. LINK[moltype]: (atom of residue i, atom of residue i+1, median length, 99th percentile).",
         "LOCAL[moltype][name]: coordinates in the residue frame (origin atom b; e1 along c - b; e2 in the",
-        'a-b-c plane towards a).',
+        "a-b-c plane towards a). PEPTIDE: (frame atom of residue i, frame atom of residue i + 1, length)",
+        "across a trans protein peptide bond.",
         '"""',
         "",
         "FRAME_ATOMS = {'protein': ('N', 'CA', 'C'), 'rna': (\"C3'\", \"C4'\", \"O4'\")}",
@@ -144,7 +154,10 @@ def write(path, result, train_rows):
     for moltype, m in result.items():
         (a, b), _ = LINK[moltype]
         lines.append("    %r: (%r, %r, %.4f, %.4f)," % (moltype, a, b, m["link"], m["link_p99"]))
-    lines += ["}", "CARBONYL_BOND = %.4f  # protein C=O; O bisects the CA-C-N(i+1) exterior angle" % p["bond_co"],
+    frame = FRAME["protein"]
+    peptide = ", ".join("(%d, %d, %.4f)" % (frame.index(x), frame.index(y), v) for (x, y), v in zip(PEPTIDE, p["peptide"]))
+    lines += ["}", "PEPTIDE = (%s)" % peptide,
+              "CARBONYL_BOND = %.4f  # protein C=O; O bisects the CA-C-N(i+1) exterior angle" % p["bond_co"],
               "LOCAL = {"]
     for moltype, m in result.items():
         lines.append("    %r: {" % moltype)

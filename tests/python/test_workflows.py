@@ -15,7 +15,7 @@ import pytest
 from openmmflashipa import cli, ideal_geometry
 from openmmflashipa.backbone import placeBackboneAtoms
 from openmmflashipa.generate import generate
-from openmmflashipa.refine import refine
+from openmmflashipa.refine import refine, repairGeometry
 from openmmflashipa.selfconsistency import selfConsistency
 from openmmflashipa.structure import Backbone, readStructure
 
@@ -111,14 +111,57 @@ def test_generated_backbones_have_valid_bonds_after_refinement():
     refined = refine(protein, minimizeIterations=200, steps=50, platform="CPU", progress=False)
     lengths = bond_lengths(refined.topology, refined.positions, [("N", "CA", 0), ("CA", "C", 0), ("C", "N", 1)])
     assert len(lengths) == 12 * 2 + 11
-    ideal = {0.1458, 0.1525, 0.1329}
-    assert np.mean([min(abs(d - i) for i in ideal) < 0.01 for d in lengths]) >= 0.95, lengths
+    # Every bond within 0.01 nm: the refined structure is the quench's minimum. Without the quench a 300 K
+    # frame misses this now and then (amber's backbone bonds fluctuate by 0.003 nm RMS).
+    ideal = np.array([0.1458, 0.1525, 0.1329] * 11 + [0.1458, 0.1525])
+    assert np.all(np.abs(lengths - ideal) < 0.01), lengths - ideal
+    assert refined.energies["final"] < refined.energies["md"]  # the quench ran and lowered the energy
     rna = generate("rna", 8, 1, seed=5, numSteps=30, progress=False)[0]
     refined = refine(rna, minimizeIterations=200, steps=50, platform="CPU", progress=False)
     assert refined.level == "backbone"
     lengths = bond_lengths(refined.topology, refined.positions, [("C3'", "C4'", 0), ("C4'", "O4'", 0)])
     assert len(lengths) == 16
     assert np.all(np.abs(lengths - np.repeat([[0.1517, 0.1450]], 8, 0).ravel()) < 0.01)
+
+
+def _peptide_geometry(frames):
+    """CA(i)..N(i+1), C(i)..CA(i+1), CA(i)..CA(i+1) distances (nm) and omega (degrees) of each link."""
+    n, ca, c = frames[:, 0], frames[:, 1], frames[:, 2]
+    distances = np.stack([np.linalg.norm(n[1:] - ca[:-1], axis=1), np.linalg.norm(ca[1:] - c[:-1], axis=1),
+                          np.linalg.norm(ca[1:] - ca[:-1], axis=1)], 1)
+    b0, b1, b2 = ca[:-1] - c[:-1], n[1:] - c[:-1], ca[1:] - n[1:]
+    b1 = b1 / np.linalg.norm(b1, axis=1, keepdims=True)
+    v = b0 - np.sum(b0 * b1, 1, keepdims=True) * b1
+    w = b2 - np.sum(b2 * b1, 1, keepdims=True) * b1
+    omega = np.degrees(np.arctan2(np.sum(np.cross(b1, v) * w, 1), np.sum(v * w, 1)))
+    return distances, omega
+
+
+def test_repair_gives_generated_proteins_trans_peptides_at_training_geometry():
+    # Generated chains meet at link angles far from ideal with twisted or cis peptides (the model places
+    # frames, not links); the repair must leave every link at the training medians and trans.
+    generated = generate("protein", 24, 1, seed=4, numSteps=30, progress=False)[0]
+    distances, omega = _peptide_geometry(generated.frames)
+    ideal = np.array([length for _, _, length in ideal_geometry.PEPTIDE])
+    assert np.any(np.abs(distances - ideal) > 0.02) and np.any(np.abs(omega) < 150)  # the premise
+    distances, omega = _peptide_geometry(repairGeometry(generated, platform="CPU").frames)
+    assert np.all(np.abs(distances - ideal) < 0.002), distances - ideal
+    assert np.all(np.abs(omega) > 160), omega  # trans; native omega spreads by about 6 degrees
+
+
+def test_peptide_restraints_respect_segments():
+    import openmm
+    from openmmflashipa.backbone import addPeptideRestraints
+    system = openmm.System()
+    for _ in range(18):
+        system.addParticle(12.0)
+    frames = [(3 * i, 3 * i + 1, 3 * i + 2) for i in range(6)]
+    force = addPeptideRestraints(system, frames, [0, 0, 0, 1, 1, 1])
+    assert force.getNumBonds() == 3 * 4  # links 0-1, 1-2, 3-4, 4-5; none across the segment boundary
+    pairs = {tuple(force.getBondParameters(k)[:2]) for k in range(force.getNumBonds())}
+    assert (7, 9) not in pairs and (6 + 1, 9 + 0) not in pairs and (4, 6) in pairs
+    with pytest.raises(ValueError, match="segments"):
+        addPeptideRestraints(system, frames, [0, 0])
 
 
 def test_refine_reports_what_it_cannot_use(tmp_path):

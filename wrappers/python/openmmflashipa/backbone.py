@@ -79,6 +79,30 @@ def addFrameRestraints(system, frames, moltype, segments=None, bondK=BOND_K, ang
     return added
 
 
+def addPeptideRestraints(system, frames, segments=None, k=ANGLE_K):
+    """Add the geometry of each trans peptide bond between consecutive protein residues of one segment:
+    the 1-3 distances CA(i)..N(i+1) and C(i)..CA(i+1) (the two angles at the link) and the 1-4 distance
+    CA(i)..CA(i+1) (with the angles, a planar trans peptide), at training-set medians. Returns the force.
+
+    Frames alone fix each residue's N, CA, C but not how consecutive residues meet: generated chains come
+    with link angles near 150 degrees and twisted or cis peptides, which an all-atom force field then
+    straightens only by straining bonds (docs/WORKFLOWS.md, 'Refinement'). Generated proteins are
+    poly-glycine, for which trans is the right choice everywhere."""
+    frames = [tuple(int(i) for i in f) for f in frames]
+    if segments is None:
+        segments = [0] * len(frames)
+    if len(segments) != len(frames):
+        raise ValueError("segments has %d entries for %d residues" % (len(segments), len(frames)))
+    force = openmm.HarmonicBondForce()
+    force.setName("PeptideGeometry")
+    for f, g, s, t in zip(frames[:-1], frames[1:], segments[:-1], segments[1:]):
+        if s == t:
+            for i, j, length in ideal_geometry.PEPTIDE:
+                force.addBond(f[i], g[j], length, k)
+    system.addForce(force)
+    return force
+
+
 def _unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 

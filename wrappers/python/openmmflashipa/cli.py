@@ -51,7 +51,8 @@ def _parser():
     r = commands.add_parser("refine", help="refine PDB/mmCIF structures",
                             description="Refine structures: amber14 + implicit solvent + the learned force (all-atom; "
                                         "PDBFixer adds missing atoms and hydrogens), or backbone level for RNA "
-                                        "without complete nucleotides. Minimise, then a short Langevin run.")
+                                        "without complete nucleotides. Minimise, then a short Langevin run, "
+                                        "then a final minimisation (the quench; --no-quench keeps the last frame).")
     r.add_argument("inputs", nargs="+", help="PDB or mmCIF files")
     r.add_argument("--steps", type=int, default=1000, help="Langevin steps after minimisation (default 1000)")
     r.add_argument("--iterations", type=int, default=500, help="minimiser iterations (default 500)")
@@ -59,6 +60,7 @@ def _parser():
     r.add_argument("--scale", type=float, default=1.0, help="flashipaScale; 0 = physics only (default 1)")
     r.add_argument("--level", choices=("auto", "all-atom", "backbone"), default="auto", help="refinement level")
     r.add_argument("--implicit", choices=("obc2", "gbn2"), default="obc2", help="implicit solvent model")
+    r.add_argument("--no-quench", action="store_true", help="write the last Langevin frame, not its minimum")
     _common(r, "flashipa-refined")
 
     c = commands.add_parser("check", help="self-consistency: generate, refine, simulate, report",
@@ -108,7 +110,7 @@ def _refine(args):
         result = refine(path, out=target, platform=args.platform, sigma=args.sigma, scale=args.scale,
                         minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
                         level=None if args.level == "auto" else args.level, seed=args.seed, modelPath=args.model,
-                        progress=not args.quiet)
+                        progress=not args.quiet, quench=not args.no_quench)
         print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,
                                                                    result.energies["start"],
                                                                    result.energies["final"]))
