@@ -15,7 +15,7 @@
 using namespace FlashIPAPlugin;
 
 int main(int argc, char** argv) {
-    AttentionBackend backend = AttentionBackend::SDPA;
+    AttentionBackend backend = AttentionBackend::Auto;
     std::vector<int64_t> lengths = {114, 513, 2052, 8208};
     int replays = 200;
     for (int i = 1; i < argc; i++) {
@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
         else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc)
             backend = parseAttentionBackend(argv[++i]);
         else {
-            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N] [--backend sdpa|fused|math]\n";
+            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N] [--backend auto|fused|fused-fp32|sdpa|math]\n";
             return 2;
         }
     }

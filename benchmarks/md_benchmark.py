@@ -382,7 +382,7 @@ def pluginModelGraphMs(residues):
     import subprocess
     from openmmflashipa import _plugins
     binary = os.path.join(os.path.dirname(_plugins.pluginDirectory()), "bin", "flashipa-bench-model")
-    output = subprocess.run([binary, "--lengths", str(residues), "--backend", ATTENTION_BACKEND or "sdpa"], check=True,
+    output = subprocess.run([binary, "--lengths", str(residues), "--backend", ATTENTION_BACKEND or "auto"], check=True,
                             capture_output=True, text=True).stdout
     for line in output.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -459,7 +459,7 @@ def markdown(meta, rows):
 def parseArguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default=None, choices=["sdpa", "fused", "math"],
+    parser.add_argument("--backend", default=None, choices=["auto", "fused", "fused-fp32", "sdpa", "math"],
                         help="attention backend of FlashIPAForce (default: the force's default)")
     parser.add_argument("--lengths", default="128,512,2048,8192",
                         help="approximate residue counts, comma separated (rounded to copies of the 57-residue "

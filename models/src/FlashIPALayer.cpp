@@ -178,23 +178,24 @@ torch::Tensor FlashIPALayerImpl::attendSDPA(const Projected& p, const IPAInputs&
     return unlift(p, scalar, points, pair, in);
 }
 
-torch::Tensor FlashIPALayerImpl::attendFused(const Projected& p, const IPAInputs& in) {
+torch::Tensor FlashIPALayerImpl::attendFused(const Projected& p, const IPAInputs& in, torch::Dtype attentionType) {
     const int64_t B = p.q.size(0), L = p.q.size(1), N = B * L;
     const int H = config.numHeads, c = config.headDim, Pq = config.queryPoints, Pv = config.valuePoints;
     const double wL = std::sqrt(1.0 / 3.0), wC = std::sqrt(2.0 / (9.0 * config.queryPoints));
     FusedAttentionInputs f;
-    f.q = p.q.reshape({N, H, c});
-    f.k = p.k.reshape({N, H, c});
-    f.v = p.v.reshape({N, H, c});
+    // The casts are autograd ops: gradients come back in the network's type.
+    f.q = p.q.reshape({N, H, c}).to(attentionType);
+    f.k = p.k.reshape({N, H, c}).to(attentionType);
+    f.v = p.v.reshape({N, H, c}).to(attentionType);
     if (p.biasLeft.defined()) {
-        f.biasLeft = p.biasLeft.reshape({N, H, -1});
-        f.biasRight = p.biasRight.reshape({N, H, -1});
+        f.biasLeft = p.biasLeft.reshape({N, H, -1}).to(attentionType);
+        f.biasRight = p.biasRight.reshape({N, H, -1}).to(attentionType);
     }
     f.queryPoints = p.qPoints.reshape({N, H, Pq, 3});
     f.keyPoints = p.kPoints.reshape({N, H, Pq, 3});
     f.valuePoints = p.vPoints.reshape({N, H, Pv, 3});
     if (p.pairRight.defined())
-        f.pairValues = p.pairRight.reshape({N, config.pairRank, -1});
+        f.pairValues = p.pairRight.reshape({N, config.pairRank, -1}).to(attentionType);
     f.pointWeight = (p.gamma * (wL * wC)).to(torch::kFloat32);
     // Each structure of the batch is one segment of L rows; padding rows are segment -1.
     auto intOptions = p.q.options().dtype(torch::kInt32);
@@ -228,10 +229,13 @@ torch::Tensor FlashIPALayerImpl::unlift(const Projected& p, const torch::Tensor&
 }
 
 torch::Tensor FlashIPALayerImpl::forward(const IPAInputs& inputs, AttentionBackend backend) {
-    if (backend == AttentionBackend::Fused) {
+    backend = resolveAttentionBackend(backend, inputs.nodes.is_cuda(), inputs.nodes.scalar_type() == torch::kFloat64);
+    if (isFusedBackend(backend)) {
         if (!fusedAttentionAvailable() || !inputs.nodes.is_cuda())
             throw std::invalid_argument("the fused attention backend runs on CUDA tensors in builds with the CUDA kernels; use \"sdpa\" or \"math\"");
-        return attendFused(project(inputs, true), inputs);
+        // "fused": scalar operands on the tensor cores in bf16 whatever the network's type; "fused-fp32":
+        // every operand in fp32 (the SIMT kernels). The points are fp32 either way.
+        return attendFused(project(inputs, true), inputs, backend == AttentionBackend::Fused ? torch::kBFloat16 : torch::kFloat32);
     }
     Projected p = project(inputs, false);
     return backend == AttentionBackend::Math ? attendMath(p, inputs) : attendSDPA(p, inputs);

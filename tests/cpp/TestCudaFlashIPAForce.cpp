@@ -69,8 +69,11 @@ double relativeForceError(const std::vector<Vec3>& a, const std::vector<Vec3>& b
     return std::sqrt(error / norm);
 }
 
+// The platform's precision modes with the SDPA path (the default, "auto", runs the fused kernels in
+// single and mixed precision: tested below).
 TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
     auto test = makeSystem(40);
+    test->force->setAttentionBackend("sdpa");
     Evaluation reference = evaluate(test->system, test->positions, "Reference");
     const std::map<std::string, double> tolerance = {{"double", 1e-9}, {"mixed", 1e-4}, {"single", 1e-4}};
     for (const auto& [precision, tol] : tolerance) {
@@ -83,34 +86,60 @@ TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
     }
 }
 
-// The fused attention kernel as the force's backend: energies and forces against the Reference
+// The fused attention kernels as the force's backend: energies and forces against the Reference
 // platform (sdpa, double), eager and replayed from CUDA graphs, over a few MD steps; refused with a
-// clear message in double precision, where it does not run.
+// clear message in double precision, where they do not run. Tolerances (relative): "fused-fp32" 1e-4,
+// as the SDPA path in mixed precision; "fused" and the default "auto" round the attention's scalar
+// operands to bf16 (8 bits, relative rounding 2^-9 = 2e-3 per operand), 1e-2 on energy and forces.
 TEST_F(FlashIPAForceTest, FusedBackendMatchesReference) {
     auto test = makeSystem(40);
     Evaluation reference = evaluate(test->system, test->positions, "Reference");
-    test->force->setAttentionBackend("fused");
-    for (const std::string precision : {"single", "mixed"})
-        for (const std::string graphs : {"true", "false"}) {
-            test->force->setProperty("useCUDAGraphs", graphs);
-            Evaluation cuda = evaluate(test->system, test->positions, "CUDA", {{"Precision", precision}});
-            EXPECT_NEAR(cuda.energy, reference.energy, 1e-4 * std::abs(reference.energy)) << precision << " graphs=" << graphs;
-            EXPECT_LT(relativeForceError(cuda.forces, reference.forces), 1e-4) << precision << " graphs=" << graphs;
+    const std::vector<std::pair<std::string, double>> backends = {{"fused-fp32", 1e-4}, {"fused", 1e-2}, {"auto", 1e-2}};
+    for (const auto& [backend, tol] : backends) {
+        test->force->setAttentionBackend(backend);
+        for (const std::string precision : {"single", "mixed"})
+            for (const std::string graphs : {"true", "false"}) {
+                test->force->setProperty("useCUDAGraphs", graphs);
+                Evaluation cuda = evaluate(test->system, test->positions, "CUDA", {{"Precision", precision}});
+                const double energyError = std::abs(cuda.energy - reference.energy) / std::abs(reference.energy);
+                const double forceError = relativeForceError(cuda.forces, reference.forces);
+                std::printf("%s %s graphs=%s: relative energy error %.3g, force error %.3g\n", backend.c_str(), precision.c_str(),
+                            graphs.c_str(), energyError, forceError);
+                EXPECT_LT(energyError, tol) << backend << " " << precision << " graphs=" << graphs;
+                EXPECT_LT(forceError, tol) << backend << " " << precision << " graphs=" << graphs;
+            }
+        VerletIntegrator integrator(0.0005);
+        Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
+        context.setPositions(test->positions);
+        integrator.step(20); // captured and replayed
+        State state = context.getState(State::Energy | State::Forces | State::Positions);
+        test->force->setAttentionBackend("sdpa"); // for the Reference oracle; the running context keeps its backend
+        EXPECT_LT(relativeForceError(state.getForces(), evaluate(test->system, state.getPositions(), "Reference").forces), tol) << backend;
+        test->force->setAttentionBackend(backend);
+        if (backend == "auto") // double precision: "auto" is sdpa there (the shared body checks it)
+            continue;
+        try {
+            evaluate(test->system, test->positions, "CUDA", {{"Precision", "double"}});
+            FAIL() << "the " << backend << " backend ran in double precision";
+        } catch (const OpenMMException& e) {
+            EXPECT_NE(std::string(e.what()).find("single precision"), std::string::npos) << e.what();
         }
-    VerletIntegrator integrator(0.0005);
-    Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
-    context.setPositions(test->positions);
-    integrator.step(20); // captured and replayed
-    State state = context.getState(State::Energy | State::Forces | State::Positions);
-    test->force->setAttentionBackend("sdpa"); // for the Reference oracle; the running context keeps "fused"
-    EXPECT_LT(relativeForceError(state.getForces(), evaluate(test->system, state.getPositions(), "Reference").forces), 1e-4);
-    test->force->setAttentionBackend("fused");
-    try {
-        evaluate(test->system, test->positions, "CUDA", {{"Precision", "double"}});
-        FAIL() << "the fused backend ran in double precision";
-    } catch (const OpenMMException& e) {
-        EXPECT_NE(std::string(e.what()).find("single precision"), std::string::npos) << e.what();
     }
+}
+
+// "auto" in single and mixed precision is the "fused" backend: the same kernels, so the same numbers up
+// to the order of the backward's atomic additions.
+TEST_F(FlashIPAForceTest, AutoIsFusedInMixedPrecision) {
+    auto test = makeSystem(40);
+    Evaluation automatic = evaluate(test->system, test->positions, "CUDA", {{"Precision", "mixed"}});
+    test->force->setAttentionBackend("fused");
+    Evaluation fused = evaluate(test->system, test->positions, "CUDA", {{"Precision", "mixed"}});
+    test->force->setAttentionBackend("sdpa");
+    Evaluation sdpa = evaluate(test->system, test->positions, "CUDA", {{"Precision", "mixed"}});
+    EXPECT_NEAR(automatic.energy, fused.energy, 1e-6 * std::abs(fused.energy));
+    EXPECT_LT(relativeForceError(automatic.forces, fused.forces), 1e-5);
+    // ... and not the SDPA path: bf16 rounding moves the forces far more than the atomics' order does.
+    EXPECT_GT(relativeForceError(automatic.forces, sdpa.forces), 1e-4);
 }
 
 TEST_F(FlashIPAForceTest, GraphReplayEqualsEagerOver100Steps) {

@@ -2,6 +2,7 @@
 // worked out by hand from DESIGN 2.2.
 #include "TestStructures.h"
 #include "flashipa/EnergyModel.h"
+#include "flashipa/FusedAttention.h"
 #include <gtest/gtest.h>
 
 using namespace FlashIPAPlugin;
@@ -100,6 +101,26 @@ TEST(FlashIPALayer, FusedBackendIsRefusedOnCPU) {
     FlashIPALayer layer(config);
     IPAInputs in = randomInputs(config, 4, 1, torch::kFloat32);
     EXPECT_THROW(layer->forward(in, AttentionBackend::Fused), std::invalid_argument);
+    EXPECT_THROW(layer->forward(in, AttentionBackend::FusedFP32), std::invalid_argument);
+}
+
+// "auto" is the default everywhere: on CPU tensors (and in float64) it is the SDPA path, bit for bit.
+TEST(FlashIPALayer, AutoBackendIsSDPAOnCPU) {
+    ModelConfig config;
+    FlashIPALayer layer(config);
+    randomizeParameters(*layer, 5, 1.0);
+    for (torch::Dtype dtype : {torch::kFloat32, torch::kFloat64}) {
+        layer->to(dtype);
+        IPAInputs in = randomInputs(config, 9, 2, dtype);
+        EXPECT_TRUE(torch::equal(layer->forward(in, AttentionBackend::Auto), layer->forward(in, AttentionBackend::SDPA)));
+    }
+    EXPECT_EQ(resolveAttentionBackend(AttentionBackend::Auto, false, false), AttentionBackend::SDPA);
+    EXPECT_EQ(resolveAttentionBackend(AttentionBackend::Auto, true, true), AttentionBackend::SDPA);
+    EXPECT_EQ(resolveAttentionBackend(AttentionBackend::Auto, true, false),
+              fusedAttentionAvailable() ? AttentionBackend::Fused : AttentionBackend::SDPA);
+    EXPECT_EQ(resolveAttentionBackend(AttentionBackend::Math, true, false), AttentionBackend::Math);
+    for (const char* name : {"auto", "fused", "fused-fp32", "sdpa", "math"})
+        EXPECT_EQ(attentionBackendName(parseAttentionBackend(name)), name);
 }
 
 // L = 2, one head, one query point, one value point, no pair terms: every quantity of DESIGN 2.2

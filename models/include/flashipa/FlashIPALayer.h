@@ -32,7 +32,10 @@ class FlashIPALayerImpl : public torch::nn::Module {
 public:
     explicit FlashIPALayerImpl(const ModelConfig& config);
 
-    /** The update to the node representation, [B, L, c_s] (the output projection is zero-initialised). */
+    /**
+     * The update to the node representation, [B, L, c_s] (the output projection is zero-initialised).
+     * AttentionBackend::Auto is resolved here from the nodes' device and type (resolveAttentionBackend).
+     */
     torch::Tensor forward(const IPAInputs& inputs, AttentionBackend backend);
 
     /** Width of each head's lifted query/key vector (before padding). */
@@ -53,7 +56,8 @@ private:
     Projected project(const IPAInputs& inputs, bool float32Points);
     torch::Tensor attendMath(const Projected& p, const IPAInputs& inputs);
     torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs);
-    torch::Tensor attendFused(const Projected& p, const IPAInputs& inputs);
+    /** The fused kernels with the scalar operands in attentionType (bf16: tensor cores; fp32: SIMT). */
+    torch::Tensor attendFused(const Projected& p, const IPAInputs& inputs, torch::Dtype attentionType);
     torch::Tensor unlift(const Projected& p, const torch::Tensor& scalar, const torch::Tensor& pointsGlobal,
                          const torch::Tensor& pairAggregate, const IPAInputs& inputs);
     ModelConfig config;

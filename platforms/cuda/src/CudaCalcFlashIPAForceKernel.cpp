@@ -79,11 +79,12 @@ CudaCalcFlashIPAForceKernel::~CudaCalcFlashIPAForceKernel() {
 }
 
 void CudaCalcFlashIPAForceKernel::initialize(const System& system, const FlashIPAForce& force) {
-    AttentionBackend backend = parseAttentionBackend(force.getAttentionBackend());
-    if (backend == AttentionBackend::Fused && dtype == torch::kFloat64)
-        throw OpenMMException("FlashIPAForce: the \"fused\" attention backend runs in single precision (float32 or bfloat16); "
-                              "use \"sdpa\" or \"math\" with Precision=double");
-    if (backend == AttentionBackend::Fused && !fusedAttentionAvailable())
+    // "auto" is settled once here: fused in single and mixed precision, sdpa in double.
+    const AttentionBackend backend = resolveAttentionBackend(parseAttentionBackend(force.getAttentionBackend()), true, dtype == torch::kFloat64);
+    if (isFusedBackend(backend) && dtype == torch::kFloat64)
+        throw OpenMMException("FlashIPAForce: the \"" + force.getAttentionBackend() + "\" attention backend runs in single precision "
+                              "(float32 or bfloat16); use \"auto\", \"sdpa\" or \"math\" with Precision=double");
+    if (isFusedBackend(backend) && !fusedAttentionAvailable())
         throw OpenMMException("FlashIPAForce: this build has no fused attention kernels; use \"sdpa\" or \"math\"");
     useGraphs = parseBoolProperty(force.getProperties(), "useCUDAGraphs", true);
     for (const std::string& name : {FlashIPAForce::Scale(), FlashIPAForce::Sigma(), FlashIPAForce::Temperature()})

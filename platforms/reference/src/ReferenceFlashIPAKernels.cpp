@@ -14,9 +14,11 @@ ReferencePlatform::PlatformData& platformData(ContextImpl& context) {
 } // namespace
 
 void ReferenceCalcFlashIPAForceKernel::initialize(const System& system, const FlashIPAForce& force) {
-    AttentionBackend backend = parseAttentionBackend(force.getAttentionBackend());
-    if (backend == AttentionBackend::Fused)
-        throw OpenMMException("FlashIPAForce: the \"fused\" attention backend needs the CUDA platform; use \"sdpa\" or \"math\" on Reference");
+    // "auto" becomes sdpa here (CPU, double precision).
+    const AttentionBackend backend = resolveAttentionBackend(parseAttentionBackend(force.getAttentionBackend()), false, true);
+    if (isFusedBackend(backend))
+        throw OpenMMException("FlashIPAForce: the \"" + force.getAttentionBackend() +
+                              "\" attention backend needs the CUDA platform; use \"auto\", \"sdpa\" or \"math\" on Reference");
     try {
         EnergyModel model = loadEnergyModel(resolveModelPath(force.getModelPath()));
         evaluator = std::make_unique<ForceEvaluator>(model, torch::kCPU, torch::kFloat64, backend);

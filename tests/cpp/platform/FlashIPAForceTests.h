@@ -249,6 +249,29 @@ void expectError(const std::function<void()>& action, const std::string& text) {
     }
 }
 
+// The default backend is "auto". In the shared body's precision (double, on every platform) it is the
+// SDPA path, bit for bit; the fused backends are refused there with a message naming the backend.
+TEST_F(FlashIPAForceTest, DefaultBackendIsAutoAndSDPAInDoublePrecision) {
+    auto test = makeSystem(10);
+    EXPECT_EQ(test->force->getAttentionBackend(), "auto");
+    auto evaluate = [&] {
+        VerletIntegrator integrator(0.001);
+        Context context(test->system, integrator, platform(), properties());
+        context.setPositions(test->positions);
+        return context.getState(State::Energy | State::Forces);
+    };
+    State automatic = evaluate();
+    test->force->setAttentionBackend("sdpa");
+    State sdpa = evaluate();
+    EXPECT_EQ(automatic.getPotentialEnergy(), sdpa.getPotentialEnergy());
+    for (size_t i = 0; i < sdpa.getForces().size(); i++)
+        EXPECT_EQ(automatic.getForces()[i], sdpa.getForces()[i]) << i;
+    for (const std::string name : {"fused", "fused-fp32"}) {
+        test->force->setAttentionBackend(name);
+        expectError([&] { evaluate(); }, "\"" + name + "\" attention backend");
+    }
+}
+
 TEST_F(FlashIPAForceTest, BadInputGivesClearErrors) {
     auto makeContext = [](TestSystem& test) {
         VerletIntegrator integrator(0.001);
