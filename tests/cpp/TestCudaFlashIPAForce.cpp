@@ -131,6 +131,7 @@ TEST_F(FlashIPAForceTest, FusedBackendMatchesReference) {
 // to the order of the backward's atomic additions.
 TEST_F(FlashIPAForceTest, AutoIsFusedInMixedPrecision) {
     auto test = makeSystem(40);
+    test->force->setAttentionBackend("auto");
     Evaluation automatic = evaluate(test->system, test->positions, "CUDA", {{"Precision", "mixed"}});
     test->force->setAttentionBackend("fused");
     Evaluation fused = evaluate(test->system, test->positions, "CUDA", {{"Precision", "mixed"}});

@@ -249,11 +249,12 @@ void expectError(const std::function<void()>& action, const std::string& text) {
     }
 }
 
-// The default backend is "auto". In the shared body's precision (double, on every platform) it is the
-// SDPA path, bit for bit; the fused backends are refused there with a message naming the backend.
-TEST_F(FlashIPAForceTest, DefaultBackendIsAutoAndSDPAInDoublePrecision) {
+// "auto" (the default) in the shared body's precision (double, on every platform) is the SDPA path, bit
+// for bit; the fused backends are refused there with a message naming the backend.
+TEST_F(FlashIPAForceTest, AutoBackendIsSDPAInDoublePrecision) {
     auto test = makeSystem(10);
     EXPECT_EQ(test->force->getAttentionBackend(), "auto");
+    test->force->setAttentionBackend("auto");
     auto evaluate = [&] {
         VerletIntegrator integrator(0.001);
         Context context(test->system, integrator, platform(), properties());
