@@ -15,7 +15,7 @@
 using namespace FlashIPAPlugin;
 
 int main(int argc, char** argv) {
-    AttentionBackend backend = AttentionBackend::Auto;
+    AttentionBackend backend = AttentionBackend::SDPA;
     std::vector<int64_t> lengths = {114, 513, 2052, 8208};
     int replays = 200;
     for (int i = 1; i < argc; i++) {

@@ -382,7 +382,7 @@ def pluginModelGraphMs(residues):
     import subprocess
     from openmmflashipa import _plugins
     binary = os.path.join(os.path.dirname(_plugins.pluginDirectory()), "bin", "flashipa-bench-model")
-    output = subprocess.run([binary, "--lengths", str(residues), "--backend", ATTENTION_BACKEND or "auto"], check=True,
+    output = subprocess.run([binary, "--lengths", str(residues), "--backend", ATTENTION_BACKEND or openmmflashipa.FlashIPAForce().getAttentionBackend()], check=True,
                             capture_output=True, text=True).stdout
     for line in output.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]

@@ -69,7 +69,7 @@ double relativeForceError(const std::vector<Vec3>& a, const std::vector<Vec3>& b
     return std::sqrt(error / norm);
 }
 
-// The platform's precision modes with the SDPA path (the default, "auto", runs the fused kernels in
+// The platform's precision modes with the SDPA path ("auto" runs the fused kernels in
 // single and mixed precision: tested below).
 TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
     auto test = makeSystem(40);
@@ -89,7 +89,7 @@ TEST_F(FlashIPAForceTest, MatchesReferenceInEveryPrecision) {
 // The fused attention kernels as the force's backend: energies and forces against the Reference
 // platform (sdpa, double), eager and replayed from CUDA graphs, over a few MD steps; refused with a
 // clear message in double precision, where they do not run. Tolerances (relative): "fused-fp32" 1e-4,
-// as the SDPA path in mixed precision; "fused" and the default "auto" round the attention's scalar
+// as the SDPA path in mixed precision; "fused" and "auto" round the attention's scalar
 // operands to bf16 (8 bits, relative rounding 2^-9 = 2e-3 per operand), 1e-2 on energy and forces.
 TEST_F(FlashIPAForceTest, FusedBackendMatchesReference) {
     auto test = makeSystem(40);

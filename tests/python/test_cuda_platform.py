@@ -41,7 +41,7 @@ def evaluate(system, positions, platform, properties=None):
 @pytest.mark.parametrize("path", [PROTEIN_PDB, RNA_PDB])
 @pytest.mark.parametrize("precision", ["double", "mixed"])
 def test_cuda_matches_reference_on_shipped_structures(path, precision):
-    """The platform's precision modes with the SDPA path (the default runs the fused kernels: below)."""
+    """The platform's precision modes with the SDPA path ("auto" runs the fused kernels: below)."""
     topology, positions, system = amberSystem(path)
     force = openmmflashipa.createForce(topology, backend="sdpa")
     force.setForceGroup(5)
@@ -53,8 +53,8 @@ def test_cuda_matches_reference_on_shipped_structures(path, precision):
     assert np.linalg.norm(forcesCuda - forcesRef) <= tol * np.linalg.norm(forcesRef)
 
 
-# Relative tolerances: the fp32 kernels as the SDPA path in mixed precision; "fused" and the default
-# ("auto" = fused in mixed precision) round the attention's scalar operands to bf16 (2^-9 per operand).
+# Relative tolerances: the fp32 kernels as the SDPA path in mixed precision; "fused" and "auto"
+# (= fused in mixed precision) round the attention's scalar operands to bf16 (2^-9 per operand).
 FUSED_TOLERANCE = {"fused-fp32": 1e-4, "fused": 1e-2, "auto": 1e-2}
 
 
