@@ -39,17 +39,19 @@ PLATFORM, PROPERTIES = "CUDA", {"Precision": "mixed"}
 
 
 def build(path, withForce, backend="auto"):
-    """(topology, positions, system): amber14 + OBC2 with hydrogens, optionally with FlashIPAForce in group 5."""
+    """(topology, positions, system, force): amber14 + OBC2 with hydrogens, optionally with FlashIPAForce in group 5
+    (force None without it)."""
     forcefield = app.ForceField("amber14-all.xml", "implicit/obc2.xml")
     pdb = app.PDBFile(path)
     modeller = app.Modeller(pdb.topology, pdb.positions)
     modeller.addHydrogens(forcefield)
     system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    force = None
     if withForce:
         force = openmmflashipa.createForce(modeller.topology, backend=backend)
         force.setForceGroup(LEARNED_GROUP)
         system.addForce(force)
-    return modeller.topology, modeller.positions, system
+    return modeller.topology, modeller.positions, system, force
 
 
 def learnedForce(system, positions, platform, properties=None):
@@ -61,11 +63,11 @@ def learnedForce(system, positions, platform, properties=None):
 
 def accuracy(path):
     """Rows (backend, energy error, force error) against Reference sdpa double."""
-    topology, positions, system = build(path, True, "sdpa")
+    topology, positions, system, force = build(path, True, "sdpa")
     energyRef, forcesRef = learnedForce(system, positions, "Reference")
     rows = []
     for backend in BACKENDS:
-        topology, positions, system = build(path, True, backend)
+        force.setAttentionBackend(backend)  # read when the next Context is made
         energy, forces = learnedForce(system, positions, PLATFORM, PROPERTIES)
         rows.append((backend, abs(energy - energyRef) / abs(energyRef), np.linalg.norm(forces - forcesRef) / np.linalg.norm(forcesRef)))
     return rows
@@ -73,7 +75,7 @@ def accuracy(path):
 
 def equilibrated(path, seed):
     """Positions and velocities after minimisation and 2 ps of Langevin at 300 K, with the learned force (sdpa)."""
-    topology, positions, system = build(path, True, "sdpa")
+    topology, positions, system, _ = build(path, True, "sdpa")
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 0.002 * unit.picoseconds)
     integrator.setRandomNumberSeed(seed)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(PLATFORM), PROPERTIES)
@@ -87,7 +89,7 @@ def equilibrated(path, seed):
 
 def conservation(path, backend, positions, velocities, picoseconds, samples=200):
     """(drift kJ/mol/ns/dof, RMS fluctuation kJ/mol, dof) of NVE from the given state; backend None = no learned force."""
-    topology, _, system = build(path, backend is not None, backend or "sdpa")
+    topology, _, system, _ = build(path, backend is not None, backend or "sdpa")
     integrator = openmm.VerletIntegrator(0.001 * unit.picoseconds)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(PLATFORM), PROPERTIES)
     context.setPositions(positions)

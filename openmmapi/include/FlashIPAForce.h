@@ -56,8 +56,8 @@ public:
      * mixed precision, "sdpa" on Reference and in double precision; meant to become the default once it
      * has run on a GPU, docs/KNOWN-ISSUES.md), "fused" (the project's CUDA kernels, scalar
      * part on tensor cores in bf16, points exact in fp32), "fused-fp32" (the same kernels, every operand
-     * fp32), "sdpa" (lifted Q/K/V through PyTorch's scaled_dot_product_attention, the published
-     * algorithm) or "math" (materialised logits, the oracle). The fused backends need the CUDA platform
+     * fp32) or "math" (materialised logits, the oracle); "sdpa" lifts Q/K/V through PyTorch's
+     * scaled_dot_product_attention (the published algorithm). The fused backends need the CUDA platform
      * in single or mixed precision and are refused elsewhere with a message.
      */
     void setAttentionBackend(const std::string& backend);

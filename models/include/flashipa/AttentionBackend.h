@@ -14,7 +14,8 @@ namespace FlashIPAPlugin {
  *               tile re-centring), fp32 accumulation and softmax. CUDA only.
  *  - FusedFP32: the same kernels with every operand in fp32 (the SIMT kernels). CUDA only.
  *  - Auto:      Fused where it runs (CUDA tensors in float32 or bfloat16, a build with the kernels),
- *               SDPA otherwise. The default; resolved per call by resolveAttentionBackend().
+ *               SDPA otherwise; resolved per call by resolveAttentionBackend(). Meant to become
+ *               FlashIPAForce's default once it has run on a GPU (docs/KNOWN-ISSUES.md).
  */
 enum class AttentionBackend { Math, SDPA, Fused, FusedFP32, Auto };
 

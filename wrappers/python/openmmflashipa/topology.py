@@ -231,7 +231,7 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         Default of the global parameter ``flashipaTemperature``, which sets kT.
     backend : str, optional
         Attention backend: "sdpa" (default), "auto" ("fused" on CUDA in single/mixed precision, else "sdpa"), "fused"
-        (bf16 scalar part on tensor cores, fp32 points), "fused-fp32", "sdpa" or "math".
+        (bf16 scalar part on tensor cores, fp32 points), "fused-fp32" or "math".
     strict : bool
         If True, raise ValueError when a residue other than water, an ion or a terminal cap cannot be
         used; otherwise such residues are named in a warning and left out.
