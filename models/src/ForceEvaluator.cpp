@@ -30,6 +30,11 @@ ForceEvaluation ForceEvaluator::evaluate(const torch::Tensor& positions, double 
     StructureBatch batch{atoms, types, chains, torch::Tensor()};
     if (!computeForces) {
         torch::NoGradGuard noGrad;
+        if (skipDegenerate) {
+            torch::Tensor degenerate = FrameBuilder::degenerate(atoms); // [1, L]
+            batch.mask = degenerate.logical_not();
+            result.skippedResidues = degenerate.sum().item<int64_t>();
+        }
         torch::Tensor sigmaTensor = torch::full({1}, sigma, torch::TensorOptions().dtype(dtype).device(device));
         double modelEnergy = model_->forward(batch, sigmaTensor, backend).sum().item<double>();
         result.energy = scale * kT * modelEnergy;
@@ -37,7 +42,8 @@ ForceEvaluation ForceEvaluator::evaluate(const torch::Tensor& positions, double 
         result.dEnergyDTemperature = scale * BoltzmannKJPerMolK * modelEnergy;
         return result;
     }
-    FrameBuilder::check(atoms); // clear errors on the host path; the device path reports them asynchronously
+    if (!skipDegenerate)
+        FrameBuilder::check(atoms); // clear errors on the host path; the device path reports them asynchronously
     torch::Tensor parameters = torch::tensor({scale, sigma, temperature}, torch::TensorOptions().dtype(dtype)).to(device);
     DeviceForceEvaluation d = evaluateOnDevice(atoms.squeeze(0), parameters);
     torch::Tensor derivatives = d.parameterDerivatives.to(torch::kCPU, torch::kFloat64);
@@ -46,16 +52,24 @@ ForceEvaluation ForceEvaluator::evaluate(const torch::Tensor& positions, double 
     result.dEnergyDScale = derivatives[0].item<double>();
     result.dEnergyDSigma = derivatives[1].item<double>();
     result.dEnergyDTemperature = derivatives[2].item<double>();
+    result.skippedResidues = d.skippedResidues.item<int64_t>();
     return result;
 }
 
 DeviceForceEvaluation ForceEvaluator::evaluateOnDevice(const torch::Tensor& frameAtoms, const torch::Tensor& parameters) {
     DeviceForceEvaluation result;
-    result.invalid = FrameBuilder::degenerate(frameAtoms).any();
+    torch::Tensor degenerate = FrameBuilder::degenerate(frameAtoms); // [L]
+    result.invalid = degenerate.any();
     torch::Tensor atoms = frameAtoms.detach().unsqueeze(0).requires_grad_(true);
     torch::Tensor sigma = parameters.narrow(0, 1, 1).detach().requires_grad_(true);
     torch::Tensor scale = parameters[0], temperature = parameters[2];
     StructureBatch batch{atoms, types, chains, torch::Tensor()};
+    if (skipDegenerate) {
+        batch.mask = degenerate.logical_not().unsqueeze(0);
+        result.skippedResidues = degenerate.sum();
+    } else {
+        result.skippedResidues = torch::zeros({}, degenerate.options().dtype(torch::kInt64));
+    }
     torch::Tensor energy = model_->forward(batch, sigma, backend, false).sum();
     std::vector<torch::Tensor> gradients;
     {
@@ -63,7 +77,9 @@ DeviceForceEvaluation ForceEvaluator::evaluateOnDevice(const torch::Tensor& fram
         gradients = torch::autograd::grad({energy}, {atoms, sigma});
     }
     torch::Tensor kT = temperature * BoltzmannKJPerMolK;
-    torch::Tensor valid = result.invalid.logical_not().to(energy.dtype());
+    // Error policy: a degenerate frame zeroes the evaluation (the platform then throws). Skip policy: the
+    // degenerate residues are already masked out, so the rest of the evaluation stands.
+    torch::Tensor valid = skipDegenerate ? torch::ones({}, energy.options()) : result.invalid.logical_not().to(energy.dtype());
     energy = energy.detach();
     result.energy = scale * kT * energy * valid;
     result.frameAtomForces = gradients[0].squeeze(0) * (-scale * kT * valid);

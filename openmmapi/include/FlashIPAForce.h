@@ -63,6 +63,23 @@ public:
     void setAttentionBackend(const std::string& backend);
     /** The attention backend name. */
     const std::string& getAttentionBackend() const { return attentionBackend; }
+    /**
+     * What happens when a residue's frame atoms are degenerate (coincident, collinear or non-finite) during
+     * an evaluation: "error" (default) throws an OpenMMException naming the residue; "skip" leaves such
+     * residues out of the model for that evaluation (no energy, no force on their atoms, invisible to the
+     * other residues), counts them (getNumSkippedResidues) and prints one warning per Context. "skip" is
+     * for simulations of the learned force alone and for generation from noise, where a frame can pass
+     * through a degenerate shape; the energy is then discontinuous when a residue drops out
+     * (docs/DESIGN-DECISIONS.md).
+     */
+    void setDegenerateFramePolicy(const std::string& policy);
+    /** The degenerate-frame policy: "error" or "skip". */
+    const std::string& getDegenerateFramePolicy() const { return degenerateFramePolicy; }
+    /**
+     * Residue evaluations skipped under the "skip" policy in a Context since it was created (a residue
+     * skipped in ten evaluations counts ten). Reading it waits for the GPU on the CUDA platform.
+     */
+    long long getNumSkippedResidues(const OpenMM::Context& context) const;
     /** Set a platform-specific property (e.g. "useCUDAGraphs" = "true"/"false"). */
     void setProperty(const std::string& name, const std::string& value);
     /** All platform-specific properties that were set. */
@@ -100,7 +117,7 @@ private:
         int atomA, atomB, atomC, type, chain;
     };
     void checkIndex(int index) const;
-    std::string modelPath, modelChecksum, attentionBackend;
+    std::string modelPath, modelChecksum, attentionBackend, degenerateFramePolicy;
     std::map<std::string, std::string> properties;
     double defaultScale, defaultSigma, defaultTemperature;
     std::vector<Residue> residues;

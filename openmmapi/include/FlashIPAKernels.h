@@ -23,14 +23,23 @@ public:
     virtual double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy) = 0;
     /** Copy changed residue parameters from the force. */
     virtual void copyParametersToContext(OpenMM::ContextImpl& context, const FlashIPAForce& force) = 0;
+    /** Residue evaluations skipped under the "skip" degenerate-frame policy since initialize(). */
+    virtual long long getNumSkippedResidues() const = 0;
 
 protected:
     /** The force's three global parameters as a Context holds them now. */
     struct GlobalParameters {
         double scale, sigma, temperature;
     };
-    /** Reads the global parameters; throws OpenMMException if sigma or the temperature is not positive. */
+    /** Reads the global parameters; throws OpenMMException if one is not finite, or sigma or the temperature is not positive. */
     static GlobalParameters readGlobalParameters(OpenMM::ContextImpl& context);
+    /** Prints one warning (per kernel, so per Context) the first time sigma leaves the model's trained range. */
+    void warnIfSigmaUntrained(double sigma, double trainedMin, double trainedMax);
+    /** Prints one warning (per kernel) the first time residues are skipped under the "skip" policy. */
+    void warnSkippedResidues();
+
+private:
+    bool sigmaWarningPrinted = false, skipWarningPrinted = false;
 };
 
 } // namespace FlashIPAPlugin

@@ -11,7 +11,7 @@ using namespace FlashIPAPlugin;
 using OpenMM::OpenMMException;
 
 FlashIPAForce::FlashIPAForce(const std::string& modelPath)
-    : modelPath(modelPath), attentionBackend("sdpa"), defaultScale(1.0), defaultSigma(0.05), defaultTemperature(300.0) {
+    : modelPath(modelPath), attentionBackend("sdpa"), degenerateFramePolicy("error"), defaultScale(1.0), defaultSigma(0.05), defaultTemperature(300.0) {
     try {
         modelChecksum = sha256File(resolveModelPath(modelPath));
     } catch (const std::exception& e) {
@@ -60,6 +60,16 @@ void FlashIPAForce::setAttentionBackend(const std::string& backend) {
         throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
     }
     attentionBackend = backend;
+}
+
+void FlashIPAForce::setDegenerateFramePolicy(const std::string& policy) {
+    if (policy != "error" && policy != "skip")
+        throw OpenMMException("FlashIPAForce: the degenerate-frame policy must be \"error\" or \"skip\", not \"" + policy + "\"");
+    degenerateFramePolicy = policy;
+}
+
+long long FlashIPAForce::getNumSkippedResidues(const OpenMM::Context& context) const {
+    return dynamic_cast<const FlashIPAForceImpl&>(getImplInContext(context)).getNumSkippedResidues();
 }
 
 void FlashIPAForce::setProperty(const std::string& name, const std::string& value) {

@@ -77,6 +77,10 @@ std::vector<std::pair<int, int>> FlashIPAForceImpl::getBondedParticles() const {
     return bonds;
 }
 
+long long FlashIPAForceImpl::getNumSkippedResidues() const {
+    return kernel.getAs<const CalcFlashIPAForceKernel>().getNumSkippedResidues();
+}
+
 void FlashIPAForceImpl::updateParametersInContext(ContextImpl& context) {
     validate(owner, context.getSystem().getNumParticles());
     kernel.getAs<CalcFlashIPAForceKernel>().copyParametersToContext(context, owner);

@@ -9,7 +9,7 @@ using namespace FlashIPAPlugin;
 using namespace OpenMM;
 
 namespace {
-constexpr int ProxyVersion = 1;
+constexpr int ProxyVersion = 2; // 2: degenerateFramePolicy (version 1 files read as "error")
 }
 
 FlashIPAForceProxy::FlashIPAForceProxy() : SerializationProxy("FlashIPAForce") {}
@@ -20,6 +20,7 @@ void FlashIPAForceProxy::serialize(const void* object, SerializationNode& node) 
     node.setStringProperty("modelPath", force.getModelPath());
     node.setStringProperty("modelSha256", force.getModelChecksum());
     node.setStringProperty("attentionBackend", force.getAttentionBackend());
+    node.setStringProperty("degenerateFramePolicy", force.getDegenerateFramePolicy());
     node.setIntProperty("forceGroup", force.getForceGroup());
     node.setStringProperty("name", force.getName());
     node.setDoubleProperty("defaultScale", force.getDefaultScale());
@@ -43,7 +44,7 @@ void FlashIPAForceProxy::serialize(const void* object, SerializationNode& node) 
 
 void* FlashIPAForceProxy::deserialize(const SerializationNode& node) const {
     int version = node.getIntProperty("version");
-    if (version != ProxyVersion)
+    if (version < 1 || version > ProxyVersion)
         throw OpenMMException("FlashIPAForce XML: unsupported version " + std::to_string(version));
     auto force = std::make_unique<FlashIPAForce>(node.getStringProperty("modelPath"));
     const std::string recorded = node.getStringProperty("modelSha256");
@@ -52,6 +53,8 @@ void* FlashIPAForceProxy::deserialize(const SerializationNode& node) const {
                               force->getModelChecksum() + " but the XML was written for " + recorded +
                               " (the checkpoint changed since serialisation)");
     force->setAttentionBackend(node.getStringProperty("attentionBackend"));
+    if (version >= 2)
+        force->setDegenerateFramePolicy(node.getStringProperty("degenerateFramePolicy"));
     force->setForceGroup(node.getIntProperty("forceGroup"));
     force->setName(node.getStringProperty("name"));
     force->setDefaultScale(node.getDoubleProperty("defaultScale"));

@@ -1,6 +1,9 @@
 #include "FlashIPAKernels.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/internal/ContextImpl.h"
+#include <cmath>
+#include <iostream>
+#include <sstream>
 
 using namespace FlashIPAPlugin;
 using OpenMM::OpenMMException;
@@ -8,10 +11,36 @@ using OpenMM::OpenMMException;
 CalcFlashIPAForceKernel::GlobalParameters CalcFlashIPAForceKernel::readGlobalParameters(OpenMM::ContextImpl& context) {
     GlobalParameters p{context.getParameter(FlashIPAForce::Scale()), context.getParameter(FlashIPAForce::Sigma()),
                        context.getParameter(FlashIPAForce::Temperature())};
-    if (!(p.sigma > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Sigma() + " must be positive (got " + std::to_string(p.sigma) + ")");
-    if (!(p.temperature > 0))
-        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Temperature() + " must be positive (got " +
-                              std::to_string(p.temperature) + ")");
+    auto value = [](double x) {
+        std::ostringstream out;
+        out << x;
+        return out.str();
+    };
+    if (!std::isfinite(p.scale))
+        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Scale() + " must be finite (got " + value(p.scale) + ")");
+    if (!(p.sigma > 0) || !std::isfinite(p.sigma))
+        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Sigma() + " must be a positive, finite number of nm (got " +
+                              value(p.sigma) + ")");
+    if (!(p.temperature > 0) || !std::isfinite(p.temperature))
+        throw OpenMMException("FlashIPAForce: " + FlashIPAForce::Temperature() + " must be a positive, finite number of kelvin (got " +
+                              value(p.temperature) + ")");
     return p;
+}
+
+void CalcFlashIPAForceKernel::warnIfSigmaUntrained(double sigma, double trainedMin, double trainedMax) {
+    if (sigmaWarningPrinted || (sigma >= trainedMin && sigma <= trainedMax))
+        return;
+    sigmaWarningPrinted = true;
+    std::cerr << "FlashIPAForce warning: " << FlashIPAForce::Sigma() << " = " << sigma << " nm lies outside the range the model "
+              << "was trained on (" << trainedMin << "-" << trainedMax << " nm); its energy there is an extrapolation "
+              << "(and grows as 1/sigma). Printed once per Context." << std::endl;
+}
+
+void CalcFlashIPAForceKernel::warnSkippedResidues() {
+    if (skipWarningPrinted)
+        return;
+    skipWarningPrinted = true;
+    std::cerr << "FlashIPAForce warning: residues with degenerate frame atoms (coincident, collinear or non-finite) were "
+              << "left out of the learned energy (degenerate-frame policy \"skip\"); FlashIPAForce.getNumSkippedResidues(context) "
+              << "counts them. Printed once per Context." << std::endl;
 }

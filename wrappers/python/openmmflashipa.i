@@ -128,6 +128,21 @@ Residues of one chain must be added in sequence order. Returns the index of the 
     void setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain);
     void setAttentionBackend(const std::string& backend);
     const std::string& getAttentionBackend() const;
+
+    %feature("docstring") setDegenerateFramePolicy "setDegenerateFramePolicy(self, policy)
+
+What happens when a residue's frame atoms are degenerate (coincident, collinear or non-finite) during an
+evaluation: 'error' (default) raises openmm.OpenMMException naming the residue; 'skip' leaves such residues
+out of the model for that evaluation (no energy, no force on their atoms), counts them
+(getNumSkippedResidues) and prints one warning per Context. 'skip' is meant for simulations of the learned
+force alone and for generation from noise.";
+    void setDegenerateFramePolicy(const std::string& policy);
+    const std::string& getDegenerateFramePolicy() const;
+    %feature("docstring") getNumSkippedResidues "getNumSkippedResidues(self, context) -> int
+
+Residue evaluations skipped under the 'skip' policy in this Context since it was created (a residue
+skipped in ten evaluations counts ten).";
+    long long getNumSkippedResidues(const OpenMM::Context& context) const;
     void setProperty(const std::string& name, const std::string& value);
     static const std::string& Scale();
     static const std::string& Sigma();

@@ -17,6 +17,7 @@ struct ForceEvaluation {
     double dEnergyDScale = 0;            ///< dU/d(flashipaScale), kJ/mol
     double dEnergyDSigma = 0;            ///< dU/d(flashipaSigma), kJ/mol/nm
     double dEnergyDTemperature = 0;      ///< dU/d(flashipaTemperature), kJ/mol/K
+    int64_t skippedResidues = 0;         ///< residues left out for degenerate frames (skip policy only)
 };
 
 /**
@@ -28,6 +29,7 @@ struct DeviceForceEvaluation {
     torch::Tensor frameAtomForces;   ///< [L, 3, 3] kJ/mol/nm (zero when invalid)
     torch::Tensor parameterDerivatives; ///< [3]: dU/dscale, dU/dsigma, dU/dtemperature
     torch::Tensor invalid;           ///< [] bool: some frame was degenerate or non-finite
+    torch::Tensor skippedResidues;   ///< [] int64: residues left out of this evaluation (skip policy; else 0)
 };
 
 /**
@@ -44,6 +46,16 @@ public:
      * value per residue.
      */
     void setResidues(const std::vector<int64_t>& frameAtoms, const std::vector<int64_t>& types, const std::vector<int64_t>& chains);
+    /**
+     * What to do with residues whose frame atoms are degenerate (coincident, collinear or non-finite).
+     * false (default): evaluate() throws std::invalid_argument naming the residue, and evaluateOnDevice()
+     * zeroes energy and forces and raises DeviceForceEvaluation::invalid. true: such residues are left out
+     * of the model (masked as padding: no energy, no force on their atoms, invisible to the others) and
+     * counted in skippedResidues; invalid still flags that some were skipped. docs/DESIGN-DECISIONS.md says why.
+     */
+    void setSkipDegenerateFrames(bool skip) { skipDegenerate = skip; }
+    /** Whether degenerate residues are skipped (see setSkipDegenerateFrames). */
+    bool skipsDegenerateFrames() const { return skipDegenerate; }
     /** Number of residues. */
     int64_t numResidues() const { return types.defined() ? types.size(1) : 0; }
     /** Particle indices of the frame atoms, [L, 3] int64 on the evaluator's device. */
@@ -51,7 +63,8 @@ public:
     /**
      * Evaluate from positions [numParticles, 3] (nm; any dtype, on the evaluator's device).
      * With computeForces, also forces and the three parameter derivatives.
-     * Throws std::invalid_argument for degenerate or non-finite frame atoms.
+     * Throws std::invalid_argument for degenerate or non-finite frame atoms, unless they are skipped
+     * (setSkipDegenerateFrames).
      */
     ForceEvaluation evaluate(const torch::Tensor& positions, double scale, double sigma, double temperature, bool computeForces);
     /**
@@ -70,6 +83,7 @@ private:
     torch::Dtype dtype;
     AttentionBackend backend;
     torch::Tensor atomIndices, types, chains;
+    bool skipDegenerate = false;
 };
 
 } // namespace FlashIPAPlugin

@@ -24,6 +24,8 @@ public:
     /** Bonds between consecutive frame atoms, so OpenMM keeps each residue's atoms in one molecule. */
     std::vector<std::pair<int, int>> getBondedParticles() const override;
     void updateParametersInContext(OpenMM::ContextImpl& context);
+    /** Residue evaluations skipped under the "skip" degenerate-frame policy (see FlashIPAForce). */
+    long long getNumSkippedResidues() const;
     /**
      * Throws OpenMMException if the force cannot be used with a System of numParticles particles:
      * no residues, atom indices out of range or repeated, unknown residue types, negative chains.

@@ -30,6 +30,7 @@ public:
     void initialize(const OpenMM::System& system, const FlashIPAForce& force) override;
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy) override;
     void copyParametersToContext(OpenMM::ContextImpl& context, const FlashIPAForce& force) override;
+    long long getNumSkippedResidues() const override;
 
 private:
     void setResidues(const FlashIPAForce& force);
@@ -44,6 +45,8 @@ private:
     int numFrameAtoms = 0;
     // Static tensors: the graph reads and writes these addresses on every replay.
     torch::Tensor frameAtomIndices, sortedIndex, atoms, parameters;
+    torch::Tensor skippedTotal; // [] int64 on the device: residue evaluations skipped (degenerate-frame policy "skip")
+    bool skipDegenerate = false;
     DeviceForceEvaluation outputs;
     std::unique_ptr<at::cuda::CUDAGraph> graph;
     int warmupEvaluations = 0;

@@ -99,6 +99,8 @@ void CudaCalcFlashIPAForceKernel::initialize(const System& system, const FlashIP
     try {
         EnergyModel model = loadEnergyModel(resolveModelPath(force.getModelPath()));
         evaluator = std::make_unique<ForceEvaluator>(model, device, dtype, backend);
+        skipDegenerate = force.getDegenerateFramePolicy() == "skip";
+        evaluator->setSkipDegenerateFrames(skipDegenerate);
     } catch (const std::exception& e) {
         throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
     }
@@ -108,6 +110,7 @@ void CudaCalcFlashIPAForceKernel::initialize(const System& system, const FlashIP
     *invalidFlagHost = 0;
     checkRuntime(cudaHostGetDevicePointer((void**) &invalidFlagDevice, invalidFlagHost, 0), "cudaHostGetDevicePointer");
     sortedIndex = torch::zeros({cu.getNumAtoms()}, torch::TensorOptions().dtype(torch::kInt32).device(device));
+    skippedTotal = torch::zeros({}, torch::TensorOptions().dtype(torch::kInt64).device(device));
     setResidues(force);
 }
 
@@ -133,7 +136,11 @@ void CudaCalcFlashIPAForceKernel::setResidues(const FlashIPAForce& force) {
 }
 
 void CudaCalcFlashIPAForceKernel::evaluateModel() {
-    auto run = [&] { outputs = evaluator->evaluateOnDevice(atoms, parameters); };
+    auto run = [&] {
+        outputs = evaluator->evaluateOnDevice(atoms, parameters);
+        if (skipDegenerate)
+            skippedTotal.add_(outputs.skippedResidues); // in place on a persistent tensor: captured with the graph
+    };
     if (!useGraphs) {
         run();
         return;
@@ -159,6 +166,10 @@ void CudaCalcFlashIPAForceKernel::throwIfInvalid() {
     if (*(volatile int*) invalidFlagHost == 0)
         return;
     *invalidFlagHost = 0;
+    if (skipDegenerate) {
+        warnSkippedResidues(); // the residues were left out, the evaluation stands
+        return;
+    }
     // Find which residue, from the positions of the evaluation that raised the flag.
     PrimaryContextScope scope(primaryContext);
     torch::Tensor host = atoms.to(torch::kCPU);
@@ -183,6 +194,7 @@ double CudaCalcFlashIPAForceKernel::execute(ContextImpl& context, bool includeFo
     }
     const GlobalParameters globals = readGlobalParameters(context);
     const double scale = globals.scale, sigma = globals.sigma, temperature = globals.temperature;
+    warnIfSigmaUntrained(sigma, evaluator->model()->config().sigmaMin, evaluator->model()->config().sigmaMax);
 
     CUstream openmmStream = cu.getCurrentStream();
     {
@@ -231,6 +243,12 @@ double CudaCalcFlashIPAForceKernel::execute(ContextImpl& context, bool includeFo
     if (includeEnergy)
         throwIfInvalid();
     return 0.0; // the energy went into OpenMM's energy buffer on the GPU
+}
+
+long long CudaCalcFlashIPAForceKernel::getNumSkippedResidues() const {
+    PrimaryContextScope scope(primaryContext);
+    c10::cuda::CUDAStreamGuard guard(*stream);
+    return skippedTotal.item<int64_t>(); // waits for the kernel's stream
 }
 
 void CudaCalcFlashIPAForceKernel::copyParametersToContext(ContextImpl& context, const FlashIPAForce& force) {

@@ -14,11 +14,13 @@ public:
     void initialize(const OpenMM::System& system, const FlashIPAForce& force) override;
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy) override;
     void copyParametersToContext(OpenMM::ContextImpl& context, const FlashIPAForce& force) override;
+    long long getNumSkippedResidues() const override { return skippedResidues; }
 
 private:
     void setResidues(const FlashIPAForce& force);
     std::unique_ptr<ForceEvaluator> evaluator;
     std::vector<int> frameAtoms; // 3 per residue, for scattering forces
+    long long skippedResidues = 0;
 };
 
 } // namespace FlashIPAPlugin

@@ -22,6 +22,7 @@ void ReferenceCalcFlashIPAForceKernel::initialize(const System& system, const Fl
     try {
         EnergyModel model = loadEnergyModel(resolveModelPath(force.getModelPath()));
         evaluator = std::make_unique<ForceEvaluator>(model, torch::kCPU, torch::kFloat64, backend);
+        evaluator->setSkipDegenerateFrames(force.getDegenerateFramePolicy() == "skip");
     } catch (const std::exception& e) {
         throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
     }
@@ -51,11 +52,16 @@ double ReferenceCalcFlashIPAForceKernel::execute(ContextImpl& context, bool incl
     torch::Tensor positionTensor = torch::from_blob((void*) positions.data(), {(int64_t) positions.size(), 3}, torch::kFloat64);
     const GlobalParameters globals = readGlobalParameters(context);
     const double scale = globals.scale, sigma = globals.sigma, temperature = globals.temperature;
+    warnIfSigmaUntrained(sigma, evaluator->model()->config().sigmaMin, evaluator->model()->config().sigmaMax);
     ForceEvaluation result;
     try {
         result = evaluator->evaluate(positionTensor, scale, sigma, temperature, includeForces);
     } catch (const std::exception& e) {
         throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
+    }
+    if (result.skippedResidues > 0) {
+        skippedResidues += result.skippedResidues;
+        warnSkippedResidues();
     }
     if (includeForces) {
         std::vector<Vec3>& forces = *data.forces;

@@ -331,8 +331,91 @@ TEST_F(FlashIPAForceTest, BadInputGivesClearErrors) {
         Context context(test->system, integrator, platform(), properties());
         context.setPositions(test->positions);
         context.setParameter(FlashIPAForce::Sigma(), 0.0);
-        expectError([&] { context.getState(State::Energy); }, "must be positive");
+        expectError([&] { context.getState(State::Energy); }, "must be a positive, finite");
+        context.setParameter(FlashIPAForce::Sigma(), INFINITY);
+        expectError([&] { context.getState(State::Energy); }, "must be a positive, finite");
+        context.setParameter(FlashIPAForce::Sigma(), 0.1);
+        context.setParameter(FlashIPAForce::Scale(), NAN);
+        expectError([&] { context.getState(State::Energy); }, "must be finite");
+        context.setParameter(FlashIPAForce::Scale(), 1.0);
+        context.setParameter(FlashIPAForce::Temperature(), INFINITY);
+        expectError([&] { context.getState(State::Energy | State::Forces); }, "must be a positive, finite");
     }
+    expectError([] { FlashIPAForce().setDegenerateFramePolicy("ignore"); }, "\"error\" or \"skip\"");
+}
+
+// The "skip" degenerate-frame policy: a degenerate residue drops out of the model (masked as padding), so
+// the energy no longer depends on where its atoms are, its atoms get no force, the rest still obey
+// -dE/dx (finite differences), and every skipped evaluation is counted. Without degenerate residues "skip"
+// computes exactly what "error" does.
+TEST_F(FlashIPAForceTest, SkipPolicyLeavesDegenerateResiduesOut) {
+    auto test = makeSystem(8);
+    auto evaluate = [&](const std::vector<Vec3>& positions, const std::string& policy, long long* skipped = nullptr) {
+        test->force->setDegenerateFramePolicy(policy);
+        VerletIntegrator integrator(0.001);
+        Context context(test->system, integrator, platform(), properties());
+        context.setPositions(positions);
+        State state = context.getState(State::Energy | State::Forces);
+        if (skipped)
+            *skipped = test->force->getNumSkippedResidues(context);
+        return state;
+    };
+    State error = evaluate(test->positions, "error"), skip = evaluate(test->positions, "skip");
+    EXPECT_EQ(error.getPotentialEnergy(), skip.getPotentialEnergy());
+
+    // Residue 2 (particles 6-8, protein): c on b. Then moved elsewhere, still degenerate, and made non-finite.
+    std::vector<Vec3> collapsed = test->positions;
+    collapsed[8] = collapsed[7];
+    std::vector<Vec3> moved = collapsed;
+    for (int k = 6; k < 9; k++)
+        moved[k] = Vec3(3.0, -2.0, 1.0);
+    std::vector<Vec3> nonFinite = collapsed;
+    nonFinite[6] = Vec3(NAN, 0, 0);
+    expectError([&] { evaluate(collapsed, "error"); }, "coincident");
+    long long skipped = 0;
+    State a = evaluate(collapsed, "skip", &skipped);
+    EXPECT_EQ(skipped, 1);
+    State b = evaluate(moved, "skip"), c = evaluate(nonFinite, "skip");
+    ASSERT_TRUE(std::isfinite(a.getPotentialEnergy()));
+    EXPECT_NE(a.getPotentialEnergy(), error.getPotentialEnergy());
+    const double tolerance = 1e-6 * std::abs(a.getPotentialEnergy()) + 1e-9;
+    EXPECT_NEAR(b.getPotentialEnergy(), a.getPotentialEnergy(), tolerance);
+    EXPECT_NEAR(c.getPotentialEnergy(), a.getPotentialEnergy(), tolerance);
+    for (int k = 6; k < 9; k++) {
+        EXPECT_EQ(a.getForces()[k], Vec3(0, 0, 0)) << k;
+        EXPECT_EQ(c.getForces()[k], Vec3(0, 0, 0)) << k;
+    }
+    for (size_t k = 0; k < collapsed.size(); k++)
+        for (int d = 0; d < 3; d++)
+            ASSERT_TRUE(std::isfinite(c.getForces()[k][d])) << k;
+
+    // Finite differences on the residues that remain, in one Context (the count grows with each evaluation).
+    test->force->setDegenerateFramePolicy("skip");
+    VerletIntegrator integrator(0.001);
+    Context context(test->system, integrator, platform(), properties());
+    const double h = 1e-5;
+    double errorSquared = 0, normSquared = 0;
+    int evaluations = 0;
+    for (int i : {0, 4, 10, 14, 20}) {
+        for (int d = 0; d < 3; d++) {
+            std::vector<Vec3> plus = collapsed, minus = collapsed;
+            plus[i][d] += h;
+            minus[i][d] -= h;
+            double fd = -(energyOf(context, plus) - energyOf(context, minus)) / (2 * h);
+            evaluations += 2;
+            errorSquared += (fd - a.getForces()[i][d]) * (fd - a.getForces()[i][d]);
+            normSquared += a.getForces()[i][d] * a.getForces()[i][d];
+        }
+    }
+    ASSERT_GT(normSquared, 0.0);
+    EXPECT_LT(std::sqrt(errorSquared / normSquared), 1e-4);
+    EXPECT_EQ(test->force->getNumSkippedResidues(context), evaluations);
+
+    // The policy survives XML.
+    std::stringstream xml;
+    XmlSerializer::serialize<Force>(test->force, "Force", xml);
+    std::unique_ptr<Force> copy(XmlSerializer::deserialize<Force>(xml));
+    EXPECT_EQ(dynamic_cast<const FlashIPAForce&>(*copy).getDegenerateFramePolicy(), "skip");
 }
 
 } // namespace

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU machine only: build with the Python module, then every test suite (CTest, pytest), then the
+# extra steps named in $STEPS (space-separated): "crash" (why a plugin exception kills Python: a
+# backtrace under cuda-gdb, the symbol bindings of the throw and the catch, the CPU/kernel features),
+# "bench" (benchmarks/backend_md_accuracy.py and the model timings). Logs land in $OUT.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export BUILD=/tmp/flashipa-build OUT="${OUT:-/tmp/out}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+t0=$(date +%s)
+FLASHIPA_BUILD_PYTHON=ON bash scripts/device-build.sh || { cp $BUILD.log $OUT/ 2>/dev/null; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+export PYTHONPATH=/tmp/site:$BUILD/python
+export OMP_NUM_THREADS=4
+STEPS="${STEPS:-tests}"
+
+if [[ " $STEPS " == *" crash "* ]]; then
+    echo "== crash diagnosis"
+    python3 - <<'EOF' > /tmp/error_script.py
+import sys; sys.path.insert(0, "tests/python")
+from test_python_integration import ERROR_SCRIPT
+print(ERROR_SCRIPT.format(platform="Reference"))
+EOF
+    python3 /tmp/error_script.py; echo "plain rc=$?"
+    grep -o -w 'user_shstk\|shstk\|ibt' /proc/cpuinfo | sort | uniq -c
+    python3 -c 'print(open("/proc/self/status").read())' | grep -i 'x86_\|shstk' || echo "no x86 feature lines"
+    readelf -n "$(readlink -f "$(command -v python3)")" | grep -i 'x86 feature' || true
+    ldd "$BUILD/lib/libOpenMMFlashIPA.so" | grep -E 'stdc|gcc_s|OpenMM|torch' ; ldd $BUILD/python/openmmflashipa/_openmmflashipa*.so | grep -E 'stdc|gcc_s'
+    ls -la "$(ldconfig -p | grep 'libstdc++.so.6 ' | head -1 | awk '{print $NF}')"*
+    LD_DEBUG=bindings python3 /tmp/error_script.py 2> $OUT/bindings.log >/dev/null
+    grep -E "symbol \`(__cxa_throw|__cxa_begin_catch|__cxa_end_catch|__cxa_rethrow|_Unwind_RaiseException|_Unwind_Resume|__gxx_personality_v0|__cxa_call_terminate|__cxa_allocate_exception|_ZTISt9exception)'" $OUT/bindings.log \
+        | sed -E 's/^ *[0-9]+: *//; s/binding file //' | sort | uniq -c | sort -rn | head -40
+    timeout 120 cuda-gdb -batch -ex run -ex bt -ex 'info registers rip rsp' -ex 'x/8i $pc-16' -ex 'info sharedlibrary' \
+        --args python3 /tmp/error_script.py > $OUT/gdb.log 2>&1
+    grep -v '^\[New Thread\|^\[Thread .* exited\|^\[Detaching' $OUT/gdb.log | grep -B2 -A60 'signal SIG' | head -90
+fi
+
+if [[ " $STEPS " == *" tests "* ]]; then
+    echo "== CTest"
+    (cd $BUILD && ctest -j8 --timeout 300 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run' | head -40)
+    echo "== pytest"
+    python3 -m pytest -q -p no:cacheprovider tests/python ${PYTEST_ARGS:-} 2>&1 | tee $OUT/pytest.log | tail -25
+fi
+echo "total: $(( $(date +%s) - t0 )) s"
