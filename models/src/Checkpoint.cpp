@@ -425,7 +425,8 @@ Entry parseEntry(const std::string& name, const Json& value, uint64_t dataSize) 
 
     const Json* dtype = value.find("dtype");
     if (dtype == nullptr)
-        throw FormatError(label + " has no dtype");
+        throw FormatError("header entry '" + name + "' is neither '__metadata__' nor a tensor (it has no dtype): the header is "
+                          "damaged or this is not a safetensors file");
     if (dtype->kind != Json::Kind::String)
         throw FormatError(label + ": dtype is " + kindName(dtype->kind) + ", not a string");
     entry.dtype = dtypeByName(dtype->text);

@@ -140,6 +140,25 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
     return perResidue.sum(1) / sig;
 }
 
+int64_t EnergyModelImpl::parameterCount(const ModelConfig& config) {
+    // Mirrors the constructors above (EnergyModelImpl, FlashIPALayerImpl); TestEnergyModel checks it against
+    // named_parameters() for several configurations, so a new module cannot be forgotten here.
+    config.validate();
+    const int64_t cs = config.nodeDim, H = config.numHeads, c = config.headDim, Pq = config.queryPoints, Pv = config.valuePoints;
+    const int64_t r = config.pairRank, pd = config.pairDim, dz = config.pairValueDim(), tf = config.transitionFactor;
+    auto linear = [](int64_t in, int64_t out, bool bias = true) { return in * out + (bias ? out : 0); };
+    int64_t layer = 3 * linear(cs, H * c) + 2 * linear(cs, H * Pq * 3) + linear(cs, H * Pv * 3) +
+                    linear(H * (c + 4 * Pv + dz), cs) + H + H * config.relPosFrequencies;
+    if (r > 0)
+        layer += linear(pd, H, false) + linear(pd, dz, false);
+    const int64_t block = layer + 2 * cs + linear(cs, tf * cs) + linear(tf * cs, cs) + 2 * cs;
+    int64_t total = ResidueType::Count * cs + linear(config.sigmaFeatures + 1, cs) + linear(GeometryFeatures, cs) + linear(cs, cs) +
+                    2 * cs + linear(cs, cs) + linear(cs, 1) + config.numBlocks * block;
+    if (r > 0)
+        total += 2 * linear(cs, r * pd);
+    return total;
+}
+
 void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale) {
     torch::NoGradGuard noGrad;
     auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);

@@ -1,4 +1,5 @@
 #include "flashipa/ModelConfig.h"
+#include <cmath>
 #include <stdexcept>
 #include <vector>
 
@@ -6,19 +7,21 @@ namespace FlashIPAPlugin {
 
 namespace {
 // One table drives validation and (de)serialisation, so a new field cannot be forgotten in one of them.
+// The maxima are far above any trained model and keep a damaged or hostile checkpoint's metadata from
+// asking for an unbounded allocation before its tensors are compared with the architecture.
 struct IntField {
     const char* name;
     int ModelConfig::*member;
-    int minimum;
+    int minimum, maximum;
 };
 const std::vector<IntField>& intFields() {
     static const std::vector<IntField> fields = {
-        {"nodeDim", &ModelConfig::nodeDim, 1},         {"headDim", &ModelConfig::headDim, 1},
-        {"numHeads", &ModelConfig::numHeads, 1},       {"queryPoints", &ModelConfig::queryPoints, 1},
-        {"valuePoints", &ModelConfig::valuePoints, 1}, {"pairRank", &ModelConfig::pairRank, 0},
-        {"pairDim", &ModelConfig::pairDim, 1},         {"relPosFrequencies", &ModelConfig::relPosFrequencies, 0},
-        {"numBlocks", &ModelConfig::numBlocks, 1},     {"transitionFactor", &ModelConfig::transitionFactor, 1},
-        {"sigmaFeatures", &ModelConfig::sigmaFeatures, 1},
+        {"nodeDim", &ModelConfig::nodeDim, 1, 4096},          {"headDim", &ModelConfig::headDim, 1, 512},
+        {"numHeads", &ModelConfig::numHeads, 1, 128},         {"queryPoints", &ModelConfig::queryPoints, 1, 64},
+        {"valuePoints", &ModelConfig::valuePoints, 1, 64},    {"pairRank", &ModelConfig::pairRank, 0, 64},
+        {"pairDim", &ModelConfig::pairDim, 1, 1024},          {"relPosFrequencies", &ModelConfig::relPosFrequencies, 0, 256},
+        {"numBlocks", &ModelConfig::numBlocks, 1, 128},       {"transitionFactor", &ModelConfig::transitionFactor, 1, 16},
+        {"sigmaFeatures", &ModelConfig::sigmaFeatures, 1, 256},
     };
     return fields;
 }
@@ -44,10 +47,11 @@ int ModelConfig::biasRank() const { return pairRank + 2 * relPosFrequencies; }
 
 void ModelConfig::validate() const {
     for (const auto& f : intFields())
-        if (this->*(f.member) < f.minimum)
+        if (this->*(f.member) < f.minimum || this->*(f.member) > f.maximum)
             throw std::invalid_argument("model configuration: " + std::string(f.name) + " = " +
-                                        std::to_string(this->*(f.member)) + " must be >= " + std::to_string(f.minimum));
-    if (!(sigmaMin > 0 && sigmaMax > sigmaMin))
+                                        std::to_string(this->*(f.member)) + " must lie in [" + std::to_string(f.minimum) +
+                                        ", " + std::to_string(f.maximum) + "]");
+    if (!(sigmaMin > 0 && sigmaMax > sigmaMin) || !std::isfinite(sigmaMax))
         throw std::invalid_argument("model configuration: need 0 < sigmaMin < sigmaMax (nm)");
 }
 

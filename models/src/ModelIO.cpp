@@ -43,6 +43,15 @@ EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::
     } catch (const std::exception& e) {
         fail(e.what());
     }
+    // The architecture must be exactly the stored tensors: compare sizes before building it, so a damaged
+    // or hostile header cannot make the loader allocate more than the file holds.
+    int64_t storedElements = 0;
+    for (const auto& [name, value] : contents.tensors)
+        storedElements += value.numel();
+    const int64_t expectedElements = EnergyModelImpl::parameterCount(config);
+    if (expectedElements != storedElements)
+        fail("the metadata describes a model of " + std::to_string(expectedElements) + " parameters but the file stores " +
+             std::to_string(storedElements) + " values");
     EnergyModel model(config);
     std::map<std::string, torch::Tensor> stored(contents.tensors.begin(), contents.tensors.end());
     std::set<std::string> used;

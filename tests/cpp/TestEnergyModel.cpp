@@ -182,6 +182,28 @@ TEST(ModelConfig, MetadataRoundTripAndValidation) {
     EXPECT_THROW(ModelConfig::fromMetadata(metadata), std::invalid_argument);
 }
 
+TEST(ModelConfig, ParameterCountMatchesTheBuiltModel) {
+    std::vector<ModelConfig> configs(4);
+    configs[1].pairRank = 0;
+    configs[1].relPosFrequencies = 0;
+    configs[2].nodeDim = 48;
+    configs[2].numHeads = 3;
+    configs[2].headDim = 8;
+    configs[2].valuePoints = 5;
+    configs[2].pairDim = 12;
+    configs[2].numBlocks = 3;
+    configs[3].transitionFactor = 4;
+    configs[3].sigmaFeatures = 5;
+    configs[3].queryPoints = 7;
+    for (const ModelConfig& config : configs) {
+        EnergyModel model(config);
+        int64_t built = 0;
+        for (const auto& item : model->named_parameters())
+            built += item.value().numel();
+        EXPECT_EQ(EnergyModelImpl::parameterCount(config), built) << config.nodeDim << " " << config.pairRank;
+    }
+}
+
 TEST(Checkpoint, EnergyModelRoundTrip) {
     EnergyModel model = randomModel(10);
     model->to(torch::kFloat32);
@@ -216,10 +238,15 @@ TEST(Checkpoint, RejectsWrongShapeDtypeAndNames) {
         }
         unlink(bad.c_str());
     };
-    rewriteAndExpect([](SafetensorsContents& c) { c.tensors[0].second = torch::zeros({3, 3}); }, "has shape");
+    rewriteAndExpect([](SafetensorsContents& c) { c.tensors[0].second = c.tensors[0].second.reshape({1, -1, 1}); }, "has shape");
     rewriteAndExpect([](SafetensorsContents& c) { c.tensors[0].second = c.tensors[0].second.to(torch::kInt32); }, "has dtype");
-    rewriteAndExpect([](SafetensorsContents& c) { c.tensors.pop_back(); }, "missing tensor");
-    rewriteAndExpect([](SafetensorsContents& c) { c.tensors.emplace_back("extra", torch::zeros({1})); }, "unexpected tensor");
+    rewriteAndExpect([](SafetensorsContents& c) { c.tensors.back().first = "renamed"; }, "missing tensor");
+    rewriteAndExpect([](SafetensorsContents& c) { c.tensors.emplace_back("extra", torch::zeros({0})); }, "unexpected tensor");
+    // Sizes are compared before anything is allocated: a header asking for a huge model fails at once.
+    rewriteAndExpect([](SafetensorsContents& c) { c.tensors.pop_back(); }, "parameters but the file stores");
+    rewriteAndExpect([](SafetensorsContents& c) { c.metadata["config.numBlocks"] = "100"; }, "parameters but the file stores");
+    rewriteAndExpect([](SafetensorsContents& c) { c.metadata["config.numBlocks"] = "1000000000"; }, "must lie in [1, 128]");
+    rewriteAndExpect([](SafetensorsContents& c) { c.metadata["config.nodeDim"] = "2147483647"; }, "must lie in");
     rewriteAndExpect([](SafetensorsContents& c) { c.metadata.erase("config.nodeDim"); }, "config.nodeDim");
     rewriteAndExpect([](SafetensorsContents& c) { c.metadata["format"] = "pickle"; }, "not an openmm-flashipa energy model");
     rewriteAndExpect([](SafetensorsContents& c) { c.tensors[1].second = torch::full_like(c.tensors[1].second, NAN); }, "non-finite");

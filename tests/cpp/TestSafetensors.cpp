@@ -280,7 +280,7 @@ TEST_F(SafetensorsTest, RejectsUnknownDtype) {
 }
 
 TEST_F(SafetensorsTest, RejectsMissingOrMalformedFields) {
-    expectRejected(makeFile(R"({"x":{"shape":[2],"data_offsets":[0,8]}})", TwoFloats), {"tensor 'x' has no dtype"});
+    expectRejected(makeFile(R"({"x":{"shape":[2],"data_offsets":[0,8]}})", TwoFloats), {"header entry 'x' is neither '__metadata__' nor a tensor (it has no dtype)"});
     expectRejected(makeFile(R"({"x":{"dtype":"F32","data_offsets":[0,8]}})", TwoFloats), {"tensor 'x' has no shape"});
     expectRejected(makeFile(R"({"x":{"dtype":"F32","shape":[2]}})", TwoFloats), {"tensor 'x' has no data_offsets"});
     expectRejected(makeFile(R"({"x":[1,2]})", TwoFloats), {"tensor 'x' is an array, not an object"});

@@ -40,6 +40,12 @@ public:
     torch::Tensor forward(const StructureBatch& batch, const torch::Tensor& sigma, AttentionBackend backend,
                           bool validate = true);
 
+    /**
+     * The number of parameters a model of this configuration holds, computed without building it (so a
+     * loader can compare a checkpoint's metadata with its tensors before allocating anything).
+     */
+    static int64_t parameterCount(const ModelConfig& config);
+
     /** The architecture this model was built with. */
     const ModelConfig& config() const { return config_; }
 
