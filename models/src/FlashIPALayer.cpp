@@ -2,6 +2,7 @@
 #include "flashipa/FusedAttention.h"
 #include <cmath>
 #include <stdexcept>
+#include <unistd.h>
 
 namespace FlashIPAPlugin {
 
@@ -119,7 +120,22 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in, boo
     return p;
 }
 
+void FlashIPALayerImpl::checkMathMemory(int64_t B, int64_t L, bool onGpu, int64_t elementSize) const {
+    // The math path materialises [B, L, L, H, P, 3] point differences and several [B, H, L, L] tensors (kept
+    // for the backward). On the CPU an allocation beyond physical memory is not an exception but the OOM
+    // killer, so refuse it here; on a GPU LibTorch's allocator raises its own out-of-memory error.
+    if (onGpu)
+        return;
+    const double bytes = (double) B * L * L * config.numHeads * (3.0 * config.queryPoints + 8.0) * elementSize;
+    const double physical = (double) sysconf(_SC_PHYS_PAGES) * (double) sysconf(_SC_PAGESIZE);
+    if (physical > 0 && bytes > 0.5 * physical)
+        throw std::runtime_error("the \"math\" attention backend would need about " + std::to_string((int) std::ceil(bytes / 1e9)) +
+                                 " GB at " + std::to_string(L) + " residues (this machine has " +
+                                 std::to_string((int) std::round(physical / 1e9)) + " GB); use \"sdpa\", whose memory is linear in length");
+}
+
 torch::Tensor FlashIPALayerImpl::attendMath(const Projected& p, const IPAInputs& in) {
+    checkMathMemory(p.q.size(0), p.q.size(1), p.q.is_cuda(), p.q.element_size());
     const double wL = std::sqrt(1.0 / 3.0), wC = std::sqrt(2.0 / (9.0 * config.queryPoints));
     torch::Tensor logits = torch::einsum("bihc,bjhc->bhij", {p.q, p.k}) / std::sqrt((double) config.headDim);
     if (p.biasLeft.defined())

@@ -104,6 +104,23 @@ TEST(FlashIPALayer, FusedBackendIsRefusedOnCPU) {
     EXPECT_THROW(layer->forward(in, AttentionBackend::FusedFP32), std::invalid_argument);
 }
 
+// The math path is O(L^2) in memory; beyond half of physical memory it must refuse with a message (the OOM
+// killer gives none). 100,000 residues need ~1.5 TB in double; sdpa's memory is linear and still runs.
+TEST(FlashIPALayer, MathBackendRefusesWhatCannotFit) {
+    ModelConfig config;
+    FlashIPALayer layer(config);
+    layer->to(torch::kFloat64);
+    IPAInputs in = randomInputs(config, 100000, 2, torch::kFloat64);
+    try {
+        layer->forward(in, AttentionBackend::Math);
+        ADD_FAILURE() << "the math backend accepted 100,000 residues";
+    } catch (const std::runtime_error& e) {
+        EXPECT_NE(std::string(e.what()).find("use \"sdpa\""), std::string::npos) << e.what();
+    }
+    IPAInputs small = randomInputs(config, 300, 2, torch::kFloat64);
+    EXPECT_NO_THROW(layer->forward(small, AttentionBackend::Math));
+}
+
 // "auto" is the default everywhere: on CPU tensors (and in float64) it is the SDPA path, bit for bit.
 TEST(FlashIPALayer, AutoBackendIsSDPAOnCPU) {
     ModelConfig config;

@@ -55,6 +55,8 @@ private:
     struct Projected;
     Projected project(const IPAInputs& inputs, bool float32Points);
     torch::Tensor attendMath(const Projected& p, const IPAInputs& inputs);
+    /** Throws std::runtime_error when the math path would not fit in half of this machine's memory (CPU only). */
+    void checkMathMemory(int64_t B, int64_t L, bool onGpu, int64_t elementSize) const;
     torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs);
     /** The fused kernels with the scalar operands in attentionType (bf16: tensor cores; fp32: SIMT). */
     torch::Tensor attendFused(const Projected& p, const IPAInputs& inputs, torch::Dtype attentionType);
