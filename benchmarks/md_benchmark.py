@@ -239,6 +239,10 @@ def addLearnedForce(variant, system, topology, positions, args, openmmtorch):
     if variant in "ab":
         force = openmmflashipa.createForce(topology, strict=True, backend=ATTENTION_BACKEND)
         force.setProperty("useCUDAGraphs", "true" if variant == "a" else "false")
+        if system.getNumForces() == 0:
+            # Force alone (no bonds): a frame can pass through a degenerate shape, which the default policy
+            # refuses; "skip" leaves such residues out and counts them (docs/DESIGN-DECISIONS.md).
+            force.setDegenerateFramePolicy("skip")
         force.setForceGroup(1)
         system.addForce(force)
         return "" if args.platform == "CUDA" else "useCUDAGraphs has no effect on %s" % args.platform
