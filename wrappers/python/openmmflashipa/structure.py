@@ -141,7 +141,12 @@ def writeStructure(structure, path):
         os.makedirs(folder, exist_ok=True)
     lower = path.lower()
     if lower.endswith((".cif", ".mmcif")):
-        structure.make_mmcif_document().write_file(path)
+        groups = gemmi.MmcifOutputGroups(True)
+        if not structure.cell.is_crystal():
+            # gemmi's placeholder cell (1 x 1 x 1 A) would be read by openmm.app as a periodic box
+            groups.cell = False
+            groups.symmetry = False
+        structure.make_mmcif_document(groups).write_file(path)
     elif lower.endswith((".pdb", ".ent")):
         options = gemmi.PdbWriteOptions()
         options.cryst1_record = False  # generated chains have no crystal cell
@@ -187,10 +192,13 @@ def readStructure(path):
         del structure[extra]
     if structure[0].count_atom_sites() == 0:
         raise ValueError("%s has no atoms other than water" % path)
-    pdb = app.PDBFile(io.StringIO(structure.make_pdb_string()))
-    if pdb.topology.getNumAtoms() == 0:
+    # Through mmCIF, not PDB text: PDB columns cut chain ids to one character ("AA" and "AB" would merge).
+    groups = gemmi.MmcifOutputGroups(True)
+    groups.cell = groups.symmetry = structure.cell.is_crystal()
+    pdbx = app.PDBxFile(io.StringIO(structure.make_mmcif_document(groups).as_string()))
+    if pdbx.topology.getNumAtoms() == 0:
         raise ValueError("%s has no atoms" % path)
-    box = pdb.topology.getUnitCellDimensions()
+    box = pdbx.topology.getUnitCellDimensions()
     if box is not None and min(box.value_in_unit(unit.nanometer)) < 1.0:
-        pdb.topology.setUnitCellDimensions(None)  # a placeholder cell (CRYST1 1 1 1), not a periodic box
-    return pdb.topology, pdb.positions
+        pdbx.topology.setUnitCellDimensions(None)  # a placeholder cell (CRYST1 1 1 1), not a periodic box
+    return pdbx.topology, pdbx.positions
