@@ -3,6 +3,7 @@
 #include "openmm/OpenMMException.h"
 #include "openmm/serialization/SerializationNode.h"
 #include "openmm/serialization/SerializationProxy.h"
+#include <filesystem>
 #include <memory>
 
 using namespace FlashIPAPlugin;
@@ -17,7 +18,9 @@ FlashIPAForceProxy::FlashIPAForceProxy() : SerializationProxy("FlashIPAForce") {
 void FlashIPAForceProxy::serialize(const void* object, SerializationNode& node) const {
     node.setIntProperty("version", ProxyVersion);
     const FlashIPAForce& force = *reinterpret_cast<const FlashIPAForce*>(object);
-    node.setStringProperty("modelPath", force.getModelPath());
+    // An absolute path: the XML may be read from another working directory ("" stays the shipped model).
+    const std::string& path = force.getModelPath();
+    node.setStringProperty("modelPath", path.empty() ? path : std::filesystem::absolute(path).lexically_normal().string());
     node.setStringProperty("modelSha256", force.getModelChecksum());
     node.setStringProperty("attentionBackend", force.getAttentionBackend());
     node.setStringProperty("degenerateFramePolicy", force.getDegenerateFramePolicy());

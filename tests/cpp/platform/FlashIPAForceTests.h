@@ -13,7 +13,9 @@
 #include "openmm/VerletIntegrator.h"
 #include "openmm/serialization/XmlSerializer.h"
 #include <gtest/gtest.h>
+#include <filesystem>
 #include <memory>
+#include <unistd.h>
 #include <sstream>
 
 using namespace FlashIPAPlugin;
@@ -148,6 +150,30 @@ TEST_F(FlashIPAForceTest, InvariantFarFromOrigin) {
         norm += before.getForces()[i].dot(before.getForces()[i]);
     }
     EXPECT_LT(std::sqrt(error / norm), 1e-6);
+}
+
+// A force made with a relative model path is written with the absolute path, so the XML can be read from
+// any working directory (it failed from another folder).
+TEST_F(FlashIPAForceTest, SerializedRelativeModelPathIsReadFromAnotherFolder) {
+    namespace fs = std::filesystem;
+    const fs::path folder = fs::temp_directory_path() / ("flashipa-relative-" + std::to_string(::getpid()));
+    fs::create_directories(folder);
+    fs::copy_file(FlashIPAForce().getResolvedModelPath(), folder / "model.safetensors", fs::copy_options::overwrite_existing);
+    const fs::path original = fs::current_path();
+    std::stringstream buffer;
+    fs::current_path(folder);
+    {
+        FlashIPAForce relative("model.safetensors");
+        relative.addResidue(0, 1, 2, 0, 0);
+        XmlSerializer::serialize<Force>(&relative, "Force", buffer);
+    }
+    fs::current_path(fs::temp_directory_path());
+    std::unique_ptr<Force> copy;
+    EXPECT_NO_THROW(copy.reset(XmlSerializer::deserialize<Force>(buffer)));
+    fs::current_path(original);
+    if (copy)
+        EXPECT_EQ(fs::path(dynamic_cast<FlashIPAForce&>(*copy).getModelPath()), folder / "model.safetensors");
+    fs::remove_all(folder);
 }
 
 TEST_F(FlashIPAForceTest, SerializationRoundTrip) {

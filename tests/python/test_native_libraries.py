@@ -1,0 +1,79 @@
+"""The plugin's native libraries bind the C++ runtime's functions to libstdc++ itself.
+
+LibTorch's and OpenMM's wheel libraries export unversioned copies of libstdc++ functions that their
+toolchain linked in statically (std::filesystem, std::exception_ptr internals, ...). The dynamic linker binds a
+reference to the first definition in its search order; while our libraries listed libstdc++ after LibTorch,
+calls from our code went to those copies (std::filesystem::remove_all jumped to address 0 on the CI machine).
+CMakeLists.txt puts libstdc++ first; these tests fail if that is lost (docs/KNOWN-ISSUES.md)."""
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import openmmflashipa
+from openmmflashipa import _plugins
+
+# Functions that LibTorch's libraries export copies of (checked with nm on torch 2.11's wheel).
+SHADOWED = [
+    "_ZNSt10filesystem10remove_allERKNS_7__cxx114pathE",      # std::filesystem::remove_all (libtorch.so)
+    "_ZNSt15__exception_ptr13exception_ptr10_M_releaseEv",    # exception_ptr::_M_release (libtorch_cpu.so)
+]
+
+
+def ourLibraries():
+    folder = _plugins.pluginDirectory()
+    paths = sorted(glob.glob(os.path.join(folder, "lib*.so")))
+    paths += glob.glob(os.path.join(os.path.dirname(openmmflashipa.__file__), "_openmmflashipa*.so"))
+    return paths
+
+
+def needed(path):
+    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    return [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not installed")
+def test_libstdcxx_is_needed_before_torch_and_openmm():
+    libraries = ourLibraries()
+    assert len(libraries) >= 3, libraries
+    for path in libraries:
+        names = needed(path)
+        assert "libstdc++.so.6" in names, (path, names)
+        first = names.index("libstdc++.so.6")
+        later = [n for n in names[:first] if n.startswith(("libtorch", "libc10", "libOpenMM", "libFlashIPA"))]
+        assert not later, "%s loads %s before libstdc++: %s" % (os.path.basename(path), later, names)
+
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def test_shadowed_runtime_functions_resolve_to_libstdcxx_in_this_process():
+    # The process has imported openmmflashipa, so the plugins are loaded as in any user script. dlsym on a
+    # library's handle searches that library and its dependencies in load order: the scope its own calls
+    # are bound in (after the process's global scope, which holds neither libstdc++ nor LibTorch here).
+    assert _plugins.loaded
+    libdl = ctypes.CDLL(ctypes.util.find_library("dl") or "libc.so.6")
+    libdl.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    checked = 0
+    for path in ourLibraries():
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:  # the CUDA plugin without a CUDA driver
+            continue
+        checked += 1
+        for symbol in SHADOWED:
+            address = ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value
+            info = DlInfo()
+            assert libdl.dladdr(address, ctypes.byref(info)) != 0, symbol
+            owner = os.path.basename(info.dli_fname.decode())
+            assert owner.startswith("libstdc++"), "%s: %s resolves to %s, not libstdc++" % (
+                os.path.basename(path), symbol, owner)
+    assert checked >= 3
