@@ -16,6 +16,18 @@ export PYTHONPATH=/tmp/site:$BUILD/python
 export OMP_NUM_THREADS=4
 STEPS="${STEPS:-tests}"
 
+if [[ " $STEPS " == *" toolchain "* ]]; then
+    echo "== toolchain: where the C++ runtime comes from"
+    for name in libstdc++.so libstdc++.so.6 libstdc++.a; do echo "$name -> $(g++ -print-file-name=$name)"; done
+    for lib in $BUILD/lib/*.so; do echo "$(basename $lib): $(readelf -d $lib | grep NEEDED | head -3 | sed 's/.*\[//; s/\]//' | tr '\n' ' ')"; done
+    python3 - <<'EOF2' > /tmp/error_script.py
+import sys; sys.path.insert(0, "tests/python")
+from test_python_integration import ERROR_SCRIPT
+print(ERROR_SCRIPT.format(platform="Reference"))
+EOF2
+    python3 /tmp/error_script.py > /tmp/error_script.out 2>&1; echo "error script rc=$?"; tail -2 /tmp/error_script.out
+fi
+
 if [[ " $STEPS " == *" crash "* ]]; then
     echo "== crash diagnosis"
     python3 - <<'EOF' > /tmp/error_script.py

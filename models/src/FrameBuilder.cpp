@@ -69,17 +69,18 @@ void FrameBuilder::check(const torch::Tensor& atoms) {
         torch::Tensor index = torch::nonzero(bad);
         return index.numel() == 0 ? -1 : index[0][0].item<int64_t>();
     };
+    auto fail = [&](int64_t bad, const std::string& problem) {
+        throw DegenerateFrameError("frame atoms of " + describeResidue(bad, batchShape) + " " + problem, bad, problem);
+    };
     int64_t bad = firstBad(d.nonFinite);
     if (bad >= 0)
-        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) + " have non-finite coordinates");
+        fail(bad, "have non-finite coordinates");
     bad = firstBad(d.coincident);
     if (bad >= 0)
-        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
-                                    " are coincident (|c - b| below 1e-3 nm): cannot build a frame");
+        fail(bad, "are coincident (|c - b| below 1e-3 nm): cannot build a frame");
     bad = firstBad(d.collinear);
     if (bad >= 0)
-        throw std::invalid_argument("frame atoms of " + describeResidue(bad, batchShape) +
-                                    " are collinear or coincident (a, b, c on one line): cannot build a frame");
+        fail(bad, "are collinear or coincident (a, b, c on one line): cannot build a frame");
 }
 
 Frames FrameBuilder::build(const torch::Tensor& atoms, bool checked) {

@@ -49,6 +49,16 @@ public:
     int getNumResidues() const { return residues.size(); }
     /** Get the parameters of a residue. */
     void getResidueParameters(int index, int& atomA, int& atomB, int& atomC, int& residueType, int& chain) const;
+    /**
+     * Name a residue for error messages, e.g. "LYS 25 of chain A" (createForce in Python names every residue
+     * after the Topology it was built from). Errors then say "residue 3 (LYS 25 of chain A)" rather than the
+     * force's index alone. Empty (the default) for none.
+     */
+    void setResidueLabel(int index, const std::string& label);
+    /** The label of a residue ("" if none was set). */
+    const std::string& getResidueLabel(int index) const;
+    /** "residue <index>", followed by the label in parentheses when one was set. */
+    std::string describeResidue(int index) const;
     /** Set the parameters of a residue (call updateParametersInContext() to apply them to a Context). */
     void setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain);
     /**
@@ -115,6 +125,7 @@ protected:
 private:
     struct Residue {
         int atomA, atomB, atomC, type, chain;
+        std::string label;
     };
     void checkIndex(int index) const;
     std::string modelPath, modelChecksum, attentionBackend, degenerateFramePolicy;

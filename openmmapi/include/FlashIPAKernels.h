@@ -6,6 +6,7 @@
 #include "openmm/Platform.h"
 #include "openmm/System.h"
 #include <string>
+#include <vector>
 
 namespace FlashIPAPlugin {
 
@@ -37,9 +38,14 @@ protected:
     void warnIfSigmaUntrained(double sigma, double trainedMin, double trainedMax);
     /** Prints one warning (per kernel) the first time residues are skipped under the "skip" policy. */
     void warnSkippedResidues();
+    /** Records how errors name each residue (FlashIPAForce::describeResidue: index and label). */
+    void recordResidueNames(const FlashIPAForce& force);
+    /** The message for a degenerate residue, naming it as the force does ("residue 3 (LYS 25 of chain A)"). */
+    std::string degenerateFrameMessage(int64_t residue, const std::string& problem) const;
 
 private:
     bool sigmaWarningPrinted = false, skipWarningPrinted = false;
+    std::vector<std::string> residueNames;
 };
 
 } // namespace FlashIPAPlugin

@@ -28,7 +28,7 @@ std::string FlashIPAForce::getResolvedModelPath() const {
 }
 
 int FlashIPAForce::addResidue(int atomA, int atomB, int atomC, int residueType, int chain) {
-    residues.push_back({atomA, atomB, atomC, residueType, chain});
+    residues.push_back({atomA, atomB, atomC, residueType, chain, ""});
     return residues.size() - 1;
 }
 
@@ -50,7 +50,29 @@ void FlashIPAForce::getResidueParameters(int index, int& atomA, int& atomB, int&
 
 void FlashIPAForce::setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain) {
     checkIndex(index);
-    residues[index] = {atomA, atomB, atomC, residueType, chain};
+    Residue& r = residues[index];
+    r.atomA = atomA;
+    r.atomB = atomB;
+    r.atomC = atomC;
+    r.type = residueType;
+    r.chain = chain;
+}
+
+void FlashIPAForce::setResidueLabel(int index, const std::string& label) {
+    checkIndex(index);
+    residues[index].label = label;
+}
+
+const std::string& FlashIPAForce::getResidueLabel(int index) const {
+    checkIndex(index);
+    return residues[index].label;
+}
+
+std::string FlashIPAForce::describeResidue(int index) const {
+    std::string text = "residue " + std::to_string(index);
+    if (index >= 0 && index < (int) residues.size() && !residues[index].label.empty())
+        text += " (" + residues[index].label + ")";
+    return text;
 }
 
 void FlashIPAForce::setAttentionBackend(const std::string& backend) {

@@ -10,7 +10,7 @@ using namespace FlashIPAPlugin;
 using namespace OpenMM;
 
 namespace {
-constexpr int ProxyVersion = 2; // 2: degenerateFramePolicy (version 1 files read as "error")
+constexpr int ProxyVersion = 2; // 2: degenerateFramePolicy and residue labels (version 1 files read as "error", no labels)
 }
 
 FlashIPAForceProxy::FlashIPAForceProxy() : SerializationProxy("FlashIPAForce") {}
@@ -36,12 +36,14 @@ void FlashIPAForceProxy::serialize(const void* object, SerializationNode& node) 
     for (int i = 0; i < force.getNumResidues(); i++) {
         int a, b, c, type, chain;
         force.getResidueParameters(i, a, b, c, type, chain);
-        residues.createChildNode("Residue")
-            .setIntProperty("a", a)
-            .setIntProperty("b", b)
-            .setIntProperty("c", c)
-            .setIntProperty("type", type)
-            .setIntProperty("chain", chain);
+        SerializationNode& residue = residues.createChildNode("Residue")
+                                         .setIntProperty("a", a)
+                                         .setIntProperty("b", b)
+                                         .setIntProperty("c", c)
+                                         .setIntProperty("type", type)
+                                         .setIntProperty("chain", chain);
+        if (!force.getResidueLabel(i).empty())
+            residue.setStringProperty("label", force.getResidueLabel(i));
     }
 }
 
@@ -65,8 +67,11 @@ void* FlashIPAForceProxy::deserialize(const SerializationNode& node) const {
     force->setDefaultTemperature(node.getDoubleProperty("defaultTemperature"));
     for (const SerializationNode& property : node.getChildNode("Properties").getChildren())
         force->setProperty(property.getStringProperty("name"), property.getStringProperty("value"));
-    for (const SerializationNode& residue : node.getChildNode("Residues").getChildren())
-        force->addResidue(residue.getIntProperty("a"), residue.getIntProperty("b"), residue.getIntProperty("c"),
-                          residue.getIntProperty("type"), residue.getIntProperty("chain"));
+    for (const SerializationNode& residue : node.getChildNode("Residues").getChildren()) {
+        int index = force->addResidue(residue.getIntProperty("a"), residue.getIntProperty("b"), residue.getIntProperty("c"),
+                                      residue.getIntProperty("type"), residue.getIntProperty("chain"));
+        if (residue.hasProperty("label"))
+            force->setResidueLabel(index, residue.getStringProperty("label"));
+    }
     return force.release();
 }

@@ -44,3 +44,15 @@ void CalcFlashIPAForceKernel::warnSkippedResidues() {
               << "left out of the learned energy (degenerate-frame policy \"skip\"); FlashIPAForce.getNumSkippedResidues(context) "
               << "counts them. Printed once per Context." << std::endl;
 }
+
+void CalcFlashIPAForceKernel::recordResidueNames(const FlashIPAForce& force) {
+    residueNames.clear();
+    for (int i = 0; i < force.getNumResidues(); i++)
+        residueNames.push_back(force.describeResidue(i));
+}
+
+std::string CalcFlashIPAForceKernel::degenerateFrameMessage(int64_t residue, const std::string& problem) const {
+    const std::string name = residue >= 0 && residue < (int64_t) residueNames.size() ? residueNames[residue]
+                                                                                   : "residue " + std::to_string(residue);
+    return "FlashIPAForce: frame atoms of " + name + " " + problem;
+}

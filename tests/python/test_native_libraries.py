@@ -50,6 +50,20 @@ def test_libstdcxx_is_needed_before_torch_and_openmm():
         assert not later, "%s loads %s before libstdc++: %s" % (os.path.basename(path), later, names)
 
 
+# Functions only the C++ runtime defines: a library exporting them carries a static copy of the runtime
+# (libstdc++.a), which crashed next to the shared one in a Python process (formatting a number).
+RUNTIME_ONLY = ["_ZNSo9_M_insertIlEERSoT_", "_ZNKSt7codecvtIDsc11__mbstate_tE10do_unshiftERS0_PcS3_RS3_"]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
+def test_no_library_carries_a_static_copy_of_the_runtime():
+    for path in ourLibraries():
+        out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True).stdout
+        defined = {line.split()[-1] for line in out.splitlines() if line.strip()}
+        copies = [symbol for symbol in RUNTIME_ONLY if symbol in defined]
+        assert not copies, "%s defines C++ runtime functions %s (linked libstdc++.a?)" % (os.path.basename(path), copies)
+
+
 class DlInfo(ctypes.Structure):
     _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
                 ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]

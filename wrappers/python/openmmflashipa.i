@@ -126,6 +126,13 @@ Residues of one chain must be added in sequence order. Returns the index of the 
     %feature("docstring") getResidueParameters "getResidueParameters(self, index) -> (atomA, atomB, atomC, residueType, chain)";
     void getResidueParameters(int index, int& atomA, int& atomB, int& atomC, int& residueType, int& chain) const;
     void setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain);
+    %feature("docstring") setResidueLabel "setResidueLabel(self, index, label)
+
+Name a residue for error messages, e.g. 'LYS 25 of chain A' (createForce names every residue after its
+Topology); errors then say 'residue 3 (LYS 25 of chain A)'.";
+    void setResidueLabel(int index, const std::string& label);
+    const std::string& getResidueLabel(int index) const;
+    std::string describeResidue(int index) const;
     void setAttentionBackend(const std::string& backend);
     const std::string& getAttentionBackend() const;
 

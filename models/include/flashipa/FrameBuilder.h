@@ -1,6 +1,8 @@
 #ifndef FLASHIPA_FRAME_BUILDER_H_
 #define FLASHIPA_FRAME_BUILDER_H_
 
+#include <stdexcept>
+#include <string>
 #include <torch/torch.h>
 
 namespace FlashIPAPlugin {
@@ -9,6 +11,19 @@ namespace FlashIPAPlugin {
 struct Frames {
     torch::Tensor rotations;
     torch::Tensor translations;
+};
+
+/**
+ * A residue whose frame atoms are coincident, collinear or not finite. what() names it by its index in the
+ * batch ("structure 0, residue 17"); residue is the flat index over the batch and problem the rest of the
+ * message ("are coincident (...)"), so callers that know the residue's name can say it instead.
+ */
+class DegenerateFrameError : public std::invalid_argument {
+public:
+    DegenerateFrameError(const std::string& what, int64_t residue, const std::string& problem)
+        : std::invalid_argument(what), residue(residue), problem(problem) {}
+    int64_t residue;
+    std::string problem;
 };
 
 /**
@@ -31,7 +46,7 @@ public:
      */
     static Frames build(const torch::Tensor& atoms, bool checked = true);
 
-    /** Throws std::invalid_argument if any residue of atoms [..., 3, 3] is degenerate (see build). */
+    /** Throws DegenerateFrameError (a std::invalid_argument) if any residue of atoms [..., 3, 3] is degenerate (see build). */
     static void check(const torch::Tensor& atoms);
 
     /**

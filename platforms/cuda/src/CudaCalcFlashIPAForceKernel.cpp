@@ -2,6 +2,7 @@
 #include "flashipa/FusedAttention.h"
 #include "FlashIPAForceInfo.h"
 #include "flashipa/DefaultModel.h"
+#include "flashipa/FrameBuilder.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/common/ContextSelector.h"
 #include "openmm/internal/ContextImpl.h"
@@ -126,6 +127,7 @@ void CudaCalcFlashIPAForceKernel::setResidues(const FlashIPAForce& force) {
     }
     c10::cuda::CUDAStreamGuard guard(*stream);
     evaluator->setResidues(frameAtoms, types, chains);
+    recordResidueNames(force);
     numFrameAtoms = frameAtoms.size();
     frameAtomIndices = torch::tensor(frameAtoms, torch::kInt64).to(torch::kInt32).to(device);
     atoms = torch::zeros({(int64_t) types.size(), 3, 3}, torch::TensorOptions().dtype(dtype).device(device));
@@ -175,8 +177,8 @@ void CudaCalcFlashIPAForceKernel::throwIfInvalid() {
     torch::Tensor host = atoms.to(torch::kCPU);
     try {
         FrameBuilder::check(host);
-    } catch (const std::invalid_argument& e) {
-        throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
+    } catch (const DegenerateFrameError& e) {
+        throw OpenMMException(degenerateFrameMessage(e.residue, e.problem));
     }
     throw OpenMMException("FlashIPAForce: a residue's frame atoms were coincident, collinear or non-finite (detected on the GPU)");
 }

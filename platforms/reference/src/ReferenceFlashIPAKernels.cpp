@@ -1,5 +1,6 @@
 #include "ReferenceFlashIPAKernels.h"
 #include "flashipa/DefaultModel.h"
+#include "flashipa/FrameBuilder.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/internal/ContextImpl.h"
 #include "openmm/reference/ReferencePlatform.h"
@@ -43,6 +44,7 @@ void ReferenceCalcFlashIPAForceKernel::setResidues(const FlashIPAForce& force) {
         chains.push_back(chain);
     }
     evaluator->setResidues(atoms, types, chains);
+    recordResidueNames(force);
 }
 
 double ReferenceCalcFlashIPAForceKernel::execute(ContextImpl& context, bool includeForces, bool includeEnergy) {
@@ -56,6 +58,8 @@ double ReferenceCalcFlashIPAForceKernel::execute(ContextImpl& context, bool incl
     ForceEvaluation result;
     try {
         result = evaluator->evaluate(positionTensor, scale, sigma, temperature, includeForces);
+    } catch (const DegenerateFrameError& e) {
+        throw OpenMMException(degenerateFrameMessage(e.residue, e.problem));
     } catch (const std::exception& e) {
         throw OpenMMException(std::string("FlashIPAForce: ") + e.what());
     }

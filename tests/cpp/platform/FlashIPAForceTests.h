@@ -185,6 +185,7 @@ TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     test->force->setAttentionBackend("math");
     test->force->setProperty("useCUDAGraphs", "false");
     test->force->setName("learned");
+    test->force->setResidueLabel(4, "ALA 7 of chain A");
     std::stringstream buffer;
     XmlSerializer::serialize<Force>(test->force, "Force", buffer);
     std::unique_ptr<Force> copy(XmlSerializer::deserialize<Force>(buffer));
@@ -199,6 +200,8 @@ TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     EXPECT_EQ(restored->getDefaultScale(), 0.7);
     EXPECT_EQ(restored->getDefaultTemperature(), 310.0);
     EXPECT_EQ(restored->getProperties(), test->force->getProperties());
+    EXPECT_EQ(restored->getResidueLabel(4), "ALA 7 of chain A");
+    EXPECT_EQ(restored->getResidueLabel(3), "");
     ASSERT_EQ(restored->getNumResidues(), test->force->getNumResidues());
     for (int i = 0; i < restored->getNumResidues(); i++) {
         int a1, b1, c1, t1, ch1, a2, b2, c2, t2, ch2;
@@ -315,6 +318,13 @@ TEST_F(FlashIPAForceTest, BadInputGivesClearErrors) {
         auto test = makeSystem(4);
         test->positions[3] = test->positions[4] + (test->positions[5] - test->positions[4]) * 2.0; // a, b, c on a line
         expectError([&] { makeContext(*test); }, "collinear");
+    }
+    {
+        // A labelled residue is named by its label (createForce labels residues after the input file).
+        auto test = makeSystem(4);
+        test->force->setResidueLabel(2, "LYS 25 of chain B");
+        test->positions[8] = test->positions[7];
+        expectError([&] { makeContext(*test); }, "frame atoms of residue 2 (LYS 25 of chain B) are coincident");
     }
     {
         auto test = makeSystem(4);
