@@ -25,9 +25,14 @@ torch::Tensor squash(const torch::Tensor& v) {
 }
 
 // A well-formed residue in its own frame, used in place of padded (masked) residues so that the
-// checked frame construction never sees their placeholder coordinates.
+// checked frame construction never sees their placeholder coordinates. Built by fills on the target
+// device, never copied from the host: the CUDA platform captures this in a graph (the skip policy's mask),
+// where a host-to-device copy is not allowed.
 torch::Tensor placeholderResidue(const torch::TensorOptions& options) {
-    return torch::tensor({0.0, 0.145, 0.0, 0.0, 0.0, 0.0, 0.153, 0.0, 0.0}, options.dtype(torch::kDouble)).view({3, 3}).to(options);
+    torch::Tensor residue = torch::zeros({3, 3}, options);
+    residue[0][1].fill_(0.145); // a: N (protein) or C3' (RNA) side
+    residue[2][0].fill_(0.153); // c; b sits at the origin
+    return residue;
 }
 } // namespace
 

@@ -7,6 +7,7 @@
 #include "openmm/common/ContextSelector.h"
 #include "openmm/internal/ContextImpl.h"
 #include <c10/cuda/CUDAGuard.h>
+#include <iostream>
 
 using namespace FlashIPAPlugin;
 using namespace OpenMM;
@@ -159,8 +160,24 @@ void CudaCalcFlashIPAForceKernel::evaluateModel() {
     }
     graph = std::make_unique<at::cuda::CUDAGraph>();
     graph->capture_begin();
-    run();
-    graph->capture_end();
+    try {
+        run();
+        graph->capture_end();
+    } catch (const std::exception& e) {
+        // Never leave the stream capturing (every later CUDA call in the process would fail, OpenMM's
+        // own frees included): end the capture, drop the graph and evaluate eagerly from now on.
+        try {
+            graph->capture_end();
+        } catch (...) {
+        }
+        cudaGetLastError();
+        graph.reset();
+        useGraphs = false;
+        std::cerr << "FlashIPAForce warning: capturing the model in a CUDA graph failed (" << e.what()
+                  << "); evaluating without graphs from now on." << std::endl;
+        run();
+        return;
+    }
     graph->replay();
 }
 
