@@ -160,7 +160,7 @@ def main(argv=None):
             break
         try:
             refined = refine(backbone, platform=platform, minimizeIterations=args.refine_iterations,
-                             steps=args.refine_steps, seed=args.seed + n, progress=False)
+                             protocol="md", steps=args.refine_steps, seed=args.seed + n, progress=False)
             row = evaluate_refined(refined, backbone, moltype)
             if len(refined_keep[moltype]) < (args.drift_proteins if moltype == "protein" else args.drift_rnas):
                 refined_keep[moltype].append((refined, backbone))

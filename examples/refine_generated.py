@@ -43,7 +43,7 @@ def main():
         backbone.write(os.path.join(args.out, "generated_%s.pdb" % moltype))
         backbone.write(os.path.join(args.out, "generated_%s.cif" % moltype))
         refined = refine(backbone, out=os.path.join(args.out, "refined_%s.pdb" % moltype), platform=args.platform,
-                         minimizeIterations=300, steps=500, seed=args.seed)
+                         minimizeIterations=300, protocol="md", steps=500, seed=args.seed)
         atoms = ideal_geometry.FRAME_ATOMS[moltype]
         xyz = np.asarray(refined.positions.value_in_unit(unit.nanometer))
         index = {(a.residue.index, a.name): a.index for a in refined.topology.atoms()}

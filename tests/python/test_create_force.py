@@ -194,22 +194,109 @@ def test_model_path_is_passed_on(tmp_path):
         createForce(topology, modelPath=tmp_path / "missing.safetensors")
 
 
-def test_positions_split_chains_at_breaks():
-    """Residues cut out of the middle of a chain (a gap of several residues) start a new model chain when
-    createForce gets the positions; measured here directly from the file's C and N atoms."""
+def _chainIds(force):
+    return [force.getResidueParameters(i)[4] for i in range(force.getNumResidues())]
+
+
+def _peptideLinks(topology, xyz):
+    """C(i)-N(i+1) distances (nm) of consecutive residues of each chain, from the atom names."""
+    lengths = []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        for previous, residue in zip(residues[:-1], residues[1:]):
+            c = [a.index for a in previous.atoms() if a.name == "C"]
+            n = [a.index for a in residue.atoms() if a.name == "N"]
+            lengths.append(np.linalg.norm(xyz[n[0]] - xyz[c[0]]))
+    return np.array(lengths)
+
+
+def test_perturbed_real_protein_is_one_segment():
+    """0.1 nm of Gaussian noise per coordinate stretches many C-N links past the training data's 0.2 nm break
+    distance (the oracle counts them); the chain is whole, and the bonds say so."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    xyz = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    noisy = xyz + np.random.default_rng(7).normal(0.0, 0.1, xyz.shape)
+    assert np.sum(_peptideLinks(pdb.topology, noisy) > 0.2) >= 10  # the premise: distances would cut it
+    assert set(_chainIds(createForce(pdb.topology, positions=noisy))) == {0}
+    assert set(_chainIds(createForce(pdb.topology))) == {0}
+
+
+def test_residues_removed_from_the_middle_give_two_segments():
+    """Residues cut out of the middle of a chain (a gap of four residues) start a new model chain, with or
+    without positions: Modeller.delete leaves no bond across the gap. The oracle measures the gap directly
+    from the file's C and N atoms."""
     pdb = app.PDBFile(PROTEIN_PDB)
     modeller = app.Modeller(pdb.topology, pdb.positions)
     residues = list(modeller.topology.residues())
     modeller.delete(residues[20:24])
-    xyz = modeller.positions.value_in_unit(unit.nanometer)
-    kept = [r for r in modeller.topology.residues()]
-    atoms = [{a.name: a.index for a in r.atoms()} for r in kept]
-    gaps = [i for i in range(1, len(kept)) if np.linalg.norm(np.array(xyz[atoms[i]["N"]]) -
-                                                              np.array(xyz[atoms[i - 1]["C"]])) > 0.2]
-    assert gaps == [20]  # the oracle: exactly one break, before the 21st kept residue
-    without = createForce(modeller.topology)
-    with_positions = createForce(modeller.topology, positions=modeller.positions)
-    chains_without = [without.getResidueParameters(i)[4] for i in range(without.getNumResidues())]
-    chains_with = [with_positions.getResidueParameters(i)[4] for i in range(with_positions.getNumResidues())]
-    assert set(chains_without) == {0}
-    assert chains_with == [0] * 20 + [1] * (len(kept) - 20)
+    xyz = np.asarray(modeller.positions.value_in_unit(unit.nanometer))
+    kept = len(list(modeller.topology.residues()))
+    links = _peptideLinks(modeller.topology, xyz)
+    assert [i + 1 for i in np.flatnonzero(links > 0.2)] == [20]  # exactly one break, before the 21st residue
+    expected = [0] * 20 + [1] * (kept - 20)
+    assert _chainIds(createForce(modeller.topology)) == expected
+    assert _chainIds(createForce(modeller.topology, positions=modeller.positions)) == expected
+
+
+def _withoutBonds(topology, ids=None):
+    """A copy of `topology` without bonds, optionally with new residue ids."""
+    copy = app.Topology()
+    for chain in topology.chains():
+        newChain = copy.addChain(chain.id)
+        for k, residue in enumerate(chain.residues()):
+            newResidue = copy.addResidue(residue.name, newChain, residue.id if ids is None else ids[k])
+            for atom in residue.atoms():
+                copy.addAtom(atom.name, atom.element, newResidue)
+    return copy
+
+
+def test_without_bonds_the_numbering_decides_and_positions_come_last():
+    pdb = app.PDBFile(PROTEIN_PDB)
+    n = pdb.topology.getNumResidues()
+    xyz = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    noisy = xyz + np.random.default_rng(7).normal(0.0, 0.1, xyz.shape)
+    # Consecutive numbers: one chain whatever the positions say.
+    assert set(_chainIds(createForce(_withoutBonds(pdb.topology), positions=noisy))) == {0}
+    # A jump in the numbering (10 -> 15) is a break, positions or not.
+    ids = [str(k + 1) if k < 10 else str(k + 5) for k in range(n)]
+    assert _chainIds(createForce(_withoutBonds(pdb.topology, ids), positions=xyz)) == [0] * 10 + [1] * (n - 10)
+    # Ids that are not numbers leave the positions to decide: the native's links are all bonds (one chain),
+    # a residue moved 1 nm away is cut off on both sides; without positions the chain stays whole.
+    names = ["r%d" % k for k in range(n)]
+    assert set(_chainIds(createForce(_withoutBonds(pdb.topology, names), positions=xyz))) == {0}
+    moved = xyz.copy()
+    moved[[a.index for a in list(pdb.topology.residues())[30].atoms()]] += 1.0
+    assert _chainIds(createForce(_withoutBonds(pdb.topology, names), positions=moved)) == \
+        [0] * 30 + [1] + [2] * (n - 31)
+    assert set(_chainIds(createForce(_withoutBonds(pdb.topology, names)))) == {0}
+
+
+def test_gaps_are_found_from_numbering_and_distance_not_from_bonds():
+    """openmm.app bonds consecutive residues of a chain across a gap; findGaps does not trust those bonds, and
+    splitAtGaps gives each piece its own chain with no bond across."""
+    import io
+    from openmmflashipa.topology import findGaps, splitAtGaps, GAP_DISTANCE
+    pdb = app.PDBFile(PROTEIN_PDB)
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.delete(list(modeller.topology.residues())[20:24])
+    text = io.StringIO()
+    app.PDBFile.writeFile(modeller.topology, modeller.positions, text, keepIds=True)
+    reread = app.PDBFile(io.StringIO(text.getvalue()))
+    residues = list(reread.topology.residues())
+    assert any({a.residue, b.residue} == {residues[19], residues[20]} for a, b in reread.topology.bonds())
+    gaps = findGaps(reread.topology, reread.positions)
+    assert [(a.id, b.id) for a, b in gaps] == [(residues[19].id, residues[20].id)]
+    split, _ = splitAtGaps(reread.topology, reread.positions)
+    assert [len(list(c.residues())) for c in split.chains()] == [20, len(residues) - 20]
+    assert {c.id for c in split.chains()} == {residues[0].chain.id}
+    assert not any(a.residue.chain is not b.residue.chain for a, b in split.bonds())
+    assert split.getNumBonds() == reread.topology.getNumBonds() - 1
+    # Noise does not open gaps: 0.1 nm per coordinate stays far below GAP_DISTANCE.
+    xyz = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    noisy = xyz + np.random.default_rng(3).normal(0.0, 0.1, xyz.shape)
+    assert findGaps(pdb.topology, noisy) == [] and GAP_DISTANCE >= 0.8
+    # Consecutive numbers with the link far beyond a bond (a generated backbone written before repair) stay
+    # linked: cutting there left single residues amber14 has no template for.
+    far = xyz.copy()
+    far[[a.index for r in list(pdb.topology.residues())[40:] for a in r.atoms()]] += 1.0
+    assert findGaps(pdb.topology, far) == []

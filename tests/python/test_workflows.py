@@ -21,7 +21,7 @@ from openmmflashipa.structure import Backbone, readStructure
 
 from flashipa_testutils import PROTEIN_PDB, RNA_PDB
 
-FAST = dict(minimizeIterations=50, steps=20, platform="CPU", progress=False)
+FAST = dict(minimizeIterations=50, platform="CPU", progress=False)
 
 
 def heavy_atoms_by_residue(path):
@@ -108,7 +108,7 @@ def test_refine_rna_all_atom_when_complete(tmp_path):
 
 def test_generated_backbones_have_valid_bonds_after_refinement():
     protein = generate("protein", 12, 1, seed=5, numSteps=30, progress=False)[0]
-    refined = refine(protein, minimizeIterations=200, steps=50, platform="CPU", progress=False)
+    refined = refine(protein, minimizeIterations=200, protocol="md", steps=50, platform="CPU", progress=False)
     lengths = bond_lengths(refined.topology, refined.positions, [("N", "CA", 0), ("CA", "C", 0), ("C", "N", 1)])
     assert len(lengths) == 12 * 2 + 11
     # Every bond within 0.01 nm: the refined structure is the quench's minimum. Without the quench a 300 K
@@ -117,7 +117,7 @@ def test_generated_backbones_have_valid_bonds_after_refinement():
     assert np.all(np.abs(lengths - ideal) < 0.01), lengths - ideal
     assert refined.energies["final"] < refined.energies["md"]  # the quench ran and lowered the energy
     rna = generate("rna", 8, 1, seed=5, numSteps=30, progress=False)[0]
-    refined = refine(rna, minimizeIterations=200, steps=50, platform="CPU", progress=False)
+    refined = refine(rna, minimizeIterations=200, protocol="md", steps=50, platform="CPU", progress=False)
     assert refined.level == "backbone"
     lengths = bond_lengths(refined.topology, refined.positions, [("C3'", "C4'", 0), ("C4'", "O4'", 0)])
     assert len(lengths) == 16
@@ -197,7 +197,8 @@ def test_cli_commands_run_end_to_end(tmp_path, capsys):
     assert cli.main(["generate", "--type", "protein", "--length", "6", "--num", "1", "--steps", "5", "--quiet",
                      "--out", str(tmp_path / "gen")]) == 0
     assert sorted(os.listdir(tmp_path / "gen")) == ["protein_0.cif", "protein_0.pdb"]
-    assert cli.main(["refine", str(tmp_path / "gen" / "protein_0.pdb"), "--steps", "5", "--iterations", "20",
+    assert cli.main(["refine", str(tmp_path / "gen" / "protein_0.pdb"), "--protocol", "restrained", "--steps", "5",
+                     "--iterations", "20",
                      "--platform", "CPU", "--quiet", "--out", str(tmp_path / "ref")]) == 0
     assert gemmi.read_structure(str(tmp_path / "ref" / "protein_0_refined.pdb"))[0].count_atom_sites() > 6 * 4
     assert cli.main(["check", "--type", "rna", "--length", "5", "--ps", "0.02", "--snapshots", "1",

@@ -50,11 +50,16 @@ def _parser():
 
     r = commands.add_parser("refine", help="refine PDB/mmCIF structures",
                             description="Refine structures: amber14 + implicit solvent + the learned force (all-atom; "
-                                        "PDBFixer adds missing atoms and hydrogens), or backbone level for RNA "
-                                        "without complete nucleotides. Minimise, then a short Langevin run, "
-                                        "then a final minimisation (the quench; --no-quench keeps the last frame).")
+                                        "chains split at gaps, PDBFixer adds missing atoms and hydrogens, never "
+                                        "missing residues), or backbone level for RNA without complete nucleotides. "
+                                        "Minimise without, then with the learned force; the default protocol "
+                                        "(minimize) stops there. 'restrained', 'anneal' and 'md' add a Langevin run "
+                                        "and a final minimisation (the quench; --no-quench keeps the last frame).")
     r.add_argument("inputs", nargs="+", help="PDB or mmCIF files")
-    r.add_argument("--steps", type=int, default=1000, help="Langevin steps after minimisation (default 1000)")
+    r.add_argument("--protocol", choices=("minimize", "restrained", "anneal", "md"), default=None,
+                   help="refinement protocol (default minimize)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="Langevin steps of the protocols with MD (default 1000; minimize runs none)")
     r.add_argument("--iterations", type=int, default=500, help="minimiser iterations (default 500)")
     r.add_argument("--sigma", type=float, default=0.05, help="flashipaSigma, nm (default 0.05)")
     r.add_argument("--scale", type=float, default=1.0, help="flashipaScale; 0 = physics only (default 1)")
@@ -110,7 +115,7 @@ def _refine(args):
         result = refine(path, out=target, platform=args.platform, sigma=args.sigma, scale=args.scale,
                         minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
                         level=None if args.level == "auto" else args.level, seed=args.seed, modelPath=args.model,
-                        progress=not args.quiet, quench=not args.no_quench)
+                        progress=not args.quiet, quench=not args.no_quench, protocol=args.protocol)
         print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,
                                                                    result.energies["start"],
                                                                    result.energies["final"]))

@@ -8,6 +8,8 @@ Public functions:
 
 - :func:`kabschRMSD` -- RMSD after optimal rigid superposition (proper rotations only).
 - :func:`superpose` -- move a structure onto a reference (Kabsch).
+- :func:`matchAtoms`, :func:`backboneRMSD` -- the same atoms of two openmm.app topologies (matched by chain
+  id, residue id and atom name) and their Kabsch RMSD (default: N, CA, C).
 - :func:`tmScore` -- TM-score for a fixed one-to-one residue correspondence.
 - :func:`secondaryStructure`, :func:`secondaryStructureFractions`, :func:`secondaryStructureRetention`
   -- three-state (H, E, -) secondary structure from pydssp and summaries of it.
@@ -21,6 +23,8 @@ import numpy as np
 __all__ = [
     "kabschRMSD",
     "superpose",
+    "matchAtoms",
+    "backboneRMSD",
     "tmScore",
     "secondaryStructure",
     "secondaryStructureFractions",
@@ -140,6 +144,41 @@ def kabschRMSD(x, reference):
     rotation, translation = _kabschTransform(a, b)
     diff = a @ rotation.T + translation - b
     return float(np.sqrt(np.mean(np.sum(diff * diff, axis=1))))
+
+
+def _nm(positions):
+    if hasattr(positions, "value_in_unit"):
+        import openmm.unit
+        positions = positions.value_in_unit(openmm.unit.nanometer)
+    return np.array([[p[0], p[1], p[2]] for p in positions], dtype=np.float64)
+
+
+def matchAtoms(topology, positions, referenceTopology, referencePositions, names=("N", "CA", "C")):
+    """The atoms named `names` that both openmm.app topologies hold, matched by (chain id, residue id,
+    insertion code, atom name): (x, reference) float64 [M, 3] nm arrays in the reference's order. Chains split
+    into pieces that keep their id (as refine does at gaps) match the unsplit chain."""
+    def keyed(top):
+        out = {}
+        for atom in top.atoms():
+            if atom.name in names:
+                residue = atom.residue
+                key = (residue.chain.id, str(residue.id).strip(), getattr(residue, "insertionCode", "").strip(),
+                       atom.name)
+                out.setdefault(key, atom.index)
+        return out
+    mine, theirs = keyed(topology), keyed(referenceTopology)
+    keys = [k for k in sorted(theirs, key=theirs.get) if k in mine]
+    x, y = _nm(positions), _nm(referencePositions)
+    return x[[mine[k] for k in keys]], y[[theirs[k] for k in keys]]
+
+
+def backboneRMSD(topology, positions, referenceTopology, referencePositions, names=("N", "CA", "C")):
+    """Kabsch RMSD (nm) of the atoms named `names` (default backbone N, CA, C) present in both structures
+    (matchAtoms); ValueError when fewer than 3 match."""
+    x, reference = matchAtoms(topology, positions, referenceTopology, referencePositions, names)
+    if len(x) < 3:
+        raise ValueError("only %d atoms named %s match between the structures" % (len(x), "/".join(names)))
+    return kabschRMSD(x, reference)
 
 
 # ---------------------------------------------------------------------------------------------------

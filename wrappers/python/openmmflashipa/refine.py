@@ -3,15 +3,22 @@
 ``refine(structure)`` takes a generated :class:`~openmmflashipa.structure.Backbone`, a PDB/mmCIF path, or an
 ``(openmm.app.Topology, positions)`` pair, and chooses one of two levels:
 
-- **all-atom**: when every nucleotide (if any) has all its heavy atoms. PDBFixer completes missing
-  protein heavy atoms and adds hydrogens (pH 7); the System is amber14-all + implicit solvent (OBC2 by
-  default) + a FlashIPAForce on every protein and RNA residue; minimise, then a short Langevin run, then a
-  final minimisation (the quench: the refined model is the local minimum the run ends near, not a 300 K
-  snapshot whose bonds sit up to 0.01 nm off their minimum).
+- **all-atom**: when every nucleotide (if any) has all its heavy atoms. Chains are first split at gaps
+  (missing residues: :func:`~openmmflashipa.topology.findGaps`), so that each piece gets its own termini and
+  nothing pulls the ends of a gap together; PDBFixer then completes missing heavy atoms (never missing
+  residues) and adds hydrogens (pH 7). The System is amber14-all + implicit solvent (OBC2 by default, as
+  OpenMM's native ``GBSAOBCForce`` with mbondi2 radii; GBn2 as amber14's ``CustomGBForce``) + a FlashIPAForce
+  on every protein and RNA residue.
 - **backbone**: otherwise (generated RNA, or RNA missing base atoms): only the frame atoms move, under the
   FlashIPAForce plus ideal frame geometry (backbone.addFrameRestraints) and a soft repulsion between frame
-  atoms of different residues; minimise, then Langevin, then the quench. The other backbone atoms are placed
-  from ideal geometry afterwards.
+  atoms of different residues. The other backbone atoms are placed from ideal geometry afterwards.
+
+Both levels run the same protocol: a minimisation without the learned force (it refuses degenerate frames),
+a minimisation with it, and then, by ``protocol``: nothing more (``'minimize'``, the default: on perturbed
+native proteins it ends closest to the native, ``docs/WORKFLOWS.md``), a short Langevin run with the backbone
+heavy atoms restrained to the minimised positions (``'restrained'``), a Langevin run cooled from 100 K to 0 K
+(``'anneal'``) or an unrestrained Langevin run at ``temperature`` (``'md'``); the three with MD end with a
+quench (a short minimisation).
 
 Generated backbones (:class:`Backbone` inputs) first get their frame geometry repaired (repairGeometry).
 Residues the model cannot use (ligands, residues missing a frame atom) are named in a warning (all-atom
@@ -31,23 +38,42 @@ from . import progress as _progress
 from .generate import choosePlatform, FRAME_MASSES
 from .openmmflashipa import FlashIPAForce
 from .structure import Backbone, readStructure, writeOpenMM
-from .topology import chainSegments, createForce, positionsNm, selectFrameResidues, reportUnusable
+from .topology import (chainSegments, createForce, positionsNm, selectFrameResidues, reportUnusable,
+                       splitAtGaps)
 
 DEFAULT_SIGMA = 0.05       # nm: flashipaSigma during refinement (small: the structure is near the data)
 REPULSION_DISTANCE = 0.3   # nm: frame atoms of different residues closer than this are pushed apart
 REPULSION_K = 10000.0      # kJ/mol/nm^2
 QUENCH_ITERATIONS = 100    # L-BFGS iterations of the final minimisation (bonds relax in a few dozen)
+PRERELAX_ITERATIONS = 200  # L-BFGS iterations without the learned force before it is switched on
+PRERELAX_TOLERANCE = 10.0  # kJ/mol/nm
+MINIMIZE_TOLERANCE = 1.0   # kJ/mol/nm
+
+#: Refinement protocols (see refine). Every one starts with the two minimisations.
+PROTOCOLS = ("minimize", "restrained", "anneal", "md")
+DEFAULT_PROTOCOL = "minimize"
+#: MD steps each protocol runs by default (2 fs all-atom, 1 fs backbone).
+DEFAULT_STEPS = {"minimize": 0, "restrained": 1000, "anneal": 1000, "md": 1000}
+RESTRAINT_K = 1000.0       # kJ/mol/nm^2: 'restrained' protocol, backbone heavy atoms to the minimised positions
+ANNEAL_TEMPERATURE = 100.0  # K: 'anneal' protocol starts here and cools linearly to 0 K
+#: Backbone heavy atoms held by the 'restrained' protocol (all particles at backbone level).
+BACKBONE_ATOMS = frozenset(["N", "CA", "C", "O", "OXT", "P", "OP1", "OP2", "O5'", "C5'", "C4'", "O4'", "C3'",
+                            "O3'", "C2'", "C1'"])
+#: Implicit solvent constants of the native OBC2 force (amber14's implicit/obc2.xml uses the same).
+SOLVENT_DIELECTRIC = 78.5
+SOLUTE_DIELECTRIC = 1.0
 
 
 class RefinedStructure:
     """The result of :func:`refine`: ``topology``, ``positions`` (Quantity, nm), ``level`` ('all-atom' or
-    'backbone'), ``energies`` (kJ/mol: start, minimized, md (end of the Langevin run), final (the returned
-    structure: after the quench, if any)), the ``system`` it was refined in, its
-    ``frameResidues``, ``particlePositions`` ([N, 3] nm, the System's particles) and, at backbone level, the
-    model chain id of each residue (``segments``; None at all-atom level)."""
+    'backbone'), ``protocol``, ``energies`` (kJ/mol: start (after the pre-relaxation without the learned
+    force), minimized, md (end of the Langevin run; protocols with MD only), final (the returned structure)),
+    the ``system`` it was refined in, its ``frameResidues``, ``particlePositions`` ([N, 3] nm, the System's
+    particles), the model chain id of each frame residue (``segments``) and the input's ``gaps`` (pairs of
+    residue descriptions where a chain was split, see topology.findGaps)."""
 
     def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions,
-                 segments=None):
+                 segments=None, protocol=None, gaps=()):
         self.topology = topology
         self.positions = positions
         self.level = level
@@ -56,6 +82,8 @@ class RefinedStructure:
         self.frameResidues = frameResidues
         self.particlePositions = particlePositions
         self.segments = segments
+        self.protocol = protocol
+        self.gaps = list(gaps)
 
     def write(self, path):
         """Write the refined structure as .pdb or .cif."""
@@ -99,8 +127,8 @@ def _fixer(topology, positions):
 
 
 def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0,
-           minimizeIterations=500, steps=1000, implicitSolvent="obc2", level=None, seed=0, modelPath=None,
-           progress=True, quench=True):
+           minimizeIterations=500, steps=None, implicitSolvent="obc2", level=None, seed=0, modelPath=None,
+           progress=True, quench=True, protocol=None, restraintK=RESTRAINT_K, annealTemperature=ANNEAL_TEMPERATURE):
     """Refine a structure with amber14 + implicit solvent + the learned force (or at backbone level).
 
     Parameters
@@ -115,20 +143,30 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     scale : float
         flashipaScale (lambda); 0 refines with the physical model alone
     temperature : float, K
-        Langevin temperature (and flashipaTemperature)
+        flashipaTemperature, and the Langevin temperature of protocol 'md' and of 'restrained'
     minimizeIterations : int
-        L-BFGS iterations (0 = until converged)
-    steps : int
-        Langevin steps after minimisation (2 fs all-atom, 1 fs backbone)
-    implicitSolvent : 'obc2' or 'gbn2'
+        L-BFGS iterations of the minimisation with the learned force (0 = until converged)
+    steps : int, optional
+        Langevin steps (2 fs all-atom, 1 fs backbone); default DEFAULT_STEPS[protocol] (1000; 0 for
+        'minimize', which takes no other value)
+    implicitSolvent : 'obc2' (native GBSAOBCForce) or 'gbn2' (amber14's CustomGBForce)
     level : None (choose), 'all-atom' or 'backbone'
     seed : int
         Langevin random seed
     modelPath : str, optional
         a checkpoint; None = the shipped model
     quench : bool
-        end with a short minimisation (default), so that the refined structure is a local minimum rather than
-        the last frame of the Langevin run
+        end the protocols with MD with a short minimisation (default), so that the refined structure is a local
+        minimum rather than the last frame of the Langevin run
+    protocol : None or one of PROTOCOLS
+        after the two minimisations: 'minimize' (stop; the default, DEFAULT_PROTOCOL), 'restrained' (Langevin at
+        `temperature` with the backbone heavy atoms held to the minimised positions by `restraintK`),
+        'anneal' (Langevin cooled linearly from `annealTemperature` to 0 K) or 'md' (unrestrained Langevin at
+        `temperature`: this moves a native structure away from its native; kept for generated backbones)
+    restraintK : float, kJ/mol/nm^2
+        'restrained' protocol only
+    annealTemperature : float, K
+        'anneal' protocol only
 
     Returns
     -------
@@ -138,11 +176,22 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         raise ValueError("implicitSolvent must be 'obc2' or 'gbn2', not %r" % (implicitSolvent,))
     if level not in (None, "all-atom", "backbone"):
         raise ValueError("level must be None, 'all-atom' or 'backbone', not %r" % (level,))
+    protocol = DEFAULT_PROTOCOL if protocol is None else protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
+    steps = DEFAULT_STEPS[protocol] if steps is None else int(steps)
     if steps < 0 or minimizeIterations < 0:
         raise ValueError("steps and minimizeIterations must be non-negative")
+    if protocol == "minimize" and steps != 0:
+        raise ValueError("protocol 'minimize' runs no MD, but steps=%d was given: pass protocol='restrained', "
+                         "'anneal' or 'md' to run Langevin steps" % steps)
+    settings = dict(temperature=temperature, minimizeIterations=minimizeIterations, steps=steps, seed=seed,
+                    progress=progress, quench=quench, protocol=protocol, restraintK=restraintK,
+                    annealTemperature=annealTemperature, platform=platform)
     if isinstance(structure, Backbone):
         structure = repairGeometry(structure, platform)
     topology, positions = _load(structure)
+    topology, gaps = splitAtGaps(topology, positions)
     frames, unusable = selectFrameResidues(topology)
     if not frames:
         raise ValueError("nothing to refine: no amino acid with N, CA, C or nucleotide with C3', C4', O4'")
@@ -150,15 +199,19 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         incomplete = _incompleteNucleotides(topology)
         level = "backbone" if incomplete else "all-atom"
     if level == "all-atom":
-        result = _refineAllAtom(topology, positions, platform, sigma, scale, temperature, minimizeIterations, steps,
-                                implicitSolvent, seed, modelPath, progress, quench)
+        result = _refineAllAtom(topology, positions, sigma, scale, implicitSolvent, modelPath, settings)
     else:
         reportUnusable(unusable, False, stacklevel=3)
-        result = _refineBackbone(topology, positions, frames, platform, sigma, scale, temperature,
-                                 minimizeIterations, steps, seed, modelPath, progress, quench)
+        result = _refineBackbone(topology, positions, frames, sigma, scale, modelPath, settings)
+    result.gaps = [(_describeResidue(a), _describeResidue(b)) for a, b in gaps]
     if out:
         result.write(out)
     return result
+
+
+def _describeResidue(residue):
+    return "%s %s%s (chain %s)" % (residue.name, residue.id, getattr(residue, "insertionCode", "").strip(),
+                                   residue.chain.id)
 
 
 def repairGeometry(backbone, platform=None):
@@ -177,44 +230,88 @@ def repairGeometry(backbone, platform=None):
     return Backbone(np.asarray(final).reshape(-1, 3, 3), backbone.moltype, backbone.residueNames, backbone.chainId)
 
 
-def _simulate(system, topology, positions, platform, temperature, stepSize, minimizeIterations, steps, seed,
-              progress, label, quench):
+def _energy(context):
+    return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+
+def _backboneRestraint(system, atoms, reference, k):
+    """Harmonic restraints of `atoms` to `reference` ([N, 3] nm) with the global parameter restraintK (= k)."""
+    restraint = openmm.CustomExternalForce("0.5*restraintK*((x-x0)^2+(y-y0)^2+(z-z0)^2)")
+    restraint.setName("BackboneRestraint")
+    restraint.addGlobalParameter("restraintK", float(k))
+    for name in ("x0", "y0", "z0"):
+        restraint.addPerParticleParameter(name)
+    for i in atoms:
+        restraint.addParticle(int(i), [float(v) for v in reference[i]])
+    return restraint
+
+
+def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, temperature=300.0, stepSize=0.002,
+                minimizeIterations=500, steps=None, seed=0, quench=True, restraintK=RESTRAINT_K,
+                annealTemperature=ANNEAL_TEMPERATURE, restrainedAtoms=None, progress=False, label="refine"):
+    """Run a refinement protocol (see refine) on `system` from `positions`: returns (final [N, 3] nm, energies).
+
+    The System is not changed (the 'restrained' protocol's restraint lives in a copy). `restrainedAtoms` are the
+    particles the 'restrained' protocol holds (default: all)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
+    steps = DEFAULT_STEPS[protocol] if steps is None else int(steps)
+    chosen = choosePlatform(platform)
     # Relax first without the learned force: generated or damaged structures can have degenerate frames
     # (coincident or collinear frame atoms), which the force refuses; bonds from the physical model fix them.
-    physical = withoutFlashIPA(system)
-    if physical.getNumForces() < system.getNumForces():
-        relax = openmm.Context(physical, openmm.VerletIntegrator(0.001), choosePlatform(platform))
-        relax.setPositions(positions)
-        openmm.LocalEnergyMinimizer.minimize(relax, 10.0, 200)
-        positions = relax.getState(getPositions=True).getPositions(asNumpy=True)
-        del relax
-    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
+    # (Also without a learned force, so that scale=0 gets the same minimisation budget.)
+    relax = openmm.Context(withoutFlashIPA(system), openmm.VerletIntegrator(0.001), chosen)
+    relax.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(relax, PRERELAX_TOLERANCE, PRERELAX_ITERATIONS)
+    positions = relax.getState(getPositions=True).getPositions(asNumpy=True)
+    del relax
+    if protocol == "restrained" and steps > 0:
+        system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+        n = system.getNumParticles()
+        atoms = list(range(n)) if restrainedAtoms is None else list(restrainedAtoms)
+        restraint = _backboneRestraint(system, atoms, np.zeros((n, 3)), 0.0)
+        system.addForce(restraint)
+    else:
+        restraint = None
+    mdTemperature = annealTemperature if protocol == "anneal" else temperature
+    integrator = openmm.LangevinMiddleIntegrator(mdTemperature * unit.kelvin, 1.0 / unit.picosecond,
                                                  stepSize * unit.picosecond)
     integrator.setRandomNumberSeed(int(seed))
-    context = openmm.Context(system, integrator, choosePlatform(platform))
+    context = openmm.Context(system, integrator, chosen)
     context.setPositions(positions)
-    energies = {"start": context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)}
+    energies = {"start": _energy(context)}
     # ("start" is after the physical pre-relaxation: the learned energy is undefined before it.)
     with _progress.spinner("%s: minimising (%s)" % (label, context.getPlatform().getName()), enabled=progress):
-        openmm.LocalEnergyMinimizer.minimize(context, 1.0, minimizeIterations)
-    energies["minimized"] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-        unit.kilojoule_per_mole)
-    context.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
-    bar = _progress.bar(steps, "%s: Langevin" % label, enabled=progress)
-    chunk = max(1, steps // 20)
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        integrator.step(n)
-        done += n
-        bar.update(n)
-    bar.close()
-    energies["md"] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-    if quench:
-        # At 300 K a backbone bond of amber14 (k ~ 2.8e5 kJ/mol/nm^2) fluctuates by sqrt(kT/k) = 0.003 nm, so
-        # a snapshot of a few hundred residues almost always has a bond 0.01 nm off; the minimum does not.
-        with _progress.spinner("%s: quench" % label, enabled=progress):
-            openmm.LocalEnergyMinimizer.minimize(context, 1.0, QUENCH_ITERATIONS)
+        openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, minimizeIterations)
+    energies["minimized"] = _energy(context)
+    if protocol != "minimize" and steps > 0:
+        if restraint is not None:
+            minimized = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            for k in range(restraint.getNumParticles()):
+                index, _ = restraint.getParticleParameters(k)
+                restraint.setParticleParameters(k, index, [float(v) for v in minimized[index]])
+            restraint.updateParametersInContext(context)
+            context.setParameter("restraintK", float(restraintK))
+        context.setVelocitiesToTemperature(mdTemperature * unit.kelvin, int(seed))
+        bar = _progress.bar(steps, "%s: Langevin (%s)" % (label, protocol), enabled=progress)
+        chunk = max(1, steps // 20)
+        done = 0
+        while done < steps:
+            n = min(chunk, steps - done)
+            if protocol == "anneal":  # linear cooling: the chunk runs at the temperature of its midpoint
+                integrator.setTemperature(annealTemperature * (1.0 - (done + 0.5 * n) / steps) * unit.kelvin)
+            integrator.step(n)
+            done += n
+            bar.update(n)
+        bar.close()
+        if restraint is not None:
+            context.setParameter("restraintK", 0.0)
+        energies["md"] = _energy(context)
+        if quench:
+            # At 300 K a backbone bond of amber14 (k ~ 2.8e5 kJ/mol/nm^2) fluctuates by sqrt(kT/k) = 0.003 nm,
+            # so a snapshot of a few hundred residues almost always has a bond 0.01 nm off; the minimum does not.
+            with _progress.spinner("%s: quench" % label, enabled=progress):
+                openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, QUENCH_ITERATIONS)
     state = context.getState(getEnergy=True, getPositions=True)
     energies["final"] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     final = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
@@ -234,48 +331,91 @@ def withoutFlashIPA(system):
     return copied
 
 
+def amberSystem(topology, implicitSolvent="obc2"):
+    """amber14-all + implicit solvent for a complete topology (hydrogens included), no cutoff, HBonds
+    constrained. 'obc2' is OpenMM's native GBSAOBCForce (solvent dielectric 78.5, solute 1, charges from the
+    NonbondedForce, mbondi2 radii and screening factors as amber14's implicit/obc2.xml assigns them; about 9x
+    faster on the CPU platform than that file's CustomGBForce, same energy); 'gbn2' is amber14's
+    implicit/gbn2.xml (a CustomGBForce: OpenMM has no native GBn2)."""
+    if implicitSolvent == "obc2":
+        forcefield = app.ForceField("amber14-all.xml")
+    elif implicitSolvent == "gbn2":
+        forcefield = app.ForceField("amber14-all.xml", "implicit/gbn2.xml")
+    else:
+        raise ValueError("implicitSolvent must be 'obc2' or 'gbn2', not %r" % (implicitSolvent,))
+    try:
+        system = forcefield.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    except ValueError as error:
+        raise ValueError("amber14 cannot parameterise this structure after PDBFixer: %s" % error) from error
+    if implicitSolvent == "obc2":
+        system.addForce(nativeOBC2(system, topology))
+    return system
+
+
+def nativeOBC2(system, topology):
+    """An openmm.GBSAOBCForce (OBC2, NoCutoff) for `system`: charges from its NonbondedForce, radii and scale
+    factors from openmm.app's GBSAOBC2Force.getStandardParameters (mbondi2), dielectrics SOLVENT_DIELECTRIC
+    and SOLUTE_DIELECTRIC, OpenMM's default surface-area term (ACE, 2.25936 kJ/mol/nm^2, probe 0.14 nm)."""
+    from openmm.app.internal.customgbforces import GBSAOBC2Force
+    nonbonded = [f for f in system.getForces() if isinstance(f, openmm.NonbondedForce)]
+    if len(nonbonded) != 1:
+        raise ValueError("nativeOBC2 needs exactly one NonbondedForce, the System has %d" % len(nonbonded))
+    parameters = GBSAOBC2Force.getStandardParameters(topology)
+    gb = openmm.GBSAOBCForce()
+    gb.setSolventDielectric(SOLVENT_DIELECTRIC)
+    gb.setSoluteDielectric(SOLUTE_DIELECTRIC)
+    gb.setNonbondedMethod(openmm.GBSAOBCForce.NoCutoff)
+    for i in range(system.getNumParticles()):
+        charge = nonbonded[0].getParticleParameters(i)[0]
+        gb.addParticle(charge, float(parameters[i][0]), float(parameters[i][1]))
+    return gb
+
+
 def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, implicitSolvent="obc2",
                   modelPath=None, withForce=True):
-    """Complete the structure with PDBFixer and build amber14-all + implicit solvent (+ FlashIPAForce in
-    force group 1). Returns (system, topology, positions)."""
+    """Split chains at gaps (topology.splitAtGaps: each piece its own chain with its own termini), complete the
+    structure with PDBFixer (missing heavy atoms and hydrogens; never missing residues) and build amber14-all +
+    implicit solvent (amberSystem) + FlashIPAForce in force group 1. Returns (system, topology, positions)."""
+    topology, _ = splitAtGaps(topology, positions)
     fixer = _fixer(topology, positions)
-    fixer.findMissingResidues()
-    fixer.missingResidues = {}  # never invent missing loops; terminal and internal gaps stay gaps
+    fixer.missingResidues = {}  # never invent missing residues; gaps stay gaps (findMissingResidues not called)
     fixer.findNonstandardResidues()
     fixer.replaceNonstandardResidues()
     fixer.removeHeterogens(keepWater=False)
     fixer.findMissingAtoms()
     fixer.addMissingAtoms()
     fixer.addMissingHydrogens(7.0)
-    forcefield = app.ForceField("amber14-all.xml", "implicit/%s.xml" % implicitSolvent)
-    try:
-        system = forcefield.createSystem(fixer.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
-    except ValueError as error:
-        raise ValueError("amber14 cannot parameterise this structure after PDBFixer: %s" % error) from error
+    system = amberSystem(fixer.topology, implicitSolvent)
     if withForce:
-        force = createForce(fixer.topology, modelPath=modelPath, sigma=sigma, scale=scale, temperature=temperature,
-                            positions=fixer.positions)
+        # Chain breaks from the bonds: PDBFixer's topology has no bond across a gap (each piece is a chain).
+        force = createForce(fixer.topology, modelPath=modelPath, sigma=sigma, scale=scale, temperature=temperature)
         force.setForceGroup(1)
         system.addForce(force)
     return system, fixer.topology, fixer.positions
 
 
-def _refineAllAtom(topology, positions, platform, sigma, scale, temperature, minimizeIterations, steps,
-                   implicitSolvent, seed, modelPath, progress, quench):
-    system, topology, positions = allAtomSystem(topology, positions, sigma, scale, temperature, implicitSolvent,
-                                                modelPath, withForce=scale != 0)
-    final, energies = _simulate(system, topology, positions, platform, temperature, 0.002, minimizeIterations,
-                                steps, seed, progress, "refine all-atom", quench)
+def backboneAtoms(topology):
+    """Indices of the backbone heavy atoms (BACKBONE_ATOMS) of the residues that carry frames."""
+    frames, _ = selectFrameResidues(topology)
+    return [atom.index for frame in frames for atom in frame.residue.atoms() if atom.name in BACKBONE_ATOMS]
+
+
+def _refineAllAtom(topology, positions, sigma, scale, implicitSolvent, modelPath, settings):
+    system, topology, positions = allAtomSystem(topology, positions, sigma, scale, settings["temperature"],
+                                                implicitSolvent, modelPath, withForce=scale != 0)
+    final, energies = runProtocol(system, positions, stepSize=0.002, restrainedAtoms=backboneAtoms(topology),
+                                  label="refine all-atom", **settings)
     frames, _ = selectFrameResidues(topology)
     return RefinedStructure(topology, unit.Quantity(final, unit.nanometer), "all-atom", energies, system, frames,
-                            final)
+                            final, chainSegments(frames), settings["protocol"])
 
 
 def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, modelPath=None,
                    withForce=True, segments=None):
     """A System of the frame atoms only (residue i = particles 3i..3i+2): FlashIPAForce (group 1), ideal frame
     geometry per molecule type, and a soft repulsion between frame atoms of different residues. Returns
-    (system, start positions [3L, 3] nm, segments)."""
+    (system, start positions [3L, 3] nm, segments). Segments default to chainSegments(frames, xyz): chain
+    breaks from the frames' topology (bonds, then numbering), `xyz` only where those cannot decide."""
     system = openmm.System()
     start = []
     if segments is None:
@@ -319,14 +459,14 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
     return system, np.array(start), segments
 
 
-def _refineBackbone(topology, positions, frames, platform, sigma, scale, temperature, minimizeIterations, steps,
-                    seed, modelPath, progress, quench):
+def _refineBackbone(topology, positions, frames, sigma, scale, modelPath, settings):
     xyz = positionsNm(positions)
-    system, start, segments = backboneSystem(frames, xyz, sigma, scale, temperature, modelPath, scale != 0)
-    final, energies = _simulate(system, None, start, platform, temperature, 0.001, minimizeIterations, steps, seed,
-                                progress, "refine backbone", quench)
+    system, start, segments = backboneSystem(frames, xyz, sigma, scale, settings["temperature"], modelPath,
+                                             scale != 0)
+    final, energies = runProtocol(system, start, stepSize=0.001, label="refine backbone", **settings)
     topology_out, positions_out = backboneTopology(frames, final.reshape(-1, 3, 3), segments)
-    return RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final, segments)
+    return RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final, segments,
+                            settings["protocol"])
 
 
 def backboneTopology(frames, frameXyz, segments):

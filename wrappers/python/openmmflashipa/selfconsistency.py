@@ -127,6 +127,8 @@ def selfConsistency(moltype="protein", length=50, seed=0, picoseconds=10.0, snap
     snapshots : int, measurements per simulation (plus the start)
     out : folder for every output
     platform : OpenMM platform name (default: CUDA if usable, else CPU, else Reference)
+    refineSteps : Langevin steps of the refinement, which uses refine's protocol 'md' (unrestrained Langevin,
+        then the quench): the protocol the generated-backbone quality report was measured with
 
     Returns
     -------
@@ -139,7 +141,7 @@ def selfConsistency(moltype="protein", length=50, seed=0, picoseconds=10.0, snap
                          progress=progress)[0]
     generated.write(os.path.join(out, "generated.pdb"))
     refined = refine(generated, out=os.path.join(out, "refined.pdb"), platform=platform, temperature=temperature,
-                     steps=refineSteps, seed=seed, modelPath=modelPath, progress=progress)
+                     protocol="md", steps=refineSteps, seed=seed, modelPath=modelPath, progress=progress)
     reference = generated.frames[:, 1]
     indices = _frameIndices(refined)
     heavy, heavy_residues = _heavy(refined.topology, refined)

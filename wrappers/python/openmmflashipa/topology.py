@@ -12,9 +12,23 @@ Every residue of the topology is classified:
 - **unusable**: anything else (ligands, residues missing a frame atom). These are named in a warning,
   or in a ValueError when ``strict=True``.
 
-The chain id given to the model is ``chain.index``, or, when ``createForce`` gets the positions, a segment id
-that also changes at chain breaks (:func:`chainSegments`); residues are added in topology order, which is
-sequence order for topologies read from PDB/PDBx files.
+The chain id given to the model is a segment id (:func:`chainSegments`): it changes at each topology chain, at
+each change between protein and RNA, and at each chain break. Whether two consecutive residues of a chain
+are linked is decided, in this order, by
+
+1. the topology's bonds: C(i)-N(i+1) for amino acids, O3'(i)-P(i+1) for nucleotides, when both residues
+   have those atoms and the topology has bonds at all;
+2. otherwise the residue numbering: consecutive numbers (or one number with insertion codes) are linked;
+3. only where neither decides (no linking atoms or bonds, non-numeric residue ids), and only when positions
+   are given: the distances of the training data set (:data:`LINK_BREAK`, :data:`C4_BREAK`).
+
+Positions come last because they are the least reliable: a structure perturbed by 0.1 nm per coordinate
+stretches about two thirds of its C-N links past 0.2 nm. Residues are added in topology order, which is sequence
+order for topologies read from PDB/PDBx files.
+
+Note that ``openmm.app`` bonds consecutive residues of one chain whatever their distance
+(``Topology.createStandardBonds``), so a file read without TER records at a gap has a bond across it;
+:func:`findGaps` and :func:`splitAtGaps` find such gaps from numbering and distance (``refine`` uses them).
 """
 
 import collections
@@ -33,7 +47,7 @@ from .openmmflashipa import (
     UNKNOWN_NUCLEOTIDE,
 )
 
-__all__ = ["FrameResidue", "selectFrameResidues", "createForce", "chainSegments"]
+__all__ = ["FrameResidue", "selectFrameResidues", "createForce", "chainSegments", "findGaps", "splitAtGaps"]
 
 #: One residue the model will see: the openmm.app Residue, its three frame-atom indices (a, b, c), its
 #: residue type and its chain id.
@@ -173,10 +187,24 @@ def _toFloat(value, quantityUnit, what):
     return float(value)
 
 
-#: Chain breaks (nm): a peptide C(i)-N(i+1) longer than this, or nucleotides whose C4' atoms are farther apart
-#: than this, are not consecutive (the same thresholds the training data set splits segments at).
-PROTEIN_BREAK = 0.2
-RNA_BREAK = 0.9
+# Chain breaks and gaps: every threshold in one place (nm).
+#: Position rule (the last resort of chainSegments), the training data set's rule (scripts/build_dataset.py):
+#: consecutive residues are not linked when C(i)-N(i+1) (protein) or O3'(i)-P(i+1) (RNA) is longer than
+#: LINK_BREAK, or, for nucleotides missing O3' or P, when their C4' atoms are farther apart than C4_BREAK.
+LINK_BREAK = 0.2
+C4_BREAK = 0.8
+#: Gaps in an input structure (findGaps; refine splits chains there before PDBFixer and amber14): a residue
+#: number jump with the link atoms farther apart than LINK_BREAK (or missing), or, where residue ids are not
+#: numbers, the link atoms farther apart than GAP_DISTANCE. GAP_DISTANCE is far beyond a bond (0.13-0.16 nm) so that
+#: noisy input is not cut: Gaussian noise of 0.1 nm per coordinate on both atoms stretches a C-N bond past
+#: 0.5 nm in 2 % of links, past 0.8 nm in under 1e-5 (2 million samples).
+GAP_DISTANCE = 0.8
+#: Former names of the position thresholds.
+PROTEIN_BREAK = LINK_BREAK
+RNA_BREAK = C4_BREAK
+
+#: Atom names linking residue i to residue i+1: (atom of residue i, atom of residue i+1).
+LINK_ATOMS = {"protein": ("C", "N"), "rna": ("O3'", "P")}
 
 
 def positionsNm(positions):
@@ -193,24 +221,165 @@ def positionsNm(positions):
     return xyz
 
 
-def chainSegments(frames, positions):
-    """Model chain ids for frame residues: a new id at each chain change, at each change between protein and
-    RNA, and at each chain break found in `positions` (see positionsNm; PROTEIN_BREAK, RNA_BREAK)."""
-    xyz = positionsNm(positions)
+def _atomIndex(residue, name):
+    for atom in residue.atoms():
+        if atom.name == name or ("'" in name and atom.name == name.replace("'", "*")):
+            return atom.index
+    return None
+
+
+def _linkAtoms(previous, residue, moltype):
+    """(index of the linking atom of `previous`, index of that of `residue`), or None if one is missing."""
+    first, second = LINK_ATOMS[moltype]
+    a, b = _atomIndex(previous, first), _atomIndex(residue, second)
+    return None if a is None or b is None else (a, b)
+
+
+def _residueNumber(residue):
+    """(number, insertion code) of a residue, or None when its id is not an integer."""
+    try:
+        number = int(str(residue.id).strip())
+    except ValueError:
+        return None
+    return number, (getattr(residue, "insertionCode", "") or "").strip()
+
+
+def _numberingLinked(previous, residue):
+    """True when the residue numbers are consecutive (or equal with different insertion codes), False when
+    they jump, None when a residue id is not an integer."""
+    a, b = _residueNumber(previous), _residueNumber(residue)
+    if a is None or b is None:
+        return None
+    return b[0] - a[0] == 1 or (b[0] == a[0] and b[1] != a[1])
+
+
+def _interResidueBonds(topology):
+    """Set of (i, j) atom-index pairs (both orders) of bonds between different residues."""
+    bonds = set()
+    for a, b in topology.bonds():
+        if a.residue is not b.residue:
+            bonds.add((a.index, b.index))
+            bonds.add((b.index, a.index))
+    return bonds
+
+
+def _moltype(frame):
+    return "rna" if frame.residueType >= FIRST_NUCLEOTIDE else "protein"
+
+
+def _linkRule(previous, residue, moltype, bonds, hasBonds, xyz=None):
+    """Whether residue `residue` follows `previous` in one chain without a break, and which rule said so:
+    (linked, rule) with rule 'bond', 'numbering', 'positions' or 'default' (see the module documentation).
+    `bonds` is the set from the topology's inter-residue bonds, `hasBonds` whether the topology has bonds."""
+    link = _linkAtoms(previous, residue, moltype)
+    if link is not None and hasBonds:
+        return link in bonds, "bond"
+    numbering = _numberingLinked(previous, residue)
+    if numbering is not None:
+        return numbering, "numbering"
+    if xyz is not None:
+        if link is not None:
+            return np.linalg.norm(xyz[link[1]] - xyz[link[0]]) <= LINK_BREAK, "positions"
+        a, b = _atomIndex(previous, "C4'"), _atomIndex(residue, "C4'")
+        if moltype == "rna" and a is not None and b is not None:
+            return np.linalg.norm(xyz[b] - xyz[a]) <= C4_BREAK, "positions"
+    return True, "default"
+
+
+def chainSegments(frames, positions=None):
+    """Model chain ids for frame residues (from selectFrameResidues): a new id at each topology chain, at each
+    change between protein and RNA, and at each chain break. Breaks come from the topology's bonds, else the
+    residue numbering, else (only then, and only if given) `positions` (see the module documentation).
+
+    Pass positions only as that fallback, and only positions whose geometry is sound (after repair or
+    minimisation): a perturbed structure's distances cut chains that are whole."""
+    if not frames:
+        return []
+    topology = frames[0].residue.chain.topology
+    bonds = _interResidueBonds(topology)
+    hasBonds = topology.getNumBonds() > 0
+    xyz = None if positions is None else positionsNm(positions)
     segments, current = [], 0
     for i, frame in enumerate(frames):
         if i > 0:
             previous = frames[i - 1]
-            nucleotide = frame.residueType >= FIRST_NUCLEOTIDE
-            if nucleotide:
-                gap = np.linalg.norm(xyz[frame.atoms[1]] - xyz[previous.atoms[1]]) > RNA_BREAK
-            else:
-                gap = np.linalg.norm(xyz[frame.atoms[0]] - xyz[previous.atoms[2]]) > PROTEIN_BREAK
-            if previous.residue.chain.index != frame.residue.chain.index or gap or \
-                    (previous.residueType >= FIRST_NUCLEOTIDE) != nucleotide:
+            moltype = _moltype(frame)
+            if previous.residue.chain.index != frame.residue.chain.index or moltype != _moltype(previous):
+                current += 1
+            elif not _linkRule(previous.residue, frame.residue, moltype, bonds, hasBonds, xyz)[0]:
                 current += 1
         segments.append(current)
     return segments
+
+
+def _polymerType(residue):
+    """'protein', 'rna' or None (water, ion, ligand) for a residue, from its name or else its atoms."""
+    if _isWaterOrIon(residue):
+        return None
+    knownType = residueTypeFromName(residue.name.strip().upper())
+    if 0 <= knownType <= UNKNOWN_AMINO_ACID:
+        return "protein"
+    if FIRST_NUCLEOTIDE <= knownType <= UNKNOWN_NUCLEOTIDE:
+        return "rna"
+    atoms = _atomsByName(residue)
+    if _frameAtoms(atoms, PROTEIN_FRAME_ATOMS) is not None:
+        return "protein"
+    if _frameAtoms(atoms, NUCLEOTIDE_FRAME_ATOMS) is not None:
+        return "rna"
+    return None
+
+
+def findGaps(topology, positions):
+    """Gaps in an input structure: list of (residue before, residue after) pairs of consecutive amino acids (or
+    nucleotides) of one chain that are not linked, judged from the numbering and the input positions alone
+    (not from the bonds, which openmm.app adds across gaps): a number jump with the link atoms (C-N, O3'-P)
+    more than LINK_BREAK apart or missing, or, where residue ids are not integers, the link atoms more than
+    GAP_DISTANCE apart. Consecutive numbers are never a gap: a generated backbone written without geometry
+    repair has links of several nanometres that are still links. Waters, ions and ligands are skipped."""
+    xyz = positionsNm(positions)
+    gaps = []
+    for chain in topology.chains():
+        residues = [(r, _polymerType(r)) for r in chain.residues()]
+        residues = [(r, t) for r, t in residues if t is not None]
+        for (previous, previousType), (residue, moltype) in zip(residues[:-1], residues[1:]):
+            if previousType != moltype:
+                continue
+            link = _linkAtoms(previous, residue, moltype)
+            distance = None if link is None else np.linalg.norm(xyz[link[1]] - xyz[link[0]])
+            numbering = _numberingLinked(previous, residue)
+            if numbering is False and (distance is None or distance > LINK_BREAK):
+                gaps.append((previous, residue))
+            elif numbering is None and distance is not None and distance > GAP_DISTANCE:
+                gaps.append((previous, residue))
+    return gaps
+
+
+def splitAtGaps(topology, positions, gaps=None):
+    """A copy of `topology` whose chains are split at `gaps` (default: findGaps(topology, positions)): each piece
+    becomes its own chain with the original chain id, residue ids and atoms, and no bond crosses a gap.
+    Atom order is unchanged, so `positions` still apply. Returns (topology, gaps)."""
+    from openmm.app import Topology
+    if gaps is None:
+        gaps = findGaps(topology, positions)
+    starts = {after for _, after in gaps}
+    out = Topology()
+    out.setPeriodicBoxVectors(topology.getPeriodicBoxVectors())
+    atoms = {}
+    for chain in topology.chains():
+        newChain = None
+        for residue in chain.residues():
+            if newChain is None or residue in starts:
+                newChain = out.addChain(chain.id)
+            newResidue = out.addResidue(residue.name, newChain, residue.id, getattr(residue, "insertionCode", ""))
+            for atom in residue.atoms():
+                atoms[atom] = out.addAtom(atom.name, atom.element, newResidue, atom.id)
+    cut = {(before, after) for before, after in gaps}
+    for bond in topology.bonds():
+        a, b = bond[0], bond[1]
+        if (a.residue, b.residue) in cut or (b.residue, a.residue) in cut:
+            continue
+        out.addBond(atoms[a], atoms[b], bond.type, bond.order)
+    return out, gaps
 
 
 def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=None, backend=None, strict=False,
@@ -236,8 +405,9 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         If True, raise ValueError when a residue other than water, an ion or a terminal cap cannot be
         used; otherwise such residues are named in a warning and left out.
     positions : Quantity or [N, 3] array (nm), optional
-        With positions, the model's chain ids also split chains at breaks (missing residues), as the
-        training data did; without, the chain id is the topology chain's index.
+        A fallback for chain breaks only: used for a pair of consecutive residues that the topology's bonds
+        and residue numbering cannot decide (see the module documentation). The model's chain ids split chains
+        at breaks (missing residues), as the training data did, from bonds and numbering with or without it.
 
     Returns
     -------
@@ -262,7 +432,7 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         force.setDefaultScale(_toFloat(scale, unit.dimensionless, "scale"))
     if temperature is not None:
         force.setDefaultTemperature(_toFloat(temperature, unit.kelvin, "temperature"))
-    chains = [frame.chain for frame in frames] if positions is None else chainSegments(frames, positions)
+    chains = chainSegments(frames, positions)
     for frame, chain in zip(frames, chains):
         force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, chain)
     return force

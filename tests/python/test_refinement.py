@@ -1,0 +1,140 @@
+"""refine() on real structures: the native OBC2 force, gaps that stay gaps, protocols, and refinement that brings
+a perturbed native closer to itself (CPU; each test well under a minute on two cores).
+
+Oracles: amber14's own implicit/obc2.xml CustomGBForce (energy and forces), distances and residue lists read from
+the input files, and the native structure itself (RMSD by an independent Kabsch in numpy)."""
+
+import io
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import pytest
+
+from openmmflashipa import refine as refine_module
+from openmmflashipa.refine import allAtomSystem, refine
+
+from flashipa_testutils import PROTEIN_PDB
+
+NOISE = 0.1  # nm per coordinate, as in benchmarks/refinement_benchmark.py
+
+
+def _kabsch_rmsd(x, y):
+    x, y = x - x.mean(0), y - y.mean(0)
+    u, _, vt = np.linalg.svd(x.T @ y)
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rotation = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return float(np.sqrt(np.mean(np.sum((x @ rotation.T - y) ** 2, axis=1))))
+
+
+def _backbone(topology, positions):
+    """{(chain id, residue id, atom name): xyz nm} of N, CA, C."""
+    xyz = np.asarray(positions.value_in_unit(unit.nanometer))
+    return {(a.residue.chain.id, a.residue.id, a.name): xyz[a.index] for a in topology.atoms()
+            if a.name in ("N", "CA", "C")}
+
+
+def _rmsd_to(native, topology, positions):
+    mine = _backbone(topology, positions)
+    keys = [k for k in native if k in mine]
+    assert len(keys) == len(native)
+    return _kabsch_rmsd(np.array([mine[k] for k in keys]), np.array([native[k] for k in keys]))
+
+
+def _residues(topology):
+    return [(r.chain.id, r.id, r.name) for r in topology.residues()]
+
+
+def test_native_obc2_equals_amber14_obc2_xml():
+    """refine's OBC2 is openmm.GBSAOBCForce with mbondi2 radii; amber14's implicit/obc2.xml is a CustomGBForce
+    of the same model. Measured on this protein (955 atoms) on the Reference platform: energies 0.0009 kJ/mol
+    apart (2e-7 relative, surface-area term included: both use 2.25936 kJ/mol/nm^2 and a 0.14 nm probe),
+    forces at most 2e-4 kJ/mol/nm apart. Tolerances: 0.01 kJ/mol and 0.01 kJ/mol/nm."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    system, topology, positions = allAtomSystem(pdb.topology, pdb.positions, withForce=False)
+    assert sum(isinstance(f, openmm.GBSAOBCForce) for f in system.getForces()) == 1
+    assert not any(isinstance(f, openmm.CustomGBForce) for f in system.getForces())
+    custom = app.ForceField("amber14-all.xml", "implicit/obc2.xml").createSystem(
+        topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+
+    def gb(s, kind):
+        for f in s.getForces():
+            f.setForceGroup(1 if isinstance(f, kind) else 0)
+        context = openmm.Context(s, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(positions)
+        state = context.getState(getEnergy=True, getForces=True, groups={1})
+        return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+                state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
+    native_energy, native_forces = gb(system, openmm.GBSAOBCForce)
+    custom_energy, custom_forces = gb(custom, openmm.CustomGBForce)
+    assert abs(custom_energy) > 1000  # the premise: a sizeable solvation energy
+    assert native_energy == pytest.approx(custom_energy, abs=0.01)
+    assert np.max(np.abs(native_forces - custom_forces)) < 0.01
+    # The rest of the System is amber14-all itself.
+    other = [f for f in custom.getForces() if not isinstance(f, openmm.CustomGBForce)]
+    assert sorted(type(f).__name__ for f in other) == sorted(
+        type(f).__name__ for f in system.getForces() if not isinstance(f, openmm.GBSAOBCForce))
+
+
+def test_refine_keeps_a_gap_open_and_the_residues_as_they_were(tmp_path):
+    """Residues 30-33 of the SH3 domain deleted and the file written without a TER at the gap: openmm.app bonds
+    C29 to N34 on reading, which amber14 would pull to 0.13 nm. refine must split the chain there (own termini)
+    and keep the ends apart. Tolerance: the C29-N34 distance moves by less than 0.15 nm and stays above 0.5 nm
+    (a peptide bond is 0.133 nm)."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.delete([r for r in modeller.topology.residues() if 30 <= int(r.id) <= 33])
+    path = tmp_path / "gapped.pdb"
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, handle, keepIds=True)
+    before = app.PDBFile(str(path))
+
+    def gap(topology, positions):
+        xyz = np.asarray(positions.value_in_unit(unit.nanometer))
+        c = [a.index for a in topology.atoms() if a.residue.id == "29" and a.name == "C"]
+        n = [a.index for a in topology.atoms() if a.residue.id == "34" and a.name == "N"]
+        return float(np.linalg.norm(xyz[c[0]] - xyz[n[0]]))
+
+    start = gap(before.topology, before.positions)
+    assert start > 0.5
+    assert any({a.residue.id, b.residue.id} == {"29", "34"} for a, b in before.topology.bonds())  # the premise
+    result = refine(str(path), minimizeIterations=100, platform="CPU", progress=False)
+    end = gap(result.topology, result.positions)
+    assert abs(end - start) < 0.15 and end > 0.5, (start, end)
+    assert [(c, i, n) for c, i, n in _residues(result.topology)] == _residues(before.topology)
+    assert len(result.gaps) == 1 and "29" in result.gaps[0][0] and "34" in result.gaps[0][1]
+    assert len(set(result.segments)) == 2
+    # Each piece has its own termini: OXT on residue 29, and residue 34 starts a chain.
+    names29 = {a.name for r in result.topology.residues() if r.id == "29" for a in r.atoms()}
+    assert "OXT" in names29
+    assert [next(c.residues()).id for c in result.topology.chains()] == ["6", "34"]
+
+
+def test_refine_brings_a_perturbed_native_closer_to_it():
+    """The SH3 domain (57 residues) with 0.1 nm of Gaussian noise per heavy-atom coordinate: refine() with its
+    default protocol must end much closer to the native than the start (measured 0.17 -> about 0.10 nm)."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    native = _backbone(pdb.topology, pdb.positions)
+    xyz = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    noisy = unit.Quantity(xyz + np.random.default_rng(11).normal(0.0, NOISE, xyz.shape), unit.nanometer)
+    start = _rmsd_to(native, pdb.topology, noisy)
+    assert start > 0.15
+    result = refine((pdb.topology, noisy), minimizeIterations=200, platform="CPU", progress=False)
+    assert result.protocol == refine_module.DEFAULT_PROTOCOL
+    end = _rmsd_to(native, result.topology, result.positions)
+    assert end < 0.75 * start, (start, end)
+
+
+def test_protocol_arguments():
+    pdb = app.PDBFile(PROTEIN_PDB)
+    with pytest.raises(ValueError, match="protocol"):
+        refine((pdb.topology, pdb.positions), protocol="heat", progress=False)
+    with pytest.raises(ValueError, match="runs no MD"):
+        refine((pdb.topology, pdb.positions), protocol="minimize", steps=10, progress=False)
+    result = refine((pdb.topology, pdb.positions), protocol="restrained", steps=10, minimizeIterations=20,
+                    platform="CPU", progress=False)
+    assert result.protocol == "restrained" and set(result.energies) == {"start", "minimized", "md", "final"}
+    # The restraint lived in a copy: the returned System is amber14 + OBC2 + the learned force only.
+    assert not any(f.getName() == "BackboneRestraint" for f in result.system.getForces())
