@@ -300,3 +300,25 @@ def test_gaps_are_found_from_numbering_and_distance_not_from_bonds():
     far = xyz.copy()
     far[[a.index for r in list(pdb.topology.residues())[40:] for a in r.atoms()]] += 1.0
     assert findGaps(pdb.topology, far) == []
+
+
+def test_errors_name_residues_as_the_input_file_does():
+    """createForce labels every residue after its Topology, so a degenerate frame is reported with the file's
+    residue name, number and chain rather than the force's internal index alone."""
+    import openmm
+    pdb = app.PDBFile(PROTEIN_PDB)
+    force = createForce(pdb.topology)
+    residues = [r for r in pdb.topology.residues()]
+    assert force.getResidueLabel(3) == "%s %s of chain %s" % (residues[3].name, residues[3].id, residues[3].chain.id)
+    system = openmm.System()
+    for atom in pdb.topology.atoms():
+        system.addParticle(atom.element.mass)
+    system.addForce(force)
+    positions = np.array(pdb.positions.value_in_unit(unit.nanometer))
+    a, b, c, _, _ = force.getResidueParameters(3)
+    positions[c] = positions[b]
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    with pytest.raises(openmm.OpenMMException, match=r"residue 3 \(%s %s of chain %s\) are coincident" % (
+            residues[3].name, residues[3].id, residues[3].chain.id)):
+        context.getState(getEnergy=True, getForces=True)

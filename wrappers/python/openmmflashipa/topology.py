@@ -434,7 +434,11 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         force.setDefaultTemperature(_toFloat(temperature, unit.kelvin, "temperature"))
     chains = chainSegments(frames, positions)
     for frame, chain in zip(frames, chains):
-        force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, chain)
+        index = force.addResidue(frame.atoms[0], frame.atoms[1], frame.atoms[2], frame.residueType, chain)
+        # Errors then name the residue as the input file does ("residue 3 (LYS 25 of chain A)").
+        force.setResidueLabel(index, "%s %s%s of chain %s" % (frame.residue.name, frame.residue.id,
+                                                              (getattr(frame.residue, "insertionCode", "") or "").strip(),
+                                                              frame.residue.chain.id))
     return force
 
 
