@@ -99,6 +99,7 @@ def main():
     chosen = select(args.structures, args.min_length, args.max_length, args.data)
     report = {"noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
               "plain_iterations": plainIterations, "default_protocol": _refine.DEFAULT_PROTOCOL,
+              "min_length": args.min_length, "max_length": args.max_length,
               "platform": choosePlatform(args.platform).getName(), "cpu_count": os.cpu_count(),
               "machine": _platform.processor() or _platform.machine(), "structures": []}
     for k, (path, length) in enumerate(chosen):
@@ -131,12 +132,12 @@ def _write(report, names, out):
     lines = ["# Refinement of perturbed validation natives (%s platform, %d cores)" % (report["platform"],
                                                                                         report["cpu_count"]),
              "",
-             "%d validation proteins (data/split.tsv `val`, one chain, one segment, 60-200 residues, spread over "
+             "%d validation proteins (data/split.tsv `val`, one chain, one segment, %d-%d residues, spread over "
              "the lengths); heavy atoms perturbed by %.2f nm Gaussian noise per coordinate (seed %d + structure "
              "index). N/CA/C RMSD to the native after Kabsch superposition (nm), then wall time (s) per route "
              "including PDBFixer and System construction. refine() is protocol '%s' with minimizeIterations=%d; "
              "the plain minimisations get %d L-BFGS iterations. Written by `benchmarks/refinement_benchmark.py`."
-             % (len(rows), report["noise_nm"], report["seed"], report["default_protocol"], report["iterations"],
+             % (len(rows), report.get("min_length", 60), report.get("max_length", 200), report["noise_nm"], report["seed"], report["default_protocol"], report["iterations"],
                 report["plain_iterations"]),
              "",
              "| protein | residues | " + " | ".join(names) + " |",
