@@ -50,7 +50,11 @@ def main():
         sys.exit(__doc__)
     here = os.path.dirname(os.path.abspath(__file__))
     for target, (source, pdb_id) in SOURCES.items():
-        convert(os.path.join(sys.argv[1], source), os.path.join(here, target), pdb_id)
+        path = os.path.join(sys.argv[1], source)
+        if not os.path.exists(path):
+            print("kept %s as committed: %s is not in %s" % (target, source, sys.argv[1]))
+            continue
+        convert(path, os.path.join(here, target), pdb_id)
         print("wrote", target)
 
 

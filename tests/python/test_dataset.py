@@ -32,7 +32,7 @@ RNA_FRAME = ("C3'", "C4'", "O4'")
 DTYPE = {"F32": np.dtype("<f4"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
 # Real files with known traits: two antibody-like chains merged under one id (BM5), alternate locations and
 # a microheterogeneous residue (crambin), modified nucleotides and a chain break (tRNA).
-REAL = ["protein/BM5-clean_1BGX_A.cif.gz", "protein/python3-prody-tests_1EJG_A.cif.gz",
+REAL = ["protein/BM5-clean_1BGX_A.cif.gz", "protein/PDownB_1EJG_A.cif.gz",
         "rna/rsRNASP_1YFG_A.cif.gz"]
 
 

@@ -27,7 +27,7 @@ MANIFEST = os.path.join(ROOT, "data", "manifest.tsv")
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 # Two short protein and two short RNA chains of the validation split; amber14 templates both proteins.
 FILES = ["protein/kortemme_loop_modeling_1RDQ_I.cif.gz", "protein/python-biopython-doc_3JQH_A.cif.gz",
-         "rna/rsRNASP_280D_A.cif.gz", "rna/rsRNASP_5CNR_A.cif.gz"]
+         "rna/rsRNASP_280D_A.cif.gz", "rna/rsRNASP_5CNR_B.cif.gz"]
 
 
 def load_script():
