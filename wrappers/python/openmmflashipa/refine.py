@@ -69,11 +69,12 @@ class RefinedStructure:
     'backbone'), ``protocol``, ``energies`` (kJ/mol: start (after the pre-relaxation without the learned
     force), minimized, md (end of the Langevin run; protocols with MD only), final (the returned structure)),
     the ``system`` it was refined in, its ``frameResidues``, ``particlePositions`` ([N, 3] nm, the System's
-    particles), the model chain id of each frame residue (``segments``) and the input's ``gaps`` (pairs of
-    residue descriptions where a chain was split, see topology.findGaps)."""
+    particles), the model chain id of each frame residue (``segments``), the input's ``gaps`` (pairs of
+    residue descriptions where a chain was split, see topology.findGaps) and ``notes`` (what refine changed
+    in the input before refining it, in words)."""
 
     def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions,
-                 segments=None, protocol=None, gaps=()):
+                 segments=None, protocol=None, gaps=(), notes=()):
         self.topology = topology
         self.positions = positions
         self.level = level
@@ -84,6 +85,7 @@ class RefinedStructure:
         self.segments = segments
         self.protocol = protocol
         self.gaps = list(gaps)
+        self.notes = list(notes)
 
     def write(self, path):
         """Write the refined structure as .pdb or .cif."""
@@ -188,10 +190,17 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     settings = dict(temperature=temperature, minimizeIterations=minimizeIterations, steps=steps, seed=seed,
                     progress=progress, quench=quench, protocol=protocol, restraintK=restraintK,
                     annealTemperature=annealTemperature, platform=platform)
+    notes = []
     if isinstance(structure, Backbone):
         structure = repairGeometry(structure, platform)
     topology, positions = _load(structure)
     topology, gaps = splitAtGaps(topology, positions)
+    if not isinstance(structure, Backbone) and looksGenerated(topology):
+        # A generated backbone read back from its file: repair it as a Backbone would be (its links can be
+        # nanometres long and its peptides cis; amber14 started from that keeps them cis).
+        topology, positions = repairFrames(topology, positions, platform)
+        notes.append("the input is a generated backbone (poly-GLY / base-less poly-U, backbone atoms only): its "
+                     "frame geometry was repaired first (ideal bonds, trans peptides), as for a Backbone")
     frames, unusable = selectFrameResidues(topology)
     if not frames:
         raise ValueError("nothing to refine: no amino acid with N, CA, C or nucleotide with C3', C4', O4'")
@@ -204,6 +213,7 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         reportUnusable(unusable, False, stacklevel=3)
         result = _refineBackbone(topology, positions, frames, sigma, scale, modelPath, settings)
     result.gaps = [(_describeResidue(a), _describeResidue(b)) for a, b in gaps]
+    result.notes = notes + result.notes
     if out:
         result.write(out)
     return result
@@ -212,6 +222,44 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
 def _describeResidue(residue):
     return "%s %s%s (chain %s)" % (residue.name, residue.id, getattr(residue, "insertionCode", "").strip(),
                                    residue.chain.id)
+
+
+#: Atoms of residues as Backbone.write writes them (generated naming, see structure.py).
+_GENERATED_ATOMS = {"GLY": frozenset(["N", "CA", "C", "O", "OXT"]),
+                    "U": frozenset(["P", "OP1", "OP2", "O5'", "C5'", "C4'", "O4'", "C3'", "O3'", "C2'", "O2'",
+                                    "C1'"])}
+
+
+def looksGenerated(topology):
+    """True when every residue of `topology` is a generated residue as :meth:`Backbone.write` writes it: GLY
+    with backbone heavy atoms only, or U with backbone and sugar atoms only (no base, no hydrogens). Such a
+    file has no side chain or base that a frame repair could lose, and its geometry is the generator's."""
+    residues = list(topology.residues())
+    if not residues:
+        return False
+    for residue in residues:
+        allowed = _GENERATED_ATOMS.get(residue.name.strip().upper())
+        if allowed is None or not {atom.name for atom in residue.atoms()} <= allowed:
+            return False
+    return True
+
+
+def repairFrames(topology, positions, platform=None):
+    """The frame repair of :func:`repairGeometry` for a topology of generated residues (looksGenerated): the
+    frame atoms minimised to convergence under ideal frame geometry, trans peptide links and the soft repulsion
+    (no learned force), one segment per chain piece (chainSegments: bonds, then numbering), and the other
+    backbone atoms placed again from ideal geometry. Residue ids and chain ids are kept. Returns (topology,
+    positions)."""
+    frames, _ = selectFrameResidues(topology)
+    if not frames:
+        raise ValueError("nothing to repair: no residue with frame atoms")
+    segments = chainSegments(frames)
+    system, start, _ = backboneSystem(frames, positionsNm(positions), withForce=False, segments=segments)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
+    context.setPositions(start)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
+    final = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    return backboneTopology(frames, np.asarray(final).reshape(-1, 3, 3), segments)
 
 
 def repairGeometry(backbone, platform=None):
