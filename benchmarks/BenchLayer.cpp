@@ -1,6 +1,6 @@
 // flashipa-bench-layer: times one FlashIPA layer forward (and forward+backward) for the math and SDPA
 // backends over a range of lengths, on CPU or CUDA, and prints one table. A benchmark, not a test.
-//   flashipa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--published-defaults] [--lengths 128,512,...]
+//   flashipa-bench-layer [--device cpu|cuda] [--dtype float32|float16] [--published-defaults] [--lengths 128,512,...]
 //                        [--backends fused,fused-mma,sdpa,math] [--max-backward L]
 // fused-mma is the fused backend held to the mma.sync kernels, forward and backward (what other sm_80+
 // GPUs run; the wgmma ones are the default on an H100), to time the two side by side.
@@ -106,14 +106,14 @@ int main(int argc, char** argv) {
         } else if (!std::strcmp(argv[i], "--max-backward") && i + 1 < argc) {
             maxBackward = std::stoll(argv[++i]);
         } else {
-            std::cerr << "usage: flashipa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--published-defaults]\n"
+            std::cerr << "usage: flashipa-bench-layer [--device cpu|cuda] [--dtype float32|float16] [--published-defaults]\n"
                          "       [--lengths a,b,c] [--backends fused,fused-mma,sdpa,math] [--max-backward L]\n";
             return 2;
         }
     }
     const bool cuda = device == "cuda";
     const torch::Device dev = cuda ? torch::kCUDA : torch::kCPU;
-    const torch::Dtype dtype = dtypeName == "bfloat16" ? torch::kBFloat16 : torch::kFloat32;
+    const torch::Dtype dtype = dtypeName == "float16" ? torch::kHalf : torch::kFloat32;
     FlashIPALayer layer(config);
     randomizeParameters(*layer, 1, 1.0);
     layer->to(dev, dtype);

@@ -2,7 +2,8 @@
 # GPU machine only: build with the Python module, then every test suite (CTest, pytest), then the
 # extra steps named in $STEPS (space-separated): "crash" (why a plugin exception kills Python: a
 # backtrace under cuda-gdb, the symbol bindings of the throw and the catch, the CPU/kernel features),
-# "bench" (benchmarks/backend_md_accuracy.py and the model timings). Logs land in $OUT.
+# "bench" (benchmarks/backend_md_accuracy.py, and md_benchmark's force-alone timings with sdpa and auto).
+# Logs land in $OUT.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -79,5 +80,15 @@ if [[ " $STEPS " == *" tests "* ]]; then
     (cd $BUILD && ctest -j8 --timeout 300 -E "Cuda|Fused|OperandPacking" 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (the rest)"
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/python --ignore=tests/python/test_cuda_platform.py --ignore=tests/python/test_python_integration.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/pytest.log | tail -15
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+    # The default backend's accuracy in MD and its model time against sdpa, side by side in one run.
+    echo "== backend_md_accuracy"
+    timeout 200 python3 benchmarks/backend_md_accuracy.py --nve-ps ${NVE_PS:-4} --out $OUT/backend_md_accuracy_h100.md 2>&1 | tail -25
+    for backend in sdpa auto; do
+        echo "== md_benchmark force alone, backend $backend"
+        timeout 150 python3 benchmarks/md_benchmark.py --kinds force --variants a,e --lengths ${BENCH_LENGTHS:-2048,8192} \
+            --backend $backend --max-seconds 4 --out $OUT/md_benchmark_$backend.md 2>&1 | grep -E '^\|' | tail -6
+    done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"

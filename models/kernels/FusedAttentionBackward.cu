@@ -243,8 +243,8 @@ void launchFusedAttentionBackward(const FusedAttentionProblem& p, const float* l
     validateProblem(p);
     if (p.rows == 0)
         return;
-    if (p.element == ElementType::BFloat16)
-        launchBackward<__nv_bfloat16>(p, logSumExp, gradOut, delta, g, stream);
+    if (p.element == ElementType::Float16)
+        launchBackward<__half>(p, logSumExp, gradOut, delta, g, stream);
     else
         launchBackward<float>(p, logSumExp, gradOut, delta, g, stream);
 }

@@ -1,5 +1,5 @@
-// Backward pass of the fused FlashIPA attention on tensor cores (bf16 operands, fp32 accumulators),
-// for the bf16 mode. Three launches of one kernel, each block owning 128 rows of one side (8 warps x
+// Backward pass of the fused FlashIPA attention on tensor cores (fp16 operands, fp32 accumulators),
+// for the fp16 mode. Three launches of one kernel, each block owning 128 rows of one side (8 warps x
 // 16 rows) and streaming 32-row tiles of the other side through double-buffered shared memory:
 //  - Side::Query: dS = P (dP - delta) per tile pair, then d[q | bl] += dS [s k | s br], the query-point
 //    gradients and the point weight's gradient;
@@ -15,11 +15,11 @@
 //    (a, b relative to the query and key tile centres, d = c_q - c_k); -D/2 is also d logit / d w;
 //  - d logit / d x_i = -w (a_i - b_j + d) and d logit / d y_j = w (a_i - b_j + d), so the point
 //    gradients are -w (a_i sum_j dS_ij - sum_j dS_ij b_j + sum_j dS_ij d) and the mirror image: the
-//    products dS b and dS^T a run on tensor cores with small relative coordinates (split bf16 hi + lo),
+//    products dS b and dS^T a run on tensor cores with small relative coordinates (split fp16 hi + lo),
 //    the row sums and the d terms in fp32;
 //  - dP_ij = dOut_i . V_j has value points in it. They are packed relative to their key tile's centre
 //    c_k, and the centre's share dOut_i . c_k (sum over the value points of the row's gradient, dotted
-//    with c_k) is added in fp32: rounding dOut to bf16 then never multiplies a coordinate of 100 nm.
+//    with c_k) is added in fp32: rounding dOut to fp16 then never multiplies a coordinate of 100 nm.
 //    delta_i = dOut_i . out_i is exact fp32, so dP - delta cancels the centre's share to fp32 precision.
 #include "FusedAttentionMma.cuh"
 
@@ -315,8 +315,8 @@ __global__ void __launch_bounds__(Threads) fusedAttentionBackwardTensorCore(Fuse
         const FragmentLanes& productLanes = valueSide ? otherValueLanes : keyLanes;
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
-            const uint32_t a0 = packBf16(s[2 * kk][0], s[2 * kk][1]), a1 = packBf16(s[2 * kk][2], s[2 * kk][3]);
-            const uint32_t a2 = packBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = packBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const uint32_t a0 = packHalf2(s[2 * kk][0], s[2 * kk][1]), a1 = packHalf2(s[2 * kk][2], s[2 * kk][3]);
+            const uint32_t a2 = packHalf2(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = packHalf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int np = 0; np < AccTiles / 2; np++) {
                 uint32_t b[4];
@@ -468,7 +468,7 @@ int tensorCoreBackwardScalarColumns(int liftedKeyDim) {
 bool tensorCoreBackwardApplies(const FusedAttentionProblem& p) {
     const DeviceFacts device = currentDeviceFacts();
     const int major = device.major, limit = device.sharedMemoryOptin;
-    if (major < 8 || p.element != ElementType::BFloat16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
+    if (major < 8 || p.element != ElementType::Float16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
         3 * p.queryPoints > 8 * MaxPointTiles)
         return false;
     TensorCoreBackwardPack pack; // the packing's widths, as packForTensorCoreBackward chooses them

@@ -509,7 +509,7 @@ int wgmmaBackwardValueColumns(int liftedValueDim) {
 
 bool wgmmaBackwardApplies(const FusedAttentionProblem& p) {
     const DeviceFacts device = currentDeviceFacts();
-    if (device.major != 9 || device.minor != 0 || p.element != ElementType::BFloat16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
+    if (device.major != 9 || device.minor != 0 || p.element != ElementType::Float16 || tensorCoreBackwardScalarColumns(p.liftedKeyDim()) == 0 ||
         3 * p.queryPoints > 8 * MaxPointTiles || wgmmaBackwardValueColumns(p.liftedValueDim()) == 0)
         return false;
     TensorCoreBackwardPack pack; // the widths the packing will choose

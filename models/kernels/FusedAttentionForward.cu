@@ -143,8 +143,8 @@ void launchFusedAttentionForward(const FusedAttentionProblem& p, float* out, flo
     validateProblem(p);
     if (p.rows == 0)
         return;
-    if (p.element == ElementType::BFloat16)
-        launchForward<__nv_bfloat16>(p, out, logSumExp, stream);
+    if (p.element == ElementType::Float16)
+        launchForward<__half>(p, out, logSumExp, stream);
     else
         launchForward<float>(p, out, logSumExp, stream);
 }

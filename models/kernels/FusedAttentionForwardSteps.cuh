@@ -141,7 +141,7 @@ struct RowSoftmax {
      * through warpScratch) rather than by each of the 8 lanes that use it; maxima and sums in four
      * independent chains; and the running maximum moved only when a row's logits exceed it by more
      * than 2^8 (FlashAttention-3's lazy rescaling: probabilities up to 256 are harmless in fp32 and
-     * bf16), so that the accumulators are rescaled in the first tiles only.
+     * fp16), so that the accumulators are rescaled in the first tiles only.
      */
     __device__ __forceinline__ void update(float (&s)[8][4], float (&scales)[2], const float4* keyStats, const int* keySegment,
                                            float* warpScratch, const QueryRows& rows, int key0, bool wholeTile, const float (&d)[3],
@@ -236,19 +236,19 @@ __device__ __forceinline__ void rescale(float (&acc)[ValueTiles][4], const float
     }
 }
 
-/** The probabilities of k-step kk (keys 16 kk .. 16 kk + 15) as the bf16 A fragment of the P.V product. */
+/** The probabilities of k-step kk (keys 16 kk .. 16 kk + 15) as the fp16 A fragment of the P.V product. */
 __device__ __forceinline__ void probabilityFragment(uint32_t (&a)[4], const float (&s)[8][4], int kk) {
-    a[0] = packBf16(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = packBf16(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = packBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = packBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    a[0] = packHalf2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = packHalf2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = packHalf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = packHalf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
 /**
  * Writes this thread's output columns and, from the first chunk, the log-sum-exp. Packed order
  * [extras | value points - c | v | pair values] (TensorCorePack) goes back to the output's
  * [v | value points | pair values]. Scalar and pair columns are normalised by the fp32 sum of the
- * probabilities; value points by the sum of the bf16 probabilities the products used (the extras'
+ * probabilities; value points by the sum of the fp16 probabilities the products used (the extras'
  * ones column), with the centre's share added, so that they move exactly with the structure.
  */
 template <int ValueTiles>

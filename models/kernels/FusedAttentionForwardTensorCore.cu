@@ -1,26 +1,27 @@
-// Forward pass of the fused FlashIPA attention on tensor cores (bf16 operands, mma.sync m16n8k16,
+// Forward pass of the fused FlashIPA attention on tensor cores (fp16 operands, mma.sync m16n8k16,
 // fp32 accumulation). One block of 8 warps owns 128 query rows of one head and a chunk of value
 // columns; each warp owns 16 rows and streams key tiles of 64 through shared memory, copied as
 // 16-byte vectors from the operands packed once per call (TensorCorePack).
 //
 // What runs where, and why it stays exact far from the origin (DESIGN 2.5):
-//  - scalar logits q.k and bl.br: bf16 operands on tensor cores (invariant features: how they round
+//  - scalar logits q.k and bl.br: fp16 operands on tensor cores (invariant features: how they round
 //    does not depend on where the structure is);
 //  - point logits. Each query point is stored relative to its query tile's centre, a = x - c_q, each
 //    key point relative to its key tile's centre, b = y - c_k. With d = c_q - c_k,
 //        sum_p |x_p - y_p|^2 = sum|a|^2 + sum|b|^2 + P d.d - 2 sum a.b + 2 d.sum a - 2 d.sum b.
-//    Only the cross term sum a.b runs on tensor cores, with each fp32 operand split into bf16
-//    hi + lo parts (a_hi b_hi + a_lo b_hi + a_hi b_lo: about 16 mantissa bits of |a| |b|); the rest
+//    Only the cross term sum a.b runs on tensor cores, with each fp32 operand split into fp16
+//    hi + lo parts (a_hi b_hi + a_lo b_hi + a_hi b_lo: about 22 mantissa bits of |a| |b|); the rest
 //    is fp32 per row, per key and per tile pair. Consecutive residues are neighbours in space, so
 //    |a| and |b| are the size of a tile's neighbourhood wherever the structure sits and however large
 //    it is; pairs of distant tiles get large errors in absolute terms only where their weights
 //    underflow anyway;
-//  - value points: relative to their key tile's centre c (bf16: the size of a tile's neighbourhood,
-//    rounded like every other bf16 operand), plus the centre's share from extra value columns
-//    [1 | c_hi | c_lo] (TensorCorePack), all normalised by the sum of the same bf16 probabilities:
+//  - value points: relative to their key tile's centre c (fp16: the size of a tile's neighbourhood,
+//    rounded like every other fp16 operand), plus the centre's share from extra value columns
+//    [1 | c_hi | c_lo] (TensorCorePack), all normalised by the sum of the same fp16 probabilities:
 //    the weights sum to one exactly, so the output moves with the structure to fp32 precision.
-//    (Session 5 packed global coordinates as bf16 hi + lo instead: twice the value-point products,
-//    and the probabilities' bf16 rounding still multiplied coordinates of 100 nm.)
+//    (Global coordinates packed as hi + lo instead would need twice the value-point products, and
+//    the probabilities' rounding would still multiply coordinates of 100 nm.)
+// Why fp16 and not bf16 operands: docs/DESIGN-DECISIONS.md ("Operand precision of the fused attention").
 // The online softmax follows FlashAttention-2: probabilities stay in registers and are re-packed as
 // the A operand of the P.V product (the accumulator layout of m16n8k16 matches the operand layout).
 #include "FusedAttentionForwardSteps.cuh"
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(Threads) fusedAttentionForwardTensorCore(Fused
         softmax.update(s, scales, keyStats, keySegment, keyTermScratch[warp], rows, key0, span.covers(key0, BlockKeys, facts.segment), d, pointWeight,
                        (float) p.queryPoints, t);
         rescale(acc, scales);
-        // acc += P V: P re-packed from the logit accumulators as bf16 A operands.
+        // acc += P V: P re-packed from the logit accumulators as fp16 A operands.
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t a[4];
@@ -172,7 +173,7 @@ int tensorCoreValueChunk(int width) {
 bool tensorCoreForwardApplies(const FusedAttentionProblem& p) {
     const DeviceFacts device = currentDeviceFacts();
     const int major = device.major, limit = device.sharedMemoryOptin;
-    if (major < 8 || p.element != ElementType::BFloat16)
+    if (major < 8 || p.element != ElementType::Float16)
         return false;
     const int chunk = forwardValueChunk(p);
     if (chunk == 0)

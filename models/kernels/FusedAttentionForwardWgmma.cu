@@ -164,7 +164,7 @@ void launch(const FusedAttentionProblem& p, const TensorCorePack& pack, float* o
 
 bool wgmmaForwardApplies(const FusedAttentionProblem& p) {
     const DeviceFacts device = currentDeviceFacts();
-    if (device.major != 9 || device.minor != 0 || p.element != ElementType::BFloat16)
+    if (device.major != 9 || device.minor != 0 || p.element != ElementType::Float16)
         return false;
     const int chunk = forwardValueChunk(p);
     if (chunk == 0)

@@ -1,15 +1,15 @@
 #ifndef FLASHIPA_FUSED_ATTENTION_MMA_CUH_
 #define FLASHIPA_FUSED_ATTENTION_MMA_CUH_
 
-// Tensor-core building blocks shared by the forward and backward tensor-core kernels: bf16 packing,
+// Tensor-core building blocks shared by the forward and backward tensor-core kernels: fp16 packing,
 // the m16n8k16 product, asynchronous 16-byte copies and ldmatrix fragment loads.
 //
 // Fragment layouts of mma.sync.m16n8k16 (lane = 4 g + t): A (16 x 16, row-major) a0 = (row g, k 2t..2t+1),
 // a1 = (g + 8, 2t), a2 = (g, 2t + 8), a3 = (g + 8, 2t + 8); B (16 x 8) b0 = (k 2t..2t+1, n g), b1 = (k 2t + 8, n g);
 // accumulators d0..d1 = (row g, n 2t..2t+1), d2..d3 = (row g + 8, n 2t..2t+1). The accumulators of a 16 x 16
-// product therefore are the A fragment of the next product once packed to bf16 (FlashAttention-2's trick).
+// product therefore are the A fragment of the next product once packed to fp16 (FlashAttention-2's trick).
 //
-// Shared-memory tiles hold bf16 pairs in 32-bit words, rows padded to 4 mod 32 words (paddedWords) so that
+// Shared-memory tiles hold fp16 pairs in 32-bit words, rows padded to 4 mod 32 words (paddedWords) so that
 // eight 16-byte row segments, what one ldmatrix phase reads, fall on distinct banks.
 #include "FusedAttentionLaunch.cuh"
 #include <cstdint>
@@ -35,14 +35,14 @@ __device__ __forceinline__ float exp2Flushed(float x) {
     return y;
 }
 
-__device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+__device__ __forceinline__ uint32_t packHalf2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-/** d += A B on tensor cores (bf16 operands, fp32 accumulators). */
+/** d += A B on tensor cores (fp16 operands, fp32 accumulators). */
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -113,7 +113,7 @@ __device__ __forceinline__ void copyContiguous(unsigned dst, const uint4* src, i
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16u * (unsigned) i), "l"(src + i));
 }
 
-/** Four 8 x 8 bf16 matrices; lane l gives the shared address of row l % 8 of matrix l / 8. */
+/** Four 8 x 8 fp16 matrices; lane l gives the shared address of row l % 8 of matrix l / 8. */
 __device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], unsigned address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -139,7 +139,7 @@ __device__ __forceinline__ void loadTwoMatricesTransposed(uint32_t (&r)[2], unsi
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
 }
 
-// Fragment loads from a row-major bf16 tile in shared memory with a row stride in 32-bit words. The
+// Fragment loads from a row-major fp16 tile in shared memory with a row stride in 32-bit words. The
 // lane-dependent part of each address is computed once per kernel (FragmentLanes); a load adds only
 // its tile's base and the block offset (rows times stride, plus 32 bytes per 16-column k-step).
 

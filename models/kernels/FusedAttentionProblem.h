@@ -25,7 +25,7 @@
 namespace FlashIPAPlugin {
 namespace kernels {
 
-enum class ElementType { Float32, BFloat16 };
+enum class ElementType { Float32, Float16 };
 
 struct FusedAttentionProblem {
     int rows = 0;          ///< N: residues over all structures in the call
@@ -71,17 +71,17 @@ struct FusedAttentionGradients {
 };
 
 /**
- * Operands of the tensor-core forward, packed once per call in bf16 so that each tile is a plain
+ * Operands of the tensor-core forward, packed once per call in fp16 so that each tile is a plain
  * 16-byte copy (element-wise staging with conversions cost ten times the matrix products). Rows are
  * padded to a multiple of 128 with zeros. Points enter re-centred on the centre of their own tile
  * (query tiles of 128 rows, key tiles of 64 keys); the kernel restores exact pair distances from
  * the per-row sums below (see FusedAttentionForwardTensorCore.cu).
  *
  * Value rows start with TensorCoreValueExtras columns that the P.V product turns into per-row sums:
- * [1 | c_hi (x y z) | c_lo (x y z) | 0], c = c_hi + c_lo the key tile's centre split into bf16 parts.
- * Value points follow relative to that centre (bf16), then v and the pair values. The kernel's output
+ * [1 | c_hi (x y z) | c_lo (x y z) | 0], c = c_hi + c_lo the key tile's centre split into fp16 parts.
+ * Value points follow relative to that centre (fp16), then v and the pair values. The kernel's output
  * for a value point is (sum_j p_j (y_j - c_j) + sum_j p_j c_j) / sum_j p_j with every sum taken over
- * the same bf16-rounded probabilities, so a translation of the structure moves the output by exactly
+ * the same fp16-rounded probabilities, so a translation of the structure moves the output by exactly
  * the translation (to fp32 rounding), wherever the structure sits.
  */
 struct TensorCorePack {
@@ -95,13 +95,13 @@ struct TensorCorePack {
     int paddedRows = 0;    ///< N rounded up to 128
     int keyColumns = 0;    ///< width of a packed query/key row: c + Rb + 9 P_q rounded up to 16
     int valueColumns = 0;  ///< packed value columns: extras + lifted value row, rounded up to the value chunk
-    const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] bf16: [q | bl | a_hi | a_lo | a_hi | 0]
+    const void* queries = nullptr;       ///< [paddedRows, H, keyColumns] fp16: [q | bl | a_hi | a_lo | a_hi | 0]
     const float* queryStats = nullptr;   ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
-    const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] bf16: [s k | s br | w b_hi | w b_hi | w b_lo | 0]
+    const void* keys = nullptr;          ///< [paddedRows, H, keyColumns] fp16: [s k | s br | w b_hi | w b_hi | w b_lo | 0]
     const float* keyStats = nullptr;     ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
     const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
     const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]
-    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] bf16: [extras | value points - c | v | pair values], transposed
+    const void* values = nullptr;        ///< [H, valueColumns, paddedRows] fp16: [extras | value points - c | v | pair values], transposed
     const int* segments = nullptr;       ///< [paddedRows]: segment ids, -1 on padding rows
     const int* tileSegments = nullptr;   ///< [paddedRows / 64]: the common segment of a key tile's keys, or INT_MIN
 };
@@ -129,7 +129,7 @@ constexpr int TensorCoreKeyTile = 64;
 int tensorCoreValueChunk(int packedValueWidth);
 
 /**
- * The tensor-core forward for bf16 problems on sm_80 or newer; returns false, launching nothing,
+ * The tensor-core forward for fp16 problems on sm_80 or newer; returns false, launching nothing,
  * where it does not apply (then launchFusedAttentionForward runs the fp32 SIMT kernel).
  */
 bool launchFusedAttentionForwardTensorCore(const FusedAttentionProblem& problem, const TensorCorePack& pack, float* out,
@@ -140,7 +140,7 @@ bool tensorCoreForwardApplies(const FusedAttentionProblem& problem);
 
 /**
  * True when the wgmma forward (FusedAttentionForwardWgmma.cu, built for sm_90a only) can run for this
- * problem on the current device: a compute capability 9.0 GPU, bf16, and the tiles fit shared memory.
+ * problem on the current device: a compute capability 9.0 GPU, fp16, and the tiles fit shared memory.
  */
 bool wgmmaForwardApplies(const FusedAttentionProblem& problem);
 
@@ -150,7 +150,7 @@ bool launchFusedAttentionForwardWgmma(const FusedAttentionProblem& problem, cons
 
 /**
  * Operands of the tensor-core backward (FusedAttentionBackwardTensorCore.cu), packed once per backward
- * call in bf16, rows padded to a multiple of 128. Unlike the forward's, key points are not multiplied
+ * call in fp16, rows padded to a multiple of 128. Unlike the forward's, key points are not multiplied
  * by the point weight: the backward needs the squared distances themselves for the weight's gradient.
  * Each point block (a_hi, a_lo, b_hi, b_lo) is padded to pointBlock columns, a multiple of 8, so that
  * ldmatrix can read it as the B operand of the point-gradient products.
@@ -167,14 +167,14 @@ struct TensorCoreBackwardPack {
     int pointBlock = 0;    ///< 3 P_q rounded up to 8
     int keyColumns = 0;    ///< scalarColumns + three point blocks, rounded up to 16
     int valueColumns = 0;  ///< packed value (and gradient) columns: liftedValueDim rounded up to the value chunk (Rows) or to 64 (CoreMatrixTiles)
-    const void* queries = nullptr;      ///< [paddedRows, H, keyColumns] bf16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
-    const void* keys = nullptr;         ///< [paddedRows, H, keyColumns] bf16: [s k | s br | 0 | b_hi | b_hi | b_lo | 0]
+    const void* queries = nullptr;      ///< [paddedRows, H, keyColumns] fp16: [q | bl | 0 | a_hi | a_lo | a_hi | 0]
+    const void* keys = nullptr;         ///< [paddedRows, H, keyColumns] fp16: [s k | s br | 0 | b_hi | b_hi | b_lo | 0]
     const float* queryStats = nullptr;  ///< [paddedRows, H, 4]: sum_p |a_p|^2, sum_p a_p (a = x - query tile centre)
     const float* keyStats = nullptr;    ///< [paddedRows, H, 4]: sum_p |b_p|^2, sum_p b_p (b = y - key tile centre)
     const float* queryCentres = nullptr; ///< [paddedRows / 128, H, 3]
     const float* keyCentres = nullptr;   ///< [paddedRows / 64, H, 3]; value points are re-centred on these too
-    const void* gradOut = nullptr;       ///< [paddedRows, H, valueColumns] bf16: dOut
-    const void* values = nullptr;        ///< [paddedRows, H, valueColumns] bf16: [v | value points - key tile centre | pair values]
+    const void* gradOut = nullptr;       ///< [paddedRows, H, valueColumns] fp16: dOut
+    const void* values = nullptr;        ///< [paddedRows, H, valueColumns] fp16: [v | value points - key tile centre | pair values]
     const float* rowTerms = nullptr;     ///< [paddedRows, H, 8]: log-sum-exp, delta, sum_p dOut of value point p (x, y, z), 0, 0, 0
     const int* rowRanges = nullptr;      ///< [paddedRows, 4]: segment (-1 on padding), key range begin, end, 0
     const int* tileSegments = nullptr;   ///< per tile of 32 rows (Rows) or 64 rows (CoreMatrixTiles): the rows' common segment, or INT_MIN
@@ -190,7 +190,7 @@ int tensorCoreBackwardScalarColumns(int liftedKeyDim);
 bool tensorCoreBackwardApplies(const FusedAttentionProblem& problem);
 
 /**
- * The tensor-core backward for bf16 problems; returns false, launching nothing, where it does not
+ * The tensor-core backward for fp16 problems; returns false, launching nothing, where it does not
  * apply. Same contract as launchFusedAttentionBackward (the gradient buffers must be zeroed); the
  * log-sum-exp and delta travel in pack.rowTerms.
  */
@@ -202,7 +202,7 @@ int wgmmaBackwardValueColumns(int liftedValueDim);
 
 /**
  * True when the wgmma backward (FusedAttentionBackwardWgmma.cu, built for sm_90a only) can run for this
- * problem on the current device: a compute capability 9.0 GPU, bf16, the mma.sync backward's widths, lifted
+ * problem on the current device: a compute capability 9.0 GPU, fp16, the mma.sync backward's widths, lifted
  * value rows of at most 256 columns, and the tiles fit shared memory.
  */
 bool wgmmaBackwardApplies(const FusedAttentionProblem& problem);

@@ -6,14 +6,14 @@
 // recompute instead of storing (no L x L buffer anywhere).
 //
 // Precision (DESIGN 2.5). The published layer folds the point term into the lifted dot product,
-// |x|^2 + |y|^2 - 2 x.y, which in bf16 cancels large numbers once a structure sits far from the
+// |x|^2 + |y|^2 - 2 x.y, which in fp16 cancels large numbers once a structure sits far from the
 // origin. Here the point term is never expanded: sum_p |x_ip - y_jp|^2 is formed from differences in
 // fp32, and value points are aggregated in fp32, whatever the storage type of the scalar features.
 // The caller centres coordinates on the structure (the softmax weights sum to one, so a common shift
 // cancels), and the differences make the logits independent of where the structure sits: a
 // translation changes x and y by the same fp32-rounded amount, so what remains is rounding at the
 // coordinates' magnitude (1e-7 relative), not at their squares' magnitude. The scalar part
-// (q.k, biases) is rotation- and translation-invariant by construction and may be bf16.
+// (q.k, biases) is rotation- and translation-invariant by construction and may be fp16.
 //
 // Tiles: 64 query rows x 64 keys per block of 256 threads laid out 16 x 16; thread (ty, tx) owns
 // rows ty + 16a and keys tx + 16b (a, b < 4). Shared-memory tiles are stored transposed
@@ -21,7 +21,7 @@
 // columns of one row) and the compute loops (consecutive rows of one column) are free of bank conflicts.
 
 #include "FusedAttentionProblem.h"
-#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <math_constants.h>
 
 namespace FlashIPAPlugin {
@@ -36,7 +36,7 @@ constexpr int PerThread = 4;               ///< rows (and keys) per thread
 static_assert(TileRows == TileKeys, "the backward kernel's two sides share one tile size");
 
 __device__ __forceinline__ float toFloat(float x) { return x; }
-__device__ __forceinline__ float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float toFloat(__half x) { return __half2float(x); }
 
 /** Reads lifted rows of one head without materialising them. */
 template <typename T>

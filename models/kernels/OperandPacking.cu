@@ -9,11 +9,11 @@
 //    centres they write.
 //  - operands, one thread per 16 bytes of output: an element function says what column `col` of a packed
 //    row holds (OperandElements below), a layout says where 8 consecutive elements go (OperandLayout).
-// Every value is computed with the same fp32 operations as the LibTorch packing and rounded once to bf16,
-// so the bf16 operands agree bit for bit; the point sums agree to fp32 rounding (summation order).
+// Every value is computed with the same fp32 operations as the LibTorch packing and rounded once to fp16,
+// so the fp16 operands agree bit for bit; the point sums agree to fp32 rounding (summation order).
 #include "FusedAttentionLaunch.cuh"
 #include <climits>
-#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace FlashIPAPlugin {
 namespace kernels {
@@ -30,12 +30,12 @@ enum class OperandLayout {
     TransposedCoreMatrixTiles ///< [H, R / tile, C / 8, tile / 8, 8 columns, 8 rows] (the wgmma forward's values)
 };
 
-__device__ __forceinline__ float bf16At(const void* base, size_t index) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
+__device__ __forceinline__ float halfAt(const void* base, size_t index) {
+    return __half2float(static_cast<const __half*>(base)[index]);
 }
 
-__device__ __forceinline__ float bf16Hi(float x) {
-    return __bfloat162float(__float2bfloat16_rn(x));
+__device__ __forceinline__ float halfHi(float x) {
+    return __half2float(__float2half_rn(x));
 }
 
 /** Point 0 of the middle row of tile `tileIndex` (clamped to the last row), or the origin without points. */
@@ -57,7 +57,7 @@ __device__ __forceinline__ float3 centreAt(const float* centres, size_t index) {
 
 /** Point columns [hi | lo | hi] or [hi | hi | lo] of relative points scaled by `scale`, blocks of `block` columns. */
 __device__ __forceinline__ float splitPointColumn(float relative, int part, bool loInMiddle) {
-    const float hi = bf16Hi(relative);
+    const float hi = halfHi(relative);
     const bool lo = loInMiddle ? part == 1 : part == 2;
     return lo ? relative - hi : hi;
 }
@@ -88,10 +88,10 @@ struct OperandElements {
                 if (col == 0)
                     return 1.0f;
                 if (col < 4)
-                    return bf16Hi(component(centre, col - 1));
+                    return halfHi(component(centre, col - 1));
                 if (col < 7) {
                     const float x = component(centre, col - 4);
-                    return x - bf16Hi(x);
+                    return x - halfHi(x);
                 }
                 if (col < TensorCoreValueExtras)
                     return 0.0f;
@@ -105,10 +105,10 @@ struct OperandElements {
                 return p.valuePointsGlobal[index * pointColumns + k] - component(centre, k % 3);
             }
             if (col >= scalarFrom && col < scalarFrom + c)
-                return bf16At(p.v, index * c + col - scalarFrom);
+                return halfAt(p.v, index * c + col - scalarFrom);
             const int pairColumns = p.pairRank * p.pairValueDim, pairFrom = c + pointColumns;
             if (col >= pairFrom && col < pairFrom + pairColumns)
-                return bf16At(p.pairValues, (size_t) row * pairColumns + col - pairFrom);
+                return halfAt(p.pairValues, (size_t) row * pairColumns + col - pairFrom);
             return 0.0f;
         }
         if (operand == Operand::BackwardGradOut) {
@@ -117,9 +117,9 @@ struct OperandElements {
         }
         const bool queries = operand == Operand::ForwardQueries || operand == Operand::BackwardQueries;
         if (col < c)
-            return queries ? bf16At(p.q, index * c + col) : bf16At(p.k, index * c + col) * p.scalarScale;
+            return queries ? halfAt(p.q, index * c + col) : halfAt(p.k, index * c + col) * p.scalarScale;
         if (col < c + Rb)
-            return queries ? bf16At(p.biasLeft, index * Rb + col - c) : bf16At(p.biasRight, index * Rb + col - c) * p.biasScale;
+            return queries ? halfAt(p.biasLeft, index * Rb + col - c) : halfAt(p.biasRight, index * Rb + col - c) * p.biasScale;
         // Point columns: three blocks of the relative points (forward: 3 P_q wide, right after the scalar
         // columns; backward: pointBlock wide, after scalarColumns).
         const int pointsFrom = forward ? c + Rb : scalarColumns, block = forward ? coordinates : pointBlock;
@@ -139,7 +139,7 @@ struct OperandElements {
 };
 
 /** One thread per 16 bytes of output: 8 consecutive elements along a row (or, transposed, along a column). */
-__global__ void packOperand(OperandElements elements, __nv_bfloat16* out, int paddedRows, int columns, OperandLayout layout, int tile) {
+__global__ void packOperand(OperandElements elements, __half* out, int paddedRows, int columns, OperandLayout layout, int tile) {
     const int H = elements.p.heads, rows = elements.p.rows;
     const size_t vectors = (size_t) paddedRows * H * columns / 8;
     for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < vectors; i += (size_t) gridDim.x * blockDim.x) {
@@ -187,11 +187,11 @@ __global__ void packOperand(OperandElements elements, __nv_bfloat16* out, int pa
             break;
         }
         }
-        __align__(16) __nv_bfloat16 packed[8];
+        __align__(16) __half packed[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             const int r = alongRows ? row + e : row, k = alongRows ? col : col + e;
-            packed[e] = __float2bfloat16_rn(r < rows ? elements(r, head, k) : 0.0f);
+            packed[e] = __float2half_rn(r < rows ? elements(r, head, k) : 0.0f);
         }
         reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(packed);
     }
@@ -290,7 +290,7 @@ int gridFor(size_t items) {
 void launchOperand(const OperandElements& elements, const void* out, int paddedRows, int columns, OperandLayout layout, int tile, cudaStream_t stream) {
     const size_t vectors = (size_t) paddedRows * elements.p.heads * columns / 8;
     // The pack's pointers are const for the attention kernels, which only read them; here they are the outputs.
-    packOperand<<<gridFor(vectors), Threads, 0, stream>>>(elements, static_cast<__nv_bfloat16*>(const_cast<void*>(out)), paddedRows, columns,
+    packOperand<<<gridFor(vectors), Threads, 0, stream>>>(elements, static_cast<__half*>(const_cast<void*>(out)), paddedRows, columns,
                                                           layout, tile);
     checkLaunch(cudaGetLastError(), "operand packing");
 }

@@ -76,7 +76,7 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in, boo
     // Centre on the mean frame origin of each structure (real residues only). The attention is
     // invariant to this shift, and it keeps the lifted point terms from cancelling large numbers.
     // The fused kernel keeps every point in fp32 whatever the network's type: global-frame points
-    // rounded to bf16 would change with a rotation of the structure (DESIGN 2.5).
+    // rounded to fp16 would change with a rotation of the structure (DESIGN 2.5).
     const auto pointType = float32Points ? torch::kFloat32 : s.scalar_type();
     p.rotations = in.frames.rotations.to(pointType);
     torch::Tensor translations = in.frames.translations.to(pointType);
@@ -249,9 +249,9 @@ torch::Tensor FlashIPALayerImpl::forward(const IPAInputs& inputs, AttentionBacke
     if (isFusedBackend(backend)) {
         if (!fusedAttentionAvailable() || !inputs.nodes.is_cuda())
             throw std::invalid_argument("the fused attention backend runs on CUDA tensors in builds with the CUDA kernels; use \"sdpa\" or \"math\"");
-        // "fused": scalar operands on the tensor cores in bf16 whatever the network's type; "fused-fp32":
+        // "fused": scalar operands on the tensor cores in fp16 whatever the network's type; "fused-fp32":
         // every operand in fp32 (the SIMT kernels). The points are fp32 either way.
-        return attendFused(project(inputs, true), inputs, backend == AttentionBackend::Fused ? torch::kBFloat16 : torch::kFloat32);
+        return attendFused(project(inputs, true), inputs, backend == AttentionBackend::Fused ? torch::kHalf : torch::kFloat32);
     }
     Projected p = project(inputs, false);
     return backend == AttentionBackend::Math ? attendMath(p, inputs) : attendSDPA(p, inputs);

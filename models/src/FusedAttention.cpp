@@ -70,7 +70,7 @@ void checkInputs(const FusedAttentionInputs& in) {
     const int64_t N = in.q.size(0), H = in.q.size(1);
     require(in.q.is_cuda(), "the fused kernel runs on CUDA tensors only (use the \"sdpa\" or \"math\" backend on the CPU)");
     const auto element = in.q.scalar_type();
-    require(element == torch::kFloat32 || element == torch::kBFloat16, "scalar features must be float32 or bfloat16");
+    require(element == torch::kFloat32 || element == torch::kHalf, "scalar features must be float32 or float16");
     auto sameKind = [&](const torch::Tensor& t, const char* name) {
         require(t.scalar_type() == element && t.device() == in.q.device(), std::string(name) + " must match q's type and device");
     };
@@ -111,8 +111,8 @@ void checkInputs(const FusedAttentionInputs& in) {
 using namespace packing;
 
 /**
- * Runs the fastest backward that applies within the limit set by setFusedKernelLimit: wgmma (bf16 on
- * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT backward.
+ * Runs the fastest backward that applies within the limit set by setFusedKernelLimit: wgmma (fp16 on
+ * compute capability 9.0), mma.sync (fp16 on sm_80+), else the fp32 SIMT backward.
  */
 void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAttentionProblem& p, const torch::Tensor& gradOut,
                     const torch::Tensor& logSumExp, const torch::Tensor& delta, const kernels::FusedAttentionGradients& g) {
@@ -133,8 +133,8 @@ void launchBackward(const std::vector<torch::Tensor>& t, const kernels::FusedAtt
 }
 
 /**
- * Runs the fastest forward that applies within the limit set by setFusedKernelLimit: wgmma (bf16 on
- * compute capability 9.0), mma.sync (bf16 on sm_80+), else the fp32 SIMT forward. Returns the output
+ * Runs the fastest forward that applies within the limit set by setFusedKernelLimit: wgmma (fp16 on
+ * compute capability 9.0), mma.sync (fp16 on sm_80+), else the fp32 SIMT forward. Returns the output
  * [N, H, liftedValueDim] and the log-sum-exp [N, H], allocated after the packing so that the packing's
  * temporaries and the fp32 output never coexist (the forward's peak memory).
  */
@@ -191,6 +191,19 @@ public:
         const int64_t N = q.size(0), H = q.size(1);
         const int c = p.headDim, Rb = p.biasRank, Pv = p.valuePoints;
         torch::Tensor gradOut = gradOutputs[0].defined() ? gradOutputs[0].to(torch::kFloat32).contiguous() : torch::zeros_like(out);
+        // fp16 holds 2^-14..65504 at full precision: scale dOut by a power of two so that its largest entry
+        // is in [1, 2), whatever the loss's units, and undo it on the gradients (all linear in dOut, so the
+        // power of two changes no bit but those fp16 would lose). Device-side: no host synchronisation.
+        torch::Tensor gradScale, gradUnscale;
+        if (q.scalar_type() == torch::kHalf) {
+            torch::Tensor largest = gradOut.abs().amax();
+            torch::Tensor usable = torch::isfinite(largest) & (largest > 0);
+            torch::Tensor exponent = torch::where(usable, torch::floor(torch::log2(torch::where(usable, largest, torch::ones_like(largest)))),
+                                                  torch::zeros_like(largest));
+            gradScale = torch::exp2(-exponent);
+            gradUnscale = torch::exp2(exponent);
+            gradOut = gradOut * gradScale;
+        }
         torch::Tensor delta = (gradOut * out).sum(-1).contiguous();
         auto zeros = [&](std::vector<int64_t> shape) { return torch::zeros(shape, out.options()); };
         torch::Tensor dQuery = zeros({N, H, c + Rb}), dKey = zeros({N, H, c + Rb}), dValue = zeros({N, H, p.liftedValueDim()});
@@ -203,6 +216,9 @@ public:
         g.keyPoints = dKeyPoints.data_ptr<float>();
         g.pointWeight = dWeight.data_ptr<float>();
         launchBackward(t, p, gradOut, logSumExp, delta, g);
+        if (gradUnscale.defined())
+            for (torch::Tensor* x : {&dQuery, &dKey, &dValue, &dQueryPoints, &dKeyPoints, &dWeight})
+                x->mul_(gradUnscale);
         const auto element = q.scalar_type();
         auto cols = [](const torch::Tensor& x, int64_t from, int64_t count) { return x.narrow(-1, from, count); };
         torch::Tensor dPair = cols(dValue, c + 3 * Pv, p.pairRank * p.pairValueDim).sum(1).view({N, p.pairRank, p.pairValueDim});
@@ -265,7 +281,7 @@ namespace packing {
 std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> packedOperandsTwoWays(const FusedAttentionInputs& in, double scalarScale,
                                                                                       double biasScale, bool backward, bool coreMatrixTiles) {
     checkInputs(in);
-    require(in.q.scalar_type() == torch::kBFloat16, "the tensor-core packs hold bf16 operands: pass bfloat16 scalar features");
+    require(in.q.scalar_type() == torch::kHalf, "the tensor-core packs hold fp16 operands: pass float16 scalar features");
 #ifdef FLASHIPA_HAVE_FUSED_KERNEL
     const std::vector<torch::Tensor> t = attentionTensors(in);
     c10::cuda::CUDAGuard guard(in.q.device());

@@ -21,7 +21,7 @@ kernels::FusedAttentionProblem describe(const std::vector<torch::Tensor>& t, dou
     p.pairValueDim = (int) t[8].size(2);
     p.scalarScale = (float) scalarScale;
     p.biasScale = (float) biasScale;
-    p.element = t[0].scalar_type() == torch::kBFloat16 ? kernels::ElementType::BFloat16 : kernels::ElementType::Float32;
+    p.element = t[0].scalar_type() == torch::kHalf ? kernels::ElementType::Float16 : kernels::ElementType::Float32;
     p.q = t[0].data_ptr();
     p.k = t[1].data_ptr();
     p.v = t[2].data_ptr();
@@ -46,30 +46,30 @@ PackedOperands packForwardWithTorch(const std::vector<torch::Tensor>& t, const k
     const int64_t N = p.rows, H = p.heads, Pq = p.queryPoints;
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t keyColumns = kernels::tensorCoreForwardKeyColumns(p);
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16);
-    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
+    const auto half = t[0].options().dtype(torch::kHalf);
+    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, half); };
     auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
     // Points relative to their tile's centre (key tiles: the key points' centre, or the value points'
-    // where there are no key points), split into bf16 hi + lo for the logits' cross term.
+    // where there are no key points), split into fp16 hi + lo for the logits' cross term.
     torch::Tensor queryCentres, keyCentres;
     torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
     torch::Tensor b = relativeToTile(t[6], Pq > 0 ? t[6] : t[7], kernels::TensorCoreKeyTile, padded, keyCentres);
-    auto [aHi, aLo] = splitBf16(a.flatten(2));
-    auto [bHi, bLo] = splitBf16(b.flatten(2) * pointWeight.view({1, H, 1}));
+    auto [aHi, aLo] = splitHalf(a.flatten(2));
+    auto [bHi, bLo] = splitHalf(b.flatten(2) * pointWeight.view({1, H, 1}));
     const int64_t fill = keyColumns - p.liftedKeyDim() - 9 * Pq;
-    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), aHi, aLo, aHi, zeros(fill)}, -1));
-    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
-                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), bHi, bHi, bLo, zeros(fill)}, -1));
+    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kHalf), t[3].to(torch::kHalf), aHi, aLo, aHi, zeros(fill)}, -1));
+    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kHalf),
+                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kHalf), bHi, bHi, bLo, zeros(fill)}, -1));
     // Values: [1 | key tile centre hi | lo | 0 | value points - centre | v | pair values] (TensorCorePack).
     const int64_t width = kernels::tensorCoreForwardValueWidth(p), chunk = kernels::tensorCoreValueChunk((int) width);
     const int64_t valueColumns = (width + chunk - 1) / chunk * chunk;
     torch::Tensor tileOfRow = torch::arange(N, t[0].options().dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
     torch::Tensor centre = keyCentres.index_select(0, tileOfRow); // [N, H, 3]
-    auto [centreHi, centreLo] = splitBf16(centre);
-    torch::Tensor relativeValuePoints = (t[7] - centre.unsqueeze(2)).flatten(2).to(torch::kBFloat16);
-    torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    torch::Tensor values = pad(torch::cat({torch::ones({N, H, 1}, bf16), centreHi, centreLo, zeros(1), relativeValuePoints,
-                                           t[2].to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
+    auto [centreHi, centreLo] = splitHalf(centre);
+    torch::Tensor relativeValuePoints = (t[7] - centre.unsqueeze(2)).flatten(2).to(torch::kHalf);
+    torch::Tensor pair = t[8].to(torch::kHalf).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
+    torch::Tensor values = pad(torch::cat({torch::ones({N, H, 1}, half), centreHi, centreLo, zeros(1), relativeValuePoints,
+                                           t[2].to(torch::kHalf), pair, zeros(valueColumns - width)}, -1));
     if (tiled) {
         queries = coreMatrixTiles(queries, kernels::TensorCoreQueryTile);
         keys = coreMatrixTiles(keys, kernels::TensorCoreKeyTile);
@@ -107,8 +107,8 @@ PackedBackwardOperands packBackwardWithTorch(const std::vector<torch::Tensor>& t
     const int64_t padded = (N + kernels::TensorCoreQueryTile - 1) / kernels::TensorCoreQueryTile * kernels::TensorCoreQueryTile;
     const int64_t scalarColumns = kernels::tensorCoreBackwardScalarColumns((int) (c + Rb));
     const int64_t pointBlock = (3 * Pq + 7) / 8 * 8, pointColumns = (3 * pointBlock + 15) / 16 * 16;
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16), f32 = t[0].options().dtype(torch::kFloat32);
-    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, bf16); };
+    const auto half = t[0].options().dtype(torch::kHalf), f32 = t[0].options().dtype(torch::kFloat32);
+    auto zeros = [&](int64_t columns) { return torch::zeros({N, H, columns}, half); };
     auto pad = [&](const torch::Tensor& x) { return padRows(x, padded); };
     auto block = [&](const torch::Tensor& x) { return torch::cat({x, zeros(pointBlock - 3 * Pq)}, -1); };
     // Key tiles are centred on their key points, or on their value points where there are no key points.
@@ -116,13 +116,13 @@ PackedBackwardOperands packBackwardWithTorch(const std::vector<torch::Tensor>& t
     torch::Tensor queryCentres, keyCentres;
     torch::Tensor a = relativeToTile(t[5], t[5], kernels::TensorCoreQueryTile, padded, queryCentres);
     torch::Tensor b = relativeToTile(t[6], keyCentreSource, kernels::TensorCoreKeyTile, padded, keyCentres);
-    auto [aHi, aLo] = splitBf16(a.flatten(2));
-    auto [bHi, bLo] = splitBf16(b.flatten(2));
+    auto [aHi, aLo] = splitHalf(a.flatten(2));
+    auto [bHi, bLo] = splitHalf(b.flatten(2));
     const int64_t scalarFill = scalarColumns - c - Rb, pointFill = pointColumns - 3 * pointBlock;
-    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kBFloat16), t[3].to(torch::kBFloat16), zeros(scalarFill), block(aHi),
+    torch::Tensor queries = pad(torch::cat({t[0].to(torch::kHalf), t[3].to(torch::kHalf), zeros(scalarFill), block(aHi),
                                             block(aLo), block(aHi), zeros(pointFill)}, -1));
-    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kBFloat16),
-                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kBFloat16), zeros(scalarFill), block(bHi),
+    torch::Tensor keys = pad(torch::cat({(t[1].to(torch::kFloat32) * p.scalarScale).to(torch::kHalf),
+                                         (t[4].to(torch::kFloat32) * p.biasScale).to(torch::kHalf), zeros(scalarFill), block(bHi),
                                          block(bHi), block(bLo), zeros(pointFill)}, -1));
     // Value rows with value points relative to their key tile's centre; the centre's share of dP is
     // added in fp32 by the kernel from the per-row sums of dOut over value points.
@@ -130,9 +130,9 @@ PackedBackwardOperands packBackwardWithTorch(const std::vector<torch::Tensor>& t
     const int64_t valueColumns = tiled ? kernels::wgmmaBackwardValueColumns((int) width) : (width + chunk - 1) / chunk * chunk;
     torch::Tensor tileOfRow = torch::arange(N, f32.dtype(torch::kInt64)).floor_divide(kernels::TensorCoreKeyTile);
     torch::Tensor valuePoints = (t[7] - keyCentres.index_select(0, tileOfRow).unsqueeze(2)).flatten(2);
-    torch::Tensor pair = t[8].to(torch::kBFloat16).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
-    torch::Tensor values = pad(torch::cat({t[2].to(torch::kBFloat16), valuePoints.to(torch::kBFloat16), pair, zeros(valueColumns - width)}, -1));
-    torch::Tensor gradRows = pad(torch::cat({gradOut.to(torch::kBFloat16), zeros(valueColumns - width)}, -1));
+    torch::Tensor pair = t[8].to(torch::kHalf).flatten(1).unsqueeze(1).expand({N, H, p.pairRank * p.pairValueDim});
+    torch::Tensor values = pad(torch::cat({t[2].to(torch::kHalf), valuePoints.to(torch::kHalf), pair, zeros(valueColumns - width)}, -1));
+    torch::Tensor gradRows = pad(torch::cat({gradOut.to(torch::kHalf), zeros(valueColumns - width)}, -1));
     torch::Tensor gradSums = gradOut.narrow(-1, c, 3 * Pv).reshape({N, H, Pv, 3}).sum(2);
     torch::Tensor rowTerms = pad(torch::cat({logSumExp.unsqueeze(-1), delta.unsqueeze(-1), gradSums, torch::zeros({N, H, 3}, f32)}, -1));
     // Per row: segment, key range; padding rows are segment -1. Per tile of rows: their common segment.
@@ -189,14 +189,14 @@ PackedOperands packForward(const std::vector<torch::Tensor>& t, const kernels::F
     pack.paddedRows = (int) padded;
     pack.keyColumns = kernels::tensorCoreForwardKeyColumns(p);
     pack.valueColumns = (int) ((width + chunk - 1) / chunk * chunk);
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16), f32 = t[0].options().dtype(torch::kFloat32), i32 = t[0].options().dtype(torch::kInt32);
-    out.keepAlive = {torch::empty({padded * H * pack.keyColumns}, bf16),
-                     torch::empty({padded * H * pack.keyColumns}, bf16),
+    const auto half = t[0].options().dtype(torch::kHalf), f32 = t[0].options().dtype(torch::kFloat32), i32 = t[0].options().dtype(torch::kInt32);
+    out.keepAlive = {torch::empty({padded * H * pack.keyColumns}, half),
+                     torch::empty({padded * H * pack.keyColumns}, half),
                      torch::empty({padded, H, 4}, f32),
                      torch::empty({padded, H, 4}, f32),
                      torch::empty({padded / kernels::TensorCoreQueryTile, H, 3}, f32),
                      torch::empty({padded / kernels::TensorCoreKeyTile, H, 3}, f32),
-                     torch::empty({padded * H * pack.valueColumns}, bf16),
+                     torch::empty({padded * H * pack.valueColumns}, half),
                      torch::empty({padded}, i32),
                      torch::empty({padded / kernels::TensorCoreKeyTile}, i32)};
     pack.queries = out.keepAlive[0].data_ptr();
@@ -225,15 +225,15 @@ PackedBackwardOperands packBackward(const std::vector<torch::Tensor>& t, const k
     pack.keyColumns = pack.scalarColumns + (3 * pack.pointBlock + 15) / 16 * 16;
     pack.valueColumns = tiled ? kernels::wgmmaBackwardValueColumns((int) width) : (int) ((width + chunk - 1) / chunk * chunk);
     const int64_t segmentTile = tiled ? kernels::TensorCoreKeyTile : kernels::TensorCoreBackwardTile;
-    const auto bf16 = t[0].options().dtype(torch::kBFloat16), f32 = t[0].options().dtype(torch::kFloat32), i32 = t[0].options().dtype(torch::kInt32);
-    out.keepAlive = {torch::empty({padded * H * pack.keyColumns}, bf16),
-                     torch::empty({padded * H * pack.keyColumns}, bf16),
+    const auto half = t[0].options().dtype(torch::kHalf), f32 = t[0].options().dtype(torch::kFloat32), i32 = t[0].options().dtype(torch::kInt32);
+    out.keepAlive = {torch::empty({padded * H * pack.keyColumns}, half),
+                     torch::empty({padded * H * pack.keyColumns}, half),
                      torch::empty({padded, H, 4}, f32),
                      torch::empty({padded, H, 4}, f32),
                      torch::empty({padded / kernels::TensorCoreQueryTile, H, 3}, f32),
                      torch::empty({padded / kernels::TensorCoreKeyTile, H, 3}, f32),
-                     torch::empty({padded * H * pack.valueColumns}, bf16),
-                     torch::empty({padded * H * pack.valueColumns}, bf16),
+                     torch::empty({padded * H * pack.valueColumns}, half),
+                     torch::empty({padded * H * pack.valueColumns}, half),
                      torch::empty({padded, H, 8}, f32),
                      torch::empty({padded, 4}, i32),
                      torch::empty({padded / segmentTile}, i32)};

@@ -32,10 +32,10 @@ torch::Tensor pointStats(const torch::Tensor& relative, int64_t padded) {
     return padRows(torch::cat({relative.pow(2).sum({2, 3}).unsqueeze(-1), relative.sum(2)}, -1), padded);
 }
 
-/** fp32 -> bf16 hi part and bf16 residual. */
-std::pair<torch::Tensor, torch::Tensor> splitBf16(const torch::Tensor& x) {
-    torch::Tensor hi = x.to(torch::kBFloat16);
-    return {hi, (x - hi.to(torch::kFloat32)).to(torch::kBFloat16)};
+/** fp32 -> fp16 hi part and fp16 residual. */
+std::pair<torch::Tensor, torch::Tensor> splitHalf(const torch::Tensor& x) {
+    torch::Tensor hi = x.to(torch::kHalf);
+    return {hi, (x - hi.to(torch::kFloat32)).to(torch::kHalf)};
 }
 
 /**

@@ -2,7 +2,7 @@
 #define FLASHIPA_TENSOR_CORE_PACKING_H_
 
 // LibTorch helpers that build the fused kernels' packed operands (TensorCorePack and
-// TensorCoreBackwardPack in models/kernels/FusedAttentionProblem.h): padding, tile re-centring, bf16
+// TensorCoreBackwardPack in models/kernels/FusedAttentionProblem.h): padding, tile re-centring, fp16
 // splitting and the tensor cores' core-matrix tile order. They are plain tensor ops on any device, so
 // the layouts the kernels rely on are tested on the CPU (tests/cpp/TestTensorCorePacking.cpp), not
 // only through the kernels on a GPU. Internal to the model library.
@@ -27,8 +27,8 @@ torch::Tensor relativeToTile(const torch::Tensor& points, const torch::Tensor& c
 /** Per-row point sums of relative points [N, H, P, 3]: sum_p |a_p|^2, sum_p a_p; padded rows. */
 torch::Tensor pointStats(const torch::Tensor& relative, int64_t padded);
 
-/** fp32 -> bf16 hi part and bf16 residual. */
-std::pair<torch::Tensor, torch::Tensor> splitBf16(const torch::Tensor& x);
+/** fp32 -> fp16 hi part and fp16 residual. */
+std::pair<torch::Tensor, torch::Tensor> splitHalf(const torch::Tensor& x);
 
 /**
  * Per tile of `tile` consecutive rows, the segment id all its rows share, or INT_MIN where they differ
@@ -49,7 +49,7 @@ torch::Tensor coreMatrixTiles(const torch::Tensor& x, int64_t tile);
 torch::Tensor transposedCoreMatrixTiles(const torch::Tensor& x, int64_t tile);
 
 /**
- * For tests: the packed operands of the tensor-core kernels for these (bf16) inputs, built twice, by the
+ * For tests: the packed operands of the tensor-core kernels for these (fp16) inputs, built twice, by the
  * GPU packing kernels (first) and by the LibTorch reference (second), each list in the order of the pack's
  * pointers (TensorCorePack, or TensorCoreBackwardPack with a random output gradient, log-sum-exp and delta).
  * Throws std::invalid_argument in a build without the CUDA kernels.

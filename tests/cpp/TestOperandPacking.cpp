@@ -1,6 +1,6 @@
 // The GPU packing kernels (models/kernels/OperandPacking.cu) against the LibTorch packing they replaced,
 // which stays as the reference (its layouts are checked against index formulas on the CPU in
-// TestTensorCorePacking). Every packed tensor of both passes and both layouts: the bf16 operands, centres,
+// TestTensorCorePacking). Every packed tensor of both passes and both layouts: the fp16 operands, centres,
 // segments and ranges must agree bit for bit (same fp32 arithmetic, one rounding); the point sums and the
 // backward's dOut sums to fp32 rounding (1e-6 relative: the kernels sum in another order). Structures sit
 // 100 nm from the origin, so a centre taken from the wrong tile or a lost hi/lo residual shows.
@@ -23,14 +23,14 @@ struct Widths {
     int64_t H, c, Rb, Pq, Pv, r, dz;
 };
 
-/** bf16 inputs for chains of the given lengths plus one padding row, points around (100, -50, 80) nm. */
+/** fp16 inputs for chains of the given lengths plus one padding row, points around (100, -50, 80) nm. */
 FusedAttentionInputs inputs(const Widths& w, const std::vector<int64_t>& lengths) {
     torch::manual_seed(3);
     int64_t N = 1;
     for (int64_t n : lengths)
         N += n;
     auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32);
-    auto features = [&](std::vector<int64_t> shape) { return torch::randn(shape, opts).to(torch::kBFloat16); };
+    auto features = [&](std::vector<int64_t> shape) { return torch::randn(shape, opts).to(torch::kHalf); };
     const torch::Tensor offset = torch::tensor({100.0f, -50.0f, 80.0f}, opts);
     auto points = [&](int64_t count) { return torch::randn({N, w.H, count, 3}, opts) * 1.5 + offset; };
     FusedAttentionInputs in;
@@ -94,7 +94,7 @@ TEST(OperandPacking, KernelsMatchWithoutOptionalParts) {
     expectSamePacks({2, 16, 0, 1, 3, 0, 1}, {100, 29});
 }
 
-// Float32 features have no bf16 pack: refused with a message, not packed wrongly.
+// Float32 features have no fp16 pack: refused with a message, not packed wrongly.
 TEST(OperandPacking, RefusesFloat32Features) {
     REQUIRE_GPU();
     FusedAttentionInputs in = inputs({2, 8, 0, 2, 2, 0, 1}, {10});

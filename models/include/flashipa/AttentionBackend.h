@@ -10,10 +10,10 @@ namespace FlashIPAPlugin {
  *  - Math:      materialised L x L logits; supports double backward; training and test oracle.
  *  - SDPA:      lifted Q/K/V through at::scaled_dot_product_attention; never stores L x L.
  *  - Fused:     the project's own CUDA kernels with the scalar part on tensor cores: scalar features
- *               (q, k, v, bias and pair factors) rounded to bf16, points exact in fp32 (hi + lo split,
+ *               (q, k, v, bias and pair factors) rounded to fp16, points exact in fp32 (hi + lo split,
  *               tile re-centring), fp32 accumulation and softmax. CUDA only.
  *  - FusedFP32: the same kernels with every operand in fp32 (the SIMT kernels). CUDA only.
- *  - Auto:      Fused where it runs (CUDA tensors in float32 or bfloat16, a build with the kernels),
+ *  - Auto:      Fused where it runs (CUDA tensors in float32 or float16, a build with the kernels),
  *               SDPA otherwise; resolved per call by resolveAttentionBackend(). Meant to become
  *               FlashIPAForce's default once it has run on a GPU (docs/KNOWN-ISSUES.md).
  */
@@ -27,7 +27,7 @@ std::string attentionBackendName(AttentionBackend backend);
 bool isFusedBackend(AttentionBackend backend);
 /**
  * The backend that runs for a request on tensors of this device and element type: Auto becomes Fused
- * for CUDA tensors in float32 or bfloat16 when the build has the fused kernels, SDPA otherwise (CPU,
+ * for CUDA tensors in float32 or float16 when the build has the fused kernels, SDPA otherwise (CPU,
  * float64); every other request is returned unchanged (so an impossible explicit choice still fails
  * with its own message).
  */

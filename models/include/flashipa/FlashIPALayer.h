@@ -58,7 +58,7 @@ private:
     /** Throws std::runtime_error when the math path would not fit in half of this machine's memory (CPU only). */
     void checkMathMemory(int64_t B, int64_t L, bool onGpu, int64_t elementSize) const;
     torch::Tensor attendSDPA(const Projected& p, const IPAInputs& inputs);
-    /** The fused kernels with the scalar operands in attentionType (bf16: tensor cores; fp32: SIMT). */
+    /** The fused kernels with the scalar operands in attentionType (fp16: tensor cores; fp32: SIMT). */
     torch::Tensor attendFused(const Projected& p, const IPAInputs& inputs, torch::Dtype attentionType);
     torch::Tensor unlift(const Projected& p, const torch::Tensor& scalar, const torch::Tensor& pointsGlobal,
                          const torch::Tensor& pairAggregate, const IPAInputs& inputs);
