@@ -364,7 +364,7 @@ struct DtypeInfo {
 
 const DtypeInfo Dtypes[] = {
     {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4}, {"F16", torch::kFloat16, 2},
-    {"BF16", torch::kHalf, 2}, {"I64", torch::kInt64, 8}, {"I32", torch::kInt32, 4},
+    {"BF16", torch::kBFloat16, 2}, {"I64", torch::kInt64, 8}, {"I32", torch::kInt32, 4},
     {"U8", torch::kUInt8, 1}, {"BOOL", torch::kBool, 1},
 };
 

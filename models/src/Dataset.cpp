@@ -20,7 +20,7 @@ std::string dtypeName(torch::ScalarType type) {
     case torch::kFloat64: return "F64";
     case torch::kFloat32: return "F32";
     case torch::kFloat16: return "F16";
-    case torch::kHalf: return "BF16";
+    case torch::kBFloat16: return "BF16";
     case torch::kInt64: return "I64";
     case torch::kInt32: return "I32";
     case torch::kUInt8: return "U8";
