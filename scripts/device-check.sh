@@ -70,12 +70,15 @@ except Exception as e: print("RAISED by OpenMM itself:", str(e)[:60])' 2>&1 | ta
     grep -v '^\[New Thread\|^\[Thread .* exited\|^\[Detaching' $OUT/gdb.log | grep -B2 -A60 'signal SIG' | head -90
 fi
 
-if [[ " $STEPS " == *" tests "* ]]; then
-    # The GPU suites first (what only this machine can check), then everything else.
+# "tests" = "cuda" (the GPU suites: what only this machine can check) + "rest" (everything else).
+[[ " $STEPS " == *" tests "* ]] && STEPS="$STEPS cuda rest"
+if [[ " $STEPS " == *" cuda "* ]]; then
     echo "== CTest (CUDA suites)"
     (cd $BUILD && ctest -j4 --timeout 300 -R "Cuda|Fused|OperandPacking" 2>&1 | tee $OUT/ctest-cuda.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (CUDA and Python-integration files)"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_platform.py tests/python/test_python_integration.py 2>&1 | tee $OUT/pytest-cuda.log | tail -15
+fi
+if [[ " $STEPS " == *" rest "* ]]; then
     echo "== CTest (the rest)"
     (cd $BUILD && ctest -j8 --timeout 300 -E "Cuda|Fused|OperandPacking" 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (the rest)"
