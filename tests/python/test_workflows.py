@@ -64,6 +64,21 @@ def test_placed_carbonyl_is_in_the_peptide_plane_at_the_ideal_distance():
     assert np.all(np.isnan(placed["OXT"][:-1])) and np.all(np.isfinite(placed["OXT"][-1]))
 
 
+def test_placed_c_terminus_is_a_carboxylate():
+    # O and OXT of the last residue were the training medians in the frame: 0.03 nm apart, 0.07 nm from C
+    # (the carboxylate turns about CA-C, so its median is near the axis). Oracle: C=O length and 120 degrees.
+    frames = generate("protein", 6, 1, seed=1, numSteps=5, progress=False)[0].frames
+    placed = placeBackboneAtoms(frames, "protein", segments=[0, 0, 0, 1, 1, 1])
+    for k in (2, 5):  # the C terminus of each segment
+        ca, c = frames[k, 1], frames[k, 2]
+        for name in ("O", "OXT"):
+            bond = placed[name][k] - c
+            assert np.linalg.norm(bond) == pytest.approx(ideal_geometry.CARBONYL_BOND, abs=1e-9)
+            cosine = np.dot(bond, ca - c) / np.linalg.norm(bond) / np.linalg.norm(ca - c)
+            assert math.degrees(math.acos(cosine)) == pytest.approx(120.0, abs=1e-6)
+        assert np.linalg.norm(placed["O"][k] - placed["OXT"][k]) > 0.2
+
+
 @pytest.mark.parametrize("ext", ["pdb", "cif"])
 def test_backbone_write_read_round_trip(tmp_path, ext):
     backbone = generate("rna", 5, 1, seed=2, numSteps=4, progress=False)[0]

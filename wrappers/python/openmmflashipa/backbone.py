@@ -123,7 +123,8 @@ def placeBackboneAtoms(frames, moltype, segments=None):
 
     frames: [L, 3, 3] frame-atom coordinates (nm); returns {atom name: [L, 3]} (nm) for the atoms that are
     not frame atoms: protein O (in the peptide plane, bisecting the exterior CA-C-N(i+1) angle) and OXT for
-    the last residue of each segment (the C terminus; those residues' O comes from the frame alone);
+    the last residue of each segment (the C terminus: O and OXT as a planar carboxylate in the N-CA-C plane,
+    at the C=O distance and 120 degrees from CA);
     RNA P, OP1, OP2, O5', C5', C2', O2', C1', O3' (training-set median positions in the residue frame: the
     sugar atoms are nearly rigid there, the phosphate group only approximately).
     """
@@ -146,5 +147,14 @@ def placeBackboneAtoms(frames, moltype, segments=None):
         bisector = _unit(_unit(c[:-1] - ca[:-1]) + _unit(c[:-1] - n_next))
         peptide_o = c[:-1] + ideal_geometry.CARBONYL_BOND * bisector
         oxygen[:-1][linked] = peptide_o[linked]
-    oxt = _to_global(frames, local["OXT"])
+    # C termini: a planar carboxylate in the N-CA-C plane, both oxygens at the C=O distance and at 120 degrees
+    # from CA (O on N's side). Not the training medians in the frame: the carboxylate turns freely about
+    # CA-C, so those medians lie near the axis (0.03 nm apart, 0.07 nm from C) and are no atom positions.
+    e1 = _unit(c - ca)
+    u = frames[:, 0] - ca
+    e2 = _unit(u - np.sum(e1 * u, -1, keepdims=True) * e1)
+    half = np.sqrt(3.0) / 2.0
+    terminal_o = c + ideal_geometry.CARBONYL_BOND * (0.5 * e1 + half * e2)
+    oxt = c + ideal_geometry.CARBONYL_BOND * (0.5 * e1 - half * e2)
+    oxygen[terminal] = terminal_o[terminal]
     return {"O": oxygen, "OXT": np.where(terminal[:, None], oxt, np.nan)}

@@ -41,6 +41,11 @@ def timeForce(length, repeats, platform, seed=0, modelPath=None):
 
 def run(lengths, repeats, platform, generateLength, generateNum, generateSteps, seed, modelPath, progress):
     """Every timing as a dict (see markdown())."""
+    lengths = [int(v) for v in lengths]
+    if not lengths or min(lengths) < 1:
+        raise ValueError("chain lengths must be at least 1 residue, got %s" % (lengths,))
+    if int(repeats) < 1:
+        raise ValueError("repeats must be at least 1, got %r" % (repeats,))
     table = {"force": [], "generation": []}
     for length in lengths:
         seconds, name = timeForce(length, repeats, platform, seed, modelPath)

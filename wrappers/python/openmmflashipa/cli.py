@@ -5,6 +5,7 @@ Run ``flashipa --help`` or ``flashipa <command> --help``; ``python -m openmmflas
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,31 @@ Every command takes --platform (CUDA, CPU or Reference; default: the fastest wit
 --seed (same seed, same result on the same platform) and --out. Lengths are in residues, times in ps,
 noise levels (sigma) in nm. The model is the one shipped with the package unless --model names a checkpoint.
 """
+
+
+def _number(kind, minimum=None, strictly=False):
+    """An argparse type: `kind` (int or float), finite, at least (or, strictly, above) `minimum`; a bad value
+    becomes argparse's one-line usage error (exit code 2) instead of a traceback from deep inside."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, "an integer" if kind is int else "a number"))
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError("%r is not a finite number" % text)
+        if minimum is not None and (value <= minimum if strictly else value < minimum):
+            raise argparse.ArgumentTypeError("%s must be %s %g" % (text, "above" if strictly else "at least", minimum))
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _lengths(text):
+    """argparse type of --lengths: comma-separated chain lengths, each at least 1 residue."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("no length given")
+    return [_number(int, 1)(v) for v in values]
 
 
 def _common(parser, out_default):
@@ -40,9 +66,9 @@ def _parser():
                             description="Generate backbones with the learned model (probability-flow ODE from "
                                         "noise). Proteins come out as poly-glycine, RNA as poly-U backbones.")
     g.add_argument("--type", choices=("protein", "rna"), default="protein", help="molecule type")
-    g.add_argument("--length", type=int, default=60, help="residues per chain (default 60)")
-    g.add_argument("--num", type=int, default=1, help="number of backbones (default 1)")
-    g.add_argument("--steps", type=int, default=100, help="ODE steps (default 100)")
+    g.add_argument("--length", type=_number(int, 2), default=60, help="residues per chain (default 60)")
+    g.add_argument("--num", type=_number(int, 1), default=1, help="number of backbones (default 1)")
+    g.add_argument("--steps", type=_number(int, 1), default=100, help="ODE steps (default 100)")
     g.add_argument("--method", choices=("sampler", "openmm"), default="sampler",
                    help="sampler: batched C++ (default); openmm: AnnealingIntegrator in an OpenMM Context")
     g.add_argument("--format", choices=("pdb", "cif", "both"), default="both", help="output format")
@@ -58,11 +84,12 @@ def _parser():
     r.add_argument("inputs", nargs="+", help="PDB or mmCIF files")
     r.add_argument("--protocol", choices=("minimize", "restrained", "anneal", "md"), default=None,
                    help="refinement protocol (default minimize)")
-    r.add_argument("--steps", type=int, default=None,
+    r.add_argument("--steps", type=_number(int, 0), default=None,
                    help="Langevin steps of the protocols with MD (default 1000; minimize runs none)")
-    r.add_argument("--iterations", type=int, default=500, help="minimiser iterations (default 500)")
-    r.add_argument("--sigma", type=float, default=0.05, help="flashipaSigma, nm (default 0.05)")
-    r.add_argument("--scale", type=float, default=1.0, help="flashipaScale; 0 = physics only (default 1)")
+    r.add_argument("--iterations", type=_number(int, 0), default=500, help="minimiser iterations (default 500)")
+    r.add_argument("--sigma", type=_number(float, 0.0, strictly=True), default=0.05,
+                   help="flashipaSigma, nm, above 0 (default 0.05; the model was trained on 0.01-2)")
+    r.add_argument("--scale", type=_number(float, 0.0), default=1.0, help="flashipaScale; 0 = physics only (default 1)")
     r.add_argument("--level", choices=("auto", "all-atom", "backbone"), default="auto", help="refinement level")
     r.add_argument("--implicit", choices=("obc2", "gbn2"), default="obc2", help="implicit solvent model")
     r.add_argument("--no-quench", action="store_true", help="write the last Langevin frame, not its minimum")
@@ -73,20 +100,20 @@ def _parser():
                                         "force, and report the drift (RMSD, TM-score, secondary structure, bond "
                                         "violations, clashes, energies) as JSON, PNG and Markdown.")
     c.add_argument("--type", choices=("protein", "rna"), default="protein", help="molecule type")
-    c.add_argument("--length", type=int, default=50, help="residues (default 50)")
-    c.add_argument("--ps", type=float, default=10.0, help="simulation length per run, ps (default 10)")
-    c.add_argument("--snapshots", type=int, default=10, help="measurements per run (default 10)")
-    c.add_argument("--refine-steps", type=int, default=500, help="Langevin steps in refinement (default 500)")
+    c.add_argument("--length", type=_number(int, 2), default=50, help="residues (default 50)")
+    c.add_argument("--ps", type=_number(float, 0.0, strictly=True), default=10.0, help="simulation length per run, ps (default 10)")
+    c.add_argument("--snapshots", type=_number(int, 1), default=10, help="measurements per run (default 10)")
+    c.add_argument("--refine-steps", type=_number(int, 0), default=500, help="Langevin steps in refinement (default 500)")
     _common(c, "flashipa-check")
 
     b = commands.add_parser("bench", help="time the force and generation on this machine",
                             description="Time the FlashIPAForce (energy + forces per call) for chains of the given "
                                         "lengths, and generation throughput of the C++ sampler and the OpenMM route.")
-    b.add_argument("--lengths", default="50,100,200", help="comma-separated chain lengths (default 50,100,200)")
-    b.add_argument("--repeats", type=int, default=10, help="timed evaluations per length (default 10)")
-    b.add_argument("--generate-length", type=int, default=60, help="chain length for generation timing")
-    b.add_argument("--generate-num", type=int, default=4, help="backbones for generation timing")
-    b.add_argument("--generate-steps", type=int, default=20, help="ODE steps for generation timing")
+    b.add_argument("--lengths", type=_lengths, default=[50, 100, 200], help="comma-separated chain lengths (default 50,100,200)")
+    b.add_argument("--repeats", type=_number(int, 1), default=10, help="timed evaluations per length (default 10)")
+    b.add_argument("--generate-length", type=_number(int, 2), default=60, help="chain length for generation timing")
+    b.add_argument("--generate-num", type=_number(int, 1), default=4, help="backbones for generation timing")
+    b.add_argument("--generate-steps", type=_number(int, 1), default=20, help="ODE steps for generation timing")
     _common(b, None)
     return parser
 
@@ -105,20 +132,29 @@ def _generate(args):
 
 
 def _refine(args):
+    """Refine each input; a failed input is reported and the others go on (the exit code is 1 at the end)."""
     from .refine import refine
-    os.makedirs(args.out, exist_ok=True)
+    failed = []
     for path in args.inputs:
         name = os.path.splitext(os.path.basename(path))[0]
         if name.endswith((".cif", ".pdb")):
             name = os.path.splitext(name)[0]
         target = os.path.join(args.out, name + "_refined.pdb")
-        result = refine(path, out=target, platform=args.platform, sigma=args.sigma, scale=args.scale,
-                        minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
-                        level=None if args.level == "auto" else args.level, seed=args.seed, modelPath=args.model,
-                        progress=not args.quiet, quench=not args.no_quench, protocol=args.protocol)
+        try:
+            result = refine(path, out=target, platform=args.platform, sigma=args.sigma, scale=args.scale,
+                            minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
+                            level=None if args.level == "auto" else args.level, seed=args.seed,
+                            modelPath=args.model, progress=not args.quiet, quench=not args.no_quench,
+                            protocol=args.protocol)
+        except Exception as error:  # one bad input must not end the batch
+            print("flashipa refine: error: %s: %s" % (path, _message(error)), file=sys.stderr)
+            failed.append(path)
+            continue
         print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,
                                                                    result.energies["start"],
                                                                    result.energies["final"]))
+    if failed:
+        raise _BatchFailed("%d of %d input(s) failed: %s" % (len(failed), len(args.inputs), ", ".join(failed)))
 
 
 def _check(args):
@@ -132,8 +168,7 @@ def _check(args):
 
 def _bench(args):
     from . import bench
-    lengths = [int(v) for v in args.lengths.split(",") if v]
-    table = bench.run(lengths, args.repeats, args.platform, args.generate_length, args.generate_num,
+    table = bench.run(args.lengths, args.repeats, args.platform, args.generate_length, args.generate_num,
                       args.generate_steps, args.seed, args.model, not args.quiet)
     print(bench.markdown(table))
     if args.out:
@@ -142,18 +177,34 @@ def _bench(args):
             json.dump(table, handle, indent=1)
 
 
+class _BatchFailed(Exception):
+    """Some inputs of a batch failed (each was reported when it did)."""
+
+
+def _message(error):
+    """One line for an exception: its message, preceded by its type when that is not a plain input error."""
+    text = " ".join(str(error).split()) or repr(error)
+    if isinstance(error, (ValueError, TypeError, OSError, _BatchFailed)):
+        return text
+    return "%s: %s" % (type(error).__name__, text)
+
+
 def main(argv=None):
-    """Entry point of the ``flashipa`` command."""
+    """Entry point of the ``flashipa`` command. Exit codes: 0 done, 1 a command (or some of its inputs) failed,
+    2 bad arguments (argparse's usage error)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     started = time.time()
+    existed = args.out is not None and os.path.exists(args.out)
     try:
         {"generate": _generate, "refine": _refine, "check": _check, "bench": _bench}[args.command](args)
-    except (ValueError, TypeError, RuntimeError, OSError) as error:
-        print("flashipa %s: error: %s" % (args.command, error), file=sys.stderr)
+    except Exception as error:  # one line, never a traceback (KeyboardInterrupt still stops the program)
+        print("flashipa %s: error: %s" % (args.command, _message(error)), file=sys.stderr)
+        if args.out is not None and not existed and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)  # leave no empty output folder behind
         return 1
     print("(%.1f s)" % (time.time() - started), file=sys.stderr)
     return 0

@@ -76,9 +76,11 @@ def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigm
         the noise schedule's ends
     method : 'sampler' (batched C++) or 'openmm' (AnnealingIntegrator in a Context)
     platform : str, optional
-        OpenMM platform for method="openmm" (default: CUDA if usable, else CPU, else Reference)
+        OpenMM platform for method="openmm" (default: CUDA if usable, else CPU, else Reference); for
+        method="sampler" it picks the device ('CUDA': cuda, 'CPU' or 'Reference': cpu), and a platform that is
+        not usable here is an error, never a silent fall-back to the CPU
     device : str, optional
-        'cpu' or 'cuda' for method='sampler' (default: cuda if available)
+        'cpu' or 'cuda' for method='sampler' (default: from `platform`, else cuda if available)
     modelPath : str, optional
         a checkpoint; None = the shipped model
     progress : bool
@@ -92,6 +94,7 @@ def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigm
     _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed)
     length, numSamples, numSteps, seed = int(length), int(numSamples), int(numSteps), int(seed)
     if method == "sampler":
+        device = _samplerDevice(platform, device)
         frames = _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath,
                              progress)
     elif method == "openmm":
@@ -100,6 +103,23 @@ def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigm
     else:
         raise ValueError("method must be 'sampler' or 'openmm', not %r" % (method,))
     return [Backbone(f, moltype) for f in frames]
+
+
+def _samplerDevice(platform, device):
+    """The sampler's device from an OpenMM platform name and/or a device; ValueError when they disagree or the
+    one asked for is not usable here (generate --platform CUDA on a machine without CUDA ran on the CPU)."""
+    import torch
+    if platform is not None:
+        choosePlatform(platform)  # ValueError when the plugin has no kernels for it here
+        wanted = "cuda" if platform == "CUDA" else "cpu"
+        if device is not None and device != wanted:
+            raise ValueError("platform %s and device %r disagree" % (platform, device))
+        device = wanted
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError("device must be 'cpu' or 'cuda', not %r" % (device,))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for, but LibTorch sees no usable GPU here")
+    return device
 
 
 def _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath, progress):

@@ -174,6 +174,13 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     -------
     RefinedStructure
     """
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError("sigma must be a positive number of nm (the model was trained on 0.01-2 nm), not %r"
+                         % (sigma,))
+    if not (np.isfinite(scale) and scale >= 0):
+        raise ValueError("scale must be a finite number >= 0, not %r" % (scale,))
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError("temperature must be a positive number of K, not %r" % (temperature,))
     if implicitSolvent not in ("obc2", "gbn2"):
         raise ValueError("implicitSolvent must be 'obc2' or 'gbn2', not %r" % (implicitSolvent,))
     if level not in (None, "all-atom", "backbone"):
@@ -201,6 +208,7 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         topology, positions = repairFrames(topology, positions, platform)
         notes.append("the input is a generated backbone (poly-GLY / base-less poly-U, backbone atoms only): its "
                      "frame geometry was repaired first (ideal bonds, trans peptides), as for a Backbone")
+    checkCoincidentAtoms(topology, positions)
     frames, unusable = selectFrameResidues(topology)
     if not frames:
         raise ValueError("nothing to refine: no amino acid with N, CA, C or nucleotide with C3', C4', O4'")
@@ -217,6 +225,35 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     if out:
         result.write(out)
     return result
+
+
+#: Atoms closer than this (nm) are taken as coincident: the shortest bond to a heavy atom is about 0.1 nm.
+COINCIDENT_DISTANCE = 0.05
+
+
+def checkCoincidentAtoms(topology, positions, distance=COINCIDENT_DISTANCE):
+    """ValueError naming the first pairs of atoms (atom, residue, chain) closer than `distance` (nm): no force
+    field or hydrogen placement survives two atoms at one point (PDBFixer divided by zero on them)."""
+    xyz = positionsNm(positions)
+    atoms = list(topology.atoms())
+    cells = {}
+    for i, key in enumerate(map(tuple, np.floor(xyz / distance).astype(np.int64))):
+        cells.setdefault(key, []).append(i)
+    pairs = []
+    offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
+    for (x, y, z), members in cells.items():
+        for dx, dy, dz in offsets:
+            for j in cells.get((x + dx, y + dy, z + dz), ()):
+                for i in members:
+                    if i < j and np.linalg.norm(xyz[i] - xyz[j]) < distance:
+                        pairs.append((i, j))
+    if pairs:
+        pairs.sort()
+        listed = "; ".join("%s of %s and %s of %s, %.3f nm apart" % (
+            atoms[i].name, _describeResidue(atoms[i].residue), atoms[j].name, _describeResidue(atoms[j].residue),
+            np.linalg.norm(xyz[i] - xyz[j])) for i, j in pairs[:5])
+        more = "" if len(pairs) <= 5 else " (and %d more pairs)" % (len(pairs) - 5)
+        raise ValueError("%d pair(s) of atoms closer than %g nm: %s%s" % (len(pairs), distance, listed, more))
 
 
 def _describeResidue(residue):

@@ -1,0 +1,94 @@
+"""The ``flashipa`` command on bad input: one-line errors (argparse's usage error, exit code 2, for bad
+arguments; exit code 1 for inputs that fail), batches that go on past a failed input, no empty output folder,
+and no silent fall-back to another platform.
+
+Oracles: the exit codes and messages the command documents, the files on disk, and the residue this test itself
+damaged."""
+
+import os
+
+import numpy as np
+import openmm.app as app
+import openmm.unit as unit
+import pytest
+
+from openmmflashipa import cli, hasPlatformKernels
+from openmmflashipa.generate import generate
+
+from flashipa_testutils import PROTEIN_PDB
+
+
+def _one_line_error(text, *needles):
+    lines = [line for line in text.strip().splitlines() if "error:" in line]
+    assert lines and "Traceback" not in text, text
+    for needle in needles:
+        assert any(needle in line for line in lines), (needle, text)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["refine", "x.pdb", "--sigma", "0"], "--sigma"),
+    (["refine", "x.pdb", "--sigma", "nan"], "--sigma"),
+    (["refine", "x.pdb", "--iterations", "-1"], "--iterations"),
+    (["bench", "--lengths", "0"], "--lengths"),
+    (["bench", "--lengths", "10,abc"], "--lengths"),
+    (["generate", "--length", "1"], "--length"),
+    (["check", "--ps", "0"], "--ps"),
+])
+def test_bad_arguments_are_usage_errors(argv, needle, capsys, tmp_path):
+    # Before: --sigma 0 and bench --lengths 0 ended in OpenMMException tracebacks (exit code 1).
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    _one_line_error(capsys.readouterr().err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def _coincident_residue(path, residue_id="10"):
+    """The SH3 domain with every atom of one residue at one far point (90 nm from the rest)."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    positions = np.array(pdb.positions.value_in_unit(unit.nanometer))
+    for atom in pdb.topology.atoms():
+        if atom.residue.id == residue_id:
+            positions[atom.index] = 90.0
+    positions = unit.Quantity(positions, unit.nanometer)
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(pdb.topology, positions, handle, keepIds=True)
+
+
+def test_a_failed_input_does_not_stop_the_batch(tmp_path, capsys):
+    # Before: coincident atoms gave a ZeroDivisionError traceback from PDBFixer's hydrogen placement, and the
+    # first failed input ended the batch.
+    bad = str(tmp_path / "coincident.pdb")
+    _coincident_residue(bad)
+    good = str(tmp_path / "gen" / "protein_0.pdb")
+    generate("protein", 6, 1, seed=0, numSteps=5, progress=False)[0].write(good)
+    out = tmp_path / "refined"
+    code = cli.main(["refine", bad, str(tmp_path / "missing.pdb"), good, "--iterations", "5", "--platform", "CPU",
+                     "--quiet", "--out", str(out)])
+    assert code == 1
+    captured = capsys.readouterr()
+    _one_line_error(captured.err, "coincident.pdb", "LEU 10 (chain A)", "missing.pdb", "2 of 3 input(s) failed")
+    assert os.listdir(out) == ["protein_0_refined.pdb"]
+    assert "protein_0_refined.pdb" in captured.out
+
+
+def test_no_empty_output_folder_after_a_failure(tmp_path, capsys):
+    bad = str(tmp_path / "coincident.pdb")
+    _coincident_residue(bad)
+    assert cli.main(["refine", bad, "--quiet", "--platform", "CPU", "--out", str(tmp_path / "refined")]) == 1
+    _one_line_error(capsys.readouterr().err, "LEU 10 (chain A)")
+    assert not (tmp_path / "refined").exists()
+    # A folder that existed before is left alone.
+    (tmp_path / "mine").mkdir()
+    assert cli.main(["refine", bad, "--quiet", "--platform", "CPU", "--out", str(tmp_path / "mine")]) == 1
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.skipif(hasPlatformKernels("CUDA"), reason="CUDA is usable here")
+def test_generate_on_an_unusable_platform_is_an_error(tmp_path, capsys):
+    # Before: the sampler ignored --platform and ran on the CPU.
+    code = cli.main(["generate", "--platform", "CUDA", "--length", "5", "--steps", "2", "--quiet",
+                     "--out", str(tmp_path / "gen")])
+    assert code == 1
+    _one_line_error(capsys.readouterr().err, "CUDA")
+    assert not (tmp_path / "gen").exists()
