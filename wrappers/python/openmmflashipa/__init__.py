@@ -17,6 +17,37 @@ Main entry points:
 # importing torch afterwards aborted the interpreter once a CUDA Context existed.
 import torch as _torch  # noqa: F401
 
+import os as _os
+
+#: The most intra-op threads LibTorch gets by default (see defaultThreadCount).
+MAX_DEFAULT_THREADS = 4
+
+
+def defaultThreadCount():
+    """Intra-op threads for LibTorch (the model's CPU evaluations, Python and C++ share one pool): the
+    environment variable FLASHIPA_NUM_THREADS if set, else OMP_NUM_THREADS if set, else the cores this process
+    may use, at most MAX_DEFAULT_THREADS. LibTorch's own default is one thread per core, and with the machine's
+    other work on those cores its OpenMP threads wait for each other: force evaluations ran 50-340x slower on
+    a busy two-core machine (docs/KNOWN-ISSUES.md)."""
+    for name in ("FLASHIPA_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = _os.environ.get(name, "").strip()
+        if value:
+            try:
+                count = int(value)
+            except ValueError:
+                raise ImportError("openmmflashipa: %s=%r is not a positive integer" % (name, value))
+            if count < 1:
+                raise ImportError("openmmflashipa: %s=%r is not a positive integer" % (name, value))
+            return count
+    try:
+        cores = len(_os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = _os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
+_torch.set_num_threads(defaultThreadCount())
+
 import openmm as _openmm
 
 from .openmmflashipa import (
@@ -41,6 +72,7 @@ __all__ = [
     "pluginLibraries",
     "pluginLoadFailures",
     "hasPlatformKernels",
+    "defaultThreadCount",
 ]
 
 
