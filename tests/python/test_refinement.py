@@ -14,6 +14,8 @@ import pytest
 
 from openmmflashipa import refine as refine_module
 from openmmflashipa.refine import allAtomSystem, refine
+from openmmflashipa.structure import readStructure
+from openmmflashipa.topology import selectFrameResidues
 
 from flashipa_testutils import PROTEIN_PDB
 
@@ -142,3 +144,65 @@ def test_protocol_arguments(monkeypatch):
     assert result.protocol == "restrained" and set(result.energies) == {"start", "minimized", "md", "final"}
     # The restraint lived in a copy: the returned System is amber14 + OBC2 + the learned force only.
     assert not any(f.getName() == "BackboneRestraint" for f in result.system.getForces())
+
+
+def _edited_pdb(path, edit):
+    """The SH3 domain's PDB text with `edit(line) -> list of lines` applied to each ATOM line."""
+    lines = []
+    for line in open(PROTEIN_PDB).read().splitlines():
+        lines.extend(edit(line) if line.startswith("ATOM") else [line])
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_selenomethionine_is_named_when_it_becomes_methionine(tmp_path):
+    # MET 25 rewritten as MSE (HETATM, SD -> SE): PDBFixer replaces it by MET, which was silent. Oracle: the
+    # residue this test changed.
+    def to_mse(line):
+        if line[17:20] != "MET":
+            return [line]
+        line = "HETATM" + line[6:17] + "MSE" + line[20:]
+        if line[12:16] == " SD ":
+            line = line[:12] + "SE  " + line[16:76] + "SE" + line[78:]
+        return [line]
+
+    topology, positions = readStructure(_edited_pdb(tmp_path / "mse.pdb", to_mse))
+    assert [r.name for r in topology.residues() if r.id == "25"] == ["MSE"]  # the premise
+    notes = []
+    with pytest.warns(UserWarning, match=r"MSE 25 \(chain A\) refined as MET"):
+        _, fixed, _ = allAtomSystem(topology, positions, withForce=False, notes=notes)
+    assert len(notes) == 1 and "MSE 25 (chain A) refined as MET" in notes[0]
+    assert [r.name for r in fixed.residues() if r.id == "25"] == ["MET"]
+
+
+def test_a_duplicate_ca_is_an_error_naming_the_residue(tmp_path):
+    # A second CA in LEU 10 (no altloc id) was dropped without a word by gemmi's altloc resolution and by
+    # PDBFixer. Oracle: the residue this test changed.
+    def second_ca(line):
+        if line[22:26].strip() == "10" and line[12:16] == " CA ":
+            return [line, line[:30] + "%8.3f" % (float(line[30:38]) + 0.9) + line[38:]]
+        return [line]
+
+    path = _edited_pdb(tmp_path / "dup.pdb", second_ca)
+    with pytest.raises(ValueError, match=r"LEU 10 \(chain A\): 2 atoms named CA"):
+        readStructure(path)
+    with pytest.raises(ValueError, match=r"LEU 10 \(chain A\)"):
+        refine(path, platform="CPU", progress=False)
+    # The same as an (openmm.app.Topology, positions) pair, built here (openmm.app's readers drop the copy).
+    pdb = app.PDBFile(PROTEIN_PDB)
+    topology, xyz = app.Topology(), []
+    for chain in pdb.topology.chains():
+        new_chain = topology.addChain(chain.id)
+        for residue in chain.residues():
+            new_residue = topology.addResidue(residue.name, new_chain, residue.id)
+            for atom in residue.atoms():
+                copies = 2 if residue.id == "10" and atom.name == "CA" else 1
+                for k in range(copies):
+                    topology.addAtom(atom.name, atom.element, new_residue)
+                    xyz.append(pdb.positions[atom.index].value_in_unit(unit.nanometer) + np.array([0.09 * k, 0, 0]))
+    with pytest.raises(ValueError, match=r"LEU 10 \(chain A\): 2 atoms named CA"):
+        refine((topology, unit.Quantity(np.array(xyz), unit.nanometer)), platform="CPU", progress=False)
+    frames, unusable = selectFrameResidues(topology)
+    assert [(r.id, "CA" in reason) for r, reason in unusable] == [("10", True)]
+    assert "10" not in [f.residue.id for f in frames]

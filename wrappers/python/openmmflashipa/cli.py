@@ -147,7 +147,8 @@ def _refine(args):
                             modelPath=args.model, progress=not args.quiet, quench=not args.no_quench,
                             protocol=args.protocol)
         except Exception as error:  # one bad input must not end the batch
-            print("flashipa refine: error: %s: %s" % (path, _message(error)), file=sys.stderr)
+            text = _message(error)
+            print("flashipa refine: error: %s" % (text if path in text else "%s: %s" % (path, text)), file=sys.stderr)
             failed.append(path)
             continue
         print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,

@@ -25,8 +25,10 @@ Residues the model cannot use (ligands, residues missing a frame atom) are named
 level keeps them in the force field if amber can template them). Errors name their cause.
 """
 
+import collections
 import io
 import os
+import warnings
 
 import numpy as np
 import openmm
@@ -208,6 +210,7 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         topology, positions = repairFrames(topology, positions, platform)
         notes.append("the input is a generated backbone (poly-GLY / base-less poly-U, backbone atoms only): its "
                      "frame geometry was repaired first (ideal bonds, trans peptides), as for a Backbone")
+    checkDuplicateAtoms(topology)
     checkCoincidentAtoms(topology, positions)
     frames, unusable = selectFrameResidues(topology)
     if not frames:
@@ -254,6 +257,23 @@ def checkCoincidentAtoms(topology, positions, distance=COINCIDENT_DISTANCE):
             np.linalg.norm(xyz[i] - xyz[j])) for i, j in pairs[:5])
         more = "" if len(pairs) <= 5 else " (and %d more pairs)" % (len(pairs) - 5)
         raise ValueError("%d pair(s) of atoms closer than %g nm: %s%s" % (len(pairs), distance, listed, more))
+
+
+def checkDuplicateAtoms(topology):
+    """ValueError naming every residue (name, number, chain) with two atoms of one name: PDBFixer and amber14 keep
+    one of them without a word (a second CA, from alternate locations without ids or two residues under one
+    number, was dropped), so which one is refined would be an accident of the file's order."""
+    found = []
+    for residue in topology.residues():
+        counts = collections.Counter(atom.name for atom in residue.atoms())
+        twice = sorted(name for name, count in counts.items() if count > 1)
+        if twice:
+            found.append("%s: %s" % (_describeResidue(residue), ", ".join("%d atoms named %s" % (counts[n], n)
+                                                                         for n in twice)))
+    if found:
+        more = "" if len(found) <= 10 else "; ... and %d more residues" % (len(found) - 10)
+        raise ValueError("residue(s) with duplicate atom names (alternate locations without altloc ids, or two "
+                         "residues under one number?): %s%s; keep one of each" % ("; ".join(found[:10]), more))
 
 
 def _describeResidue(residue):
@@ -457,14 +477,25 @@ def nativeOBC2(system, topology):
 
 
 def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, implicitSolvent="obc2",
-                  modelPath=None, withForce=True):
+                  modelPath=None, withForce=True, notes=None):
     """Split chains at gaps (topology.splitAtGaps: each piece its own chain with its own termini), complete the
-    structure with PDBFixer (missing heavy atoms and hydrogens; never missing residues) and build amber14-all +
-    implicit solvent (amberSystem) + FlashIPAForce in force group 1. Returns (system, topology, positions)."""
+    structure with PDBFixer (nonstandard residues replaced by their standard parents, with a warning; missing heavy
+    atoms and hydrogens; never missing residues) and build amber14-all + implicit solvent (amberSystem) +
+    FlashIPAForce in force group 1. Returns (system, topology, positions); what was changed is appended to the
+    list `notes` when one is given."""
     topology, _ = splitAtGaps(topology, positions)
     fixer = _fixer(topology, positions)
     fixer.missingResidues = {}  # never invent missing residues; gaps stay gaps (findMissingResidues not called)
     fixer.findNonstandardResidues()
+    if fixer.nonstandardResidues:
+        # Said, not silent: MSE becomes MET (Se -> S), PSU becomes U, and so on (PDBFixer's table).
+        replaced = "; ".join("%s refined as %s" % (_describeResidue(residue), replacement)
+                             for residue, replacement in fixer.nonstandardResidues)
+        message = ("%d nonstandard residue(s) replaced by their standard parents (PDBFixer), as amber14 has no "
+                   "templates for them: %s" % (len(fixer.nonstandardResidues), replaced))
+        warnings.warn(message, stacklevel=2)
+        if notes is not None:
+            notes.append(message)
     fixer.replaceNonstandardResidues()
     fixer.removeHeterogens(keepWater=False)
     fixer.findMissingAtoms()
@@ -486,13 +517,14 @@ def backboneAtoms(topology):
 
 
 def _refineAllAtom(topology, positions, sigma, scale, implicitSolvent, modelPath, settings):
+    notes = []
     system, topology, positions = allAtomSystem(topology, positions, sigma, scale, settings["temperature"],
-                                                implicitSolvent, modelPath, withForce=scale != 0)
+                                                implicitSolvent, modelPath, withForce=scale != 0, notes=notes)
     final, energies = runProtocol(system, positions, stepSize=0.002, restrainedAtoms=backboneAtoms(topology),
                                   label="refine all-atom", **settings)
     frames, _ = selectFrameResidues(topology)
     return RefinedStructure(topology, unit.Quantity(final, unit.nanometer), "all-atom", energies, system, frames,
-                            final, chainSegments(frames), settings["protocol"])
+                            final, chainSegments(frames), settings["protocol"], notes=notes)
 
 
 def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, modelPath=None,

@@ -9,6 +9,7 @@ of the backbone from ideal geometry (backbone.placeBackboneAtoms). Residue namin
   C2', O2', C1'; no P on the 5' residue). No base is built, so generated RNA is refined at backbone level.
 """
 
+import collections
 import io
 import os
 
@@ -170,11 +171,31 @@ def writeOpenMM(topology, positions, path):
             raise ValueError("unknown structure format for %r: use .pdb or .cif" % path)
 
 
+def _checkDuplicateAtoms(structure, path):
+    """ValueError naming the residues of the first model with two atoms of one name and no alternate-location
+    ids: gemmi's remove_alternative_conformations keeps the first of them without a word (a second CA was
+    dropped), so which one is refined would be an accident of the file's order."""
+    found = []
+    for chain in structure[0]:
+        for residue in chain:
+            names = collections.Counter(atom.name for atom in residue if atom.altloc == "\0")
+            twice = sorted(name for name, count in names.items() if count > 1)
+            if twice:
+                found.append("%s %s%s (chain %s): %s" % (residue.name, residue.seqid.num, residue.seqid.icode.strip(),
+                                                         chain.name, ", ".join("%d atoms named %s" % (names[n], n)
+                                                                               for n in twice)))
+    if found:
+        more = "" if len(found) <= 10 else "; ... and %d more residues" % (len(found) - 10)
+        raise ValueError("%s: residue(s) with duplicate atom names and no alternate-location ids: %s%s; keep one of "
+                         "each, or give them altloc ids" % (path, "; ".join(found[:10]), more))
+
+
 def readStructure(path):
     """Read a PDB or mmCIF file (plain or gzipped) with gemmi: (openmm.app.Topology, positions in nm).
 
     Keeps the first model, drops waters, and resolves alternate locations to the first one. Raises
-    ValueError with the cause when the file cannot be read or has no atoms.
+    ValueError with the cause when the file cannot be read, has no atoms, or has a residue with two atoms of
+    one name and no alternate-location ids.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -184,6 +205,7 @@ def readStructure(path):
     except Exception as error:
         raise ValueError("cannot read %s: %s" % (path, error)) from error
     structure.setup_entities()
+    _checkDuplicateAtoms(structure, path)
     structure.remove_alternative_conformations()
     structure.remove_waters()
     if len(structure) == 0:

@@ -9,7 +9,8 @@ Every residue of the topology is classified:
   nucleotide (DNA thymine, modified bases) is the unknown nucleotide (25);
 - **skipped silently**: water, common monatomic ions, and the terminal caps ACE, NME, NMA, NH2, FOR,
   which carry no frame;
-- **unusable**: anything else (ligands, residues missing a frame atom). These are named in a warning,
+- **unusable**: anything else (ligands, residues missing a frame atom, residues with two atoms of one frame-atom
+  name). These are named in a warning,
   or in a ValueError when ``strict=True``.
 
 The chain id given to the model is a segment id (:func:`chainSegments`): it changes at each topology chain, at
@@ -76,6 +77,12 @@ def _atomsByName(residue):
     for atom in residue.atoms():
         atoms.setdefault(atom.name, atom.index)
     return atoms
+
+
+def _duplicateFrameAtoms(residue):
+    """Frame-atom names (protein or nucleotide, either spelling of primes) that occur more than once."""
+    counts = collections.Counter(atom.name.replace("*", "'") for atom in residue.atoms())
+    return sorted(n for n in PROTEIN_FRAME_ATOMS + NUCLEOTIDE_FRAME_ATOMS if counts[n] > 1)
 
 
 def _isWaterOrIon(residue):
@@ -154,6 +161,10 @@ def selectFrameResidues(topology):
         name = residue.name.strip().upper()
         atoms = _atomsByName(residue)
         knownType = residueTypeFromName(name)
+        twice = _duplicateFrameAtoms(residue)
+        if twice:
+            unusable.append((residue, "two or more atoms named %s (which one is the frame atom?)" % ", ".join(twice)))
+            continue
         protein = _frameAtoms(atoms, PROTEIN_FRAME_ATOMS)
         nucleotide = _frameAtoms(atoms, NUCLEOTIDE_FRAME_ATOMS)
         if 0 <= knownType <= UNKNOWN_AMINO_ACID:
