@@ -1,4 +1,5 @@
 #include "flashipa/EnergyModel.h"
+#include "flashipa/GeometryPrior.h"
 #include "flashipa/ResidueTypes.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <cmath>
@@ -61,6 +62,22 @@ EnergyModelImpl::EnergyModelImpl(const ModelConfig& config) : config_(config) {
     register_module("transitionNorms", transitionNorms);
     energyHidden = register_module("energyHidden", torch::nn::Linear(cs, cs));
     energyOut = register_module("energyOut", torch::nn::Linear(cs, 1));
+    if (config.geometryPrior) {
+        const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+        geometryPriorPairs = register_parameter("geometryPriorPairs", GeometryPrior::pairTable(torch::kFloat32), false);
+        // Not measured yet: NaN, so that a model used before setGeometryPriorStats() gives NaN energies
+        // (which every caller reports) rather than a plausible wrong number.
+        geometryPriorStats = register_parameter("geometryPriorStats", torch::full({K, 2}, NAN, torch::kFloat32), false);
+    }
+}
+
+void EnergyModelImpl::setGeometryPriorStats(const torch::Tensor& stats) {
+    if (!geometryPriorStats.defined())
+        throw std::invalid_argument("this model has no geometry prior (config.geometryPrior = 0)");
+    if (stats.sizes() != geometryPriorStats.sizes() || !torch::isfinite(stats).all().item<bool>() || !(stats > 0).all().item<bool>())
+        throw std::invalid_argument("geometry prior stats must be finite, positive and of shape " + c10::str(geometryPriorStats.sizes()));
+    torch::NoGradGuard noGrad;
+    geometryPriorStats.copy_(stats);
 }
 
 torch::Tensor EnergyModelImpl::sequencePositions(const torch::Tensor& chains) {
@@ -142,7 +159,10 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
             s + transitions[i]->as<torch::nn::SequentialImpl>()->forward(s));
     }
     torch::Tensor perResidue = energyOut(F::silu(energyHidden(s))).squeeze(-1) * mask.to(s.dtype()); // [B, L]
-    return perResidue.sum(1) / sig;
+    torch::Tensor energy = perResidue.sum(1) / sig;
+    if (geometryPriorStats.defined())
+        energy = energy + GeometryPrior::energy(atoms, batch.types, batch.chains, mask, sig, geometryPriorStats);
+    return energy;
 }
 
 int64_t EnergyModelImpl::parameterCount(const ModelConfig& config) {
@@ -161,13 +181,18 @@ int64_t EnergyModelImpl::parameterCount(const ModelConfig& config) {
                     2 * cs + linear(cs, cs) + linear(cs, 1) + config.numBlocks * block;
     if (r > 0)
         total += 2 * linear(cs, r * pd);
+    if (config.geometryPrior)
+        total += 6 * (int64_t) GeometryPrior::pairKinds().size(); // pairs [K, 4] and stats [K, 2]
     return total;
 }
 
 void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale) {
     torch::NoGradGuard noGrad;
     auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
-    for (auto& parameter : module.parameters()) {
+    for (auto& item : module.named_parameters()) {
+        if (item.key().find("geometryPrior") != std::string::npos)
+            continue; // the prior's tables are data, not weights
+        torch::Tensor& parameter = item.value();
         double std = scale;
         if (parameter.dim() == 2 && parameter.size(1) > 0)
             std = scale / std::sqrt((double) parameter.size(1)); // keep activations O(1) in width

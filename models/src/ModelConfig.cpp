@@ -13,6 +13,7 @@ struct IntField {
     const char* name;
     int ModelConfig::*member;
     int minimum, maximum;
+    bool optional = false; ///< may be absent from metadata (fields added later); then it reads as 0
 };
 const std::vector<IntField>& intFields() {
     static const std::vector<IntField> fields = {
@@ -22,6 +23,7 @@ const std::vector<IntField>& intFields() {
         {"pairDim", &ModelConfig::pairDim, 1, 1024},          {"relPosFrequencies", &ModelConfig::relPosFrequencies, 0, 256},
         {"numBlocks", &ModelConfig::numBlocks, 1, 128},       {"transitionFactor", &ModelConfig::transitionFactor, 1, 16},
         {"sigmaFeatures", &ModelConfig::sigmaFeatures, 1, 256},
+        {"geometryPrior", &ModelConfig::geometryPrior, 0, 1, true},
     };
     return fields;
 }
@@ -71,6 +73,10 @@ ModelConfig ModelConfig::fromMetadata(const std::map<std::string, std::string>& 
     ModelConfig config;
     for (const auto& f : intFields()) {
         const std::string key = "config." + std::string(f.name);
+        if (f.optional && !metadata.count(key)) {
+            config.*(f.member) = 0;
+            continue;
+        }
         const std::string& text = lookup(metadata, key);
         size_t used = 0;
         try {

@@ -2,6 +2,7 @@
 // the architecture is rebuilt from the metadata, then every tensor is checked against it.
 #include "flashipa/Checkpoint.h"
 #include "flashipa/EnergyModel.h"
+#include "flashipa/GeometryPrior.h"
 #include <set>
 #include <stdexcept>
 
@@ -73,6 +74,12 @@ EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::
     for (const auto& [name, value] : contents.tensors)
         if (!used.count(name))
             fail("unexpected tensor '" + name + "' (not part of the architecture in the metadata)");
+    if (model->geometryPriorPairs.defined()) {
+        if (!torch::equal(model->geometryPriorPairs, GeometryPrior::pairTable(model->geometryPriorPairs.options())))
+            fail("tensor 'geometryPriorPairs' lists other atom pairs than this build's geometry prior (GeometryPrior.cpp)");
+        if (!(model->geometryPriorStats > 0).all().item<bool>())
+            fail("tensor 'geometryPriorStats' must be positive (d0, s0 in nm)");
+    }
     if (metadataOut)
         *metadataOut = contents.metadata;
     return model;

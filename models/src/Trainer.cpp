@@ -2,6 +2,7 @@
 // validation per noise band, CSV log, and resumable safetensors checkpoints.
 #include "flashipa/Trainer.h"
 #include "flashipa/Checkpoint.h"
+#include "flashipa/GeometryPrior.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <cerrno>
 #include <chrono>
@@ -191,6 +192,17 @@ Trainer::Trainer(const TrainerOptions& options) : options_(options), device_(tor
         // run's seed (the global generator is reseeded here, so construction order does not matter).
         torch::manual_seed(mixSeed(options_.seed, InitStream, 0));
         model_ = EnergyModel(options_.model);
+        if (options_.model.geometryPrior) {
+            torch::Tensor stats = GeometryPrior::measure(*dataset_);
+            model_->setGeometryPriorStats(stats);
+            if (options_.verbose) {
+                std::cout << "geometry prior (d0, s0 in nm, training split):";
+                for (size_t k = 0; k < GeometryPrior::pairKinds().size(); k++)
+                    std::cout << " " << GeometryPrior::pairKinds()[k].name << " " << stats[k][0].item<double>() << " "
+                              << stats[k][1].item<double>() << ";";
+                std::cout << std::endl;
+            }
+        }
         model_->to(device_, options_.dtype);
         ema_ = EnergyModel(options_.model);
         ema_->to(device_, options_.dtype);
@@ -307,7 +319,10 @@ StepResult Trainer::trainStep() {
                 torch::Tensor denominator = (adamV_[i] / correction2).sqrt_().add_(options_.adamEpsilon);
                 p.addcdiv_(adamM_[i], denominator, -lr / correction1);
             }
-            emaParams[i].mul_(decay).add_(p, 1 - decay);
+            if (p.requires_grad())
+                emaParams[i].mul_(decay).add_(p, 1 - decay);
+            else
+                emaParams[i].copy_(p); // data, not weights (the geometry prior's tables): kept exactly
         }
     }
     for (auto& p : params)

@@ -52,6 +52,8 @@ validation and checkpoints:
 model size (default: ModelConfig's):
   --node-dim N --heads N --head-dim N --query-points N --value-points N --pair-rank N --pair-dim N
   --blocks N --rel-pos-frequencies N --transition-factor N --sigma-features N
+  --geometry-prior 0|1     add the analytic geometry prior to the energy (docs/MODEL.md; default 0),
+                           its bond statistics measured on the training split
 )";
 
 // The command line as one shell-quoted string (for provenance).
@@ -123,6 +125,7 @@ int main(int argc, char** argv) {
         {"--rel-pos-frequencies", [&](const std::string& v) { options.model.relPosFrequencies = std::stoi(v); }},
         {"--transition-factor", [&](const std::string& v) { options.model.transitionFactor = std::stoi(v); }},
         {"--sigma-features", [&](const std::string& v) { options.model.sigmaFeatures = std::stoi(v); }},
+        {"--geometry-prior", [&](const std::string& v) { options.model.geometryPrior = std::stoi(v); }},
     };
     for (int i = 1; i < argc; i++) {
         std::string arg = argv[i];

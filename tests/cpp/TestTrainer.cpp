@@ -361,3 +361,49 @@ TEST(Trainer, ResumeEqualsStraightRun) {
     missing.outDir = dir + "/nothing";
     expectThrowsWith([&]() { Trainer d(missing); }, "cannot resume: no checkpoint");
 }
+
+TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
+    // The prior's statistics come from the training split (median, 1.4826 MAD), are exported with the
+    // model, and stay exactly as measured through steps, the EMA and a resume.
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    TrainerOptions options = tinyOptions(data, dir + "/prior", 8);
+    options.model.geometryPrior = 1;
+    options.stopAfterSteps = 4;
+    torch::Tensor measured;
+    {
+        Trainer first(options);
+        ASSERT_FALSE(first.run());
+        measured = first.model()->geometryPriorStats.detach().clone();
+        EXPECT_TRUE(torch::equal(measured, first.ema()->geometryPriorStats));
+    }
+    // The oracle: the N-CA distances of the training chains' protein residues, straight from the file.
+    SafetensorsContents contents = Safetensors::read(data);
+    std::map<std::string, torch::Tensor> t(contents.tensors.begin(), contents.tensors.end());
+    auto offsets = t["chain_offsets"], isRna = t["is_rna"], split = t["split"], atoms = t["atoms"].to(torch::kFloat64);
+    std::vector<double> distances;
+    for (int64_t c = 0; c + 1 < offsets.numel(); c++) {
+        if (isRna[c].item<int>() || split[c].item<int>())
+            continue;
+        for (int64_t n = offsets[c].item<int64_t>(); n < offsets[c + 1].item<int64_t>(); n++)
+            distances.push_back((atoms[n][0] - atoms[n][1]).norm().item<double>());
+    }
+    std::sort(distances.begin(), distances.end());
+    const double median = distances[(distances.size() - 1) / 2]; // torch's median: the lower middle value
+    EXPECT_NEAR(measured[0][0].item<double>(), median, 1e-6);
+    EXPECT_GT(measured[0][1].item<double>(), 0.0);
+    TrainerOptions resume;
+    resume.outDir = dir + "/prior";
+    resume.resume = true;
+    resume.steps = 0;
+    resume.verbose = false;
+    resume.checkpointEvery = 0;
+    Trainer second(resume);
+    ASSERT_TRUE(second.run());
+    EXPECT_TRUE(torch::equal(second.model()->geometryPriorStats, measured));
+    EXPECT_TRUE(torch::equal(second.ema()->geometryPriorStats, measured));
+    EnergyModel exported = loadEnergyModel(second.modelPath());
+    EXPECT_EQ(exported->config().geometryPrior, 1);
+    EXPECT_TRUE(torch::equal(exported->geometryPriorStats, measured.to(torch::kFloat32)));
+}

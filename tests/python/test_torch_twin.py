@@ -312,3 +312,46 @@ def test_pythonforce_rejects_fused_and_shared_atoms():
         createPythonForce(topology, device="cpu", backend="fused")
     with pytest.raises(ValueError, match="more than one frame"):
         createPythonForce([(0, 1, 2, 0, 0), (2, 3, 4, 0, 0)], device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model with the geometry prior (docs/MODEL.md): trained for two steps by the C++ trainer, which measures
+# the prior's statistics; the twin reads the pair table from the checkpoint and must compute the same function.
+# ---------------------------------------------------------------------------------------------------
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
+
+
+@pytest.fixture(scope="module")
+def priorModelPath(tmp_path_factory):
+    import subprocess
+    import sys
+    if not os.path.exists(os.path.join(SHARED, "manifest.tsv")) or not os.path.exists(TRAINER):
+        pytest.skip("needs ../shared/data and the built flashipa-train")
+    folder = tmp_path_factory.mktemp("prior")
+    files = ["protein/kortemme_loop_modeling_1RDQ_I.cif.gz", "protein/PDownB_1EJG_A.cif.gz",
+             "rna/rsRNASP_280D_A.cif.gz", "rna/rsRNASP_1YFG_A.cif.gz"]
+    data = str(folder / "data.safetensors")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_dataset.py"), "--quiet", "--out", data,
+                    "--manifest-out", str(folder / "manifest.tsv"), "--files", *files], check=True)
+    subprocess.run([TRAINER, "--data", data, "--out-dir", str(folder / "run"), "--steps", "2", "--batch-size", "2",
+                    "--crop", "32", "--val-every", "0", "--val-batches", "1", "--checkpoint-every", "0", "--threads", "1",
+                    "--geometry-prior", "1", "--quiet"], check=True, capture_output=True)
+    return str(folder / "run" / "model.safetensors")
+
+
+def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
+    model = torch_twin.load_energy_model(priorModelPath, dtype=torch.float64)
+    assert model.config.geometryPrior == 1
+    stats = model.geometryPriorStats.numpy()
+    assert np.all(stats > 0) and 0.14 < stats[0, 0] < 0.15  # N-CA median of real proteins, nm
+    for name in STRUCTURES + ["complex"]:
+        topology, positions = loadStructure(name) if name != "complex" else complexStructure()
+        force = openmmflashipa.createForce(topology, modelPath=priorModelPath)
+        residues = residuesOf(force)
+        expectedEnergy, expectedForces = evaluate(systemFor(topology, force), positions)
+        energy, forces = twinEnergyAndForces(model, residues, positions)
+        assert abs(energy - expectedEnergy) <= TOLERANCE * abs(expectedEnergy), name
+        assert relativeError(forces, expectedForces) <= TOLERANCE, name

@@ -46,6 +46,12 @@ public:
     const std::vector<int64_t>& chains(DatasetSplit split) const;
     /** Number of residues in a split's chains. */
     int64_t splitResidues(DatasetSplit split) const;
+    /** First residue of chain c (c = numChains() gives numResidues()). */
+    int64_t chainOffset(int64_t c) const { return offsets_[c]; }
+    /** Every residue's frame atoms [N, 3, 3] (float32, nm), types [N] and segment indices [N] (int64). */
+    const torch::Tensor& atoms() const { return atoms_; }
+    const torch::Tensor& types() const { return types_; }
+    const torch::Tensor& segments() const { return segment_; }
 
     /**
      * A batch of batchSize random structures from a split, on the CPU: each a random chain (RNA with

@@ -61,6 +61,11 @@ public:
     torch::nn::Linear pairLeft{nullptr}, pairRight{nullptr};
     torch::nn::ModuleList ipaLayers, ipaNorms, transitions, transitionNorms;
     torch::nn::Linear energyHidden{nullptr}, energyOut{nullptr};
+    /** With config.geometryPrior: the prior's pair kinds [K, 4] and their (d0, s0) [K, 2] (GeometryPrior.h),
+     *  parameters that never train (requires_grad false), so checkpoints carry them; undefined otherwise. */
+    torch::Tensor geometryPriorPairs, geometryPriorStats;
+    /** Sets the prior's (d0, s0) per pair kind ([K, 2], nm), e.g. from GeometryPrior::measure(). */
+    void setGeometryPriorStats(const torch::Tensor& stats);
 
 private:
     ModelConfig config_;
@@ -84,7 +89,8 @@ EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::
  */
 void prepareForInference(EnergyModel& model, torch::Device device, torch::Dtype dtype);
 
-/** Sets every parameter of a module from a seeded generator (deterministic, independent of global RNG state). */
+/** Sets every trainable parameter of a module from a seeded generator (deterministic, independent of global RNG
+ *  state); parameters that do not train (the geometry prior's tables) keep their values. */
 void randomizeParameters(torch::nn::Module& module, uint64_t seed, double scale);
 
 } // namespace FlashIPAPlugin

@@ -46,6 +46,8 @@ BOLTZMANN_KJ_PER_MOL_K = 0.0083144626
 
 #: Number of residue types (FlashIPAPlugin::ResidueType::Count).
 RESIDUE_TYPE_COUNT = 26
+#: First nucleotide type (FlashIPAPlugin::ResidueType::FirstNucleotide): types from here on have RNA frames.
+FIRST_NUCLEOTIDE = 21
 
 FORMAT_NAME = "openmm-flashipa-energy-model"
 FORMAT_VERSION = "1"
@@ -217,7 +219,9 @@ def read_safetensors(path):
 _INT_FIELDS = {  # name -> minimum
     "nodeDim": 1, "headDim": 1, "numHeads": 1, "queryPoints": 1, "valuePoints": 1, "pairRank": 0,
     "pairDim": 1, "relPosFrequencies": 0, "numBlocks": 1, "transitionFactor": 1, "sigmaFeatures": 1,
+    "geometryPrior": 0,
 }
+_OPTIONAL_INT_FIELDS = ("geometryPrior",)  # absent from older checkpoints: read as 0
 _FLOAT_FIELDS = ("sigmaMin", "sigmaMax")
 _INTEGER = re.compile(r"[+-]?[0-9]+\Z")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
@@ -229,7 +233,7 @@ class ModelConfig:
     def __init__(self, **fields):
         defaults = dict(nodeDim=64, headDim=16, numHeads=4, queryPoints=4, valuePoints=8, pairRank=2, pairDim=16,
                         relPosFrequencies=4, numBlocks=2, transitionFactor=2, sigmaFeatures=8,
-                        sigmaMin=0.01, sigmaMax=2.0)
+                        geometryPrior=0, sigmaMin=0.01, sigmaMax=2.0)
         unknown = set(fields) - set(defaults)
         if unknown:
             raise ValueError("model configuration: unknown field(s) %s" % ", ".join(sorted(unknown)))
@@ -258,6 +262,9 @@ class ModelConfig:
         fields = {}
         for key in _INT_FIELDS:
             text = metadata.get("config." + key)
+            if text is None and key in _OPTIONAL_INT_FIELDS:
+                fields[key] = 0
+                continue
             if text is None:
                 raise ValueError("model configuration: metadata lacks 'config.%s'" % key)
             if not _INTEGER.match(text):
@@ -540,11 +547,17 @@ def local_geometry(atoms, rotations, translations, chains, mask):
 class EnergyModel(nn.Module):
     """E_theta(x, sigma) in kT (EnergyModelImpl): parameter names match the C++ named_parameters()."""
 
-    def __init__(self, config):
+    def __init__(self, config, priorKinds=0):
         super().__init__()
         config.validate()
         self.config = config
         cs = config.nodeDim
+        if config.geometryPrior:
+            # The pair table comes from the checkpoint (the C++ GeometryPrior.cpp defines it); NaN until loaded.
+            self.geometryPriorPairs = nn.Parameter(torch.full((priorKinds, 4), float("nan")), requires_grad=False)
+            self.geometryPriorStats = nn.Parameter(torch.full((priorKinds, 2), float("nan")), requires_grad=False)
+        else:
+            self.geometryPriorPairs = self.geometryPriorStats = None
         self.typeEmbedding = nn.Embedding(RESIDUE_TYPE_COUNT, cs)
         self.sigmaEmbedding = nn.Linear(config.sigmaFeatures + 1, cs)
         self.geometryIn = nn.Linear(_GEOMETRY_FEATURES, cs)
@@ -621,7 +634,38 @@ class EnergyModel(nn.Module):
             s = ipa_norm(s + ipa(s, z1, z2, rotations, translations, positions, layer_mask, backend))
             s = transition_norm(s + transition(s))
         per_residue = self.energyOut(F.silu(self.energyHidden(s))).squeeze(-1) * real.to(s.dtype)  # [B, L]
-        return per_residue.sum(1) / sig
+        energy = per_residue.sum(1) / sig
+        if self.geometryPriorStats is not None:
+            energy = energy + geometry_prior(atoms, types, chains, real, sig, self.geometryPriorPairs,
+                                             self.geometryPriorStats)
+        return energy
+
+
+def geometry_prior(atoms, types, chains, real, sigma, pairs, stats):
+    """The analytic geometry prior [B] in kT (GeometryPrior::energy, docs/MODEL.md): for each pair kind
+    (rna, offset, atom i, atom j) with (d0, s0), minus the log-density of the pair's difference vector under
+    noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2."""
+    B, L = types.shape
+    rna = types >= FIRST_NUCLEOTIDE
+    two_sigma2 = 2.0 * sigma.to(atoms.dtype).pow(2).view(B, 1)
+    total = torch.zeros(B, dtype=atoms.dtype, device=atoms.device)
+    for (is_rna, offset, i, j), (d0, s0) in zip(pairs.tolist(), stats.unbind(0)):
+        is_rna, offset, i, j = bool(is_rna), int(offset), int(i), int(j)
+        if offset == 0:
+            use = real & (rna == is_rna)
+            r = atoms[:, :, i] - atoms[:, :, j]
+        else:
+            if L < 2:
+                continue
+            use = real[:, :-1] & real[:, 1:] & (chains[:, :-1] == chains[:, 1:]) & (rna[:, :-1] == is_rna) & \
+                (rna[:, 1:] == is_rna)
+            r = atoms[:, :-1, i] - atoms[:, 1:, j]
+        d = torch.sqrt(r.pow(2).sum(-1) + 1e-12)
+        v = s0 * s0 + two_sigma2
+        a = 2.0 * d * d0 / v
+        e = torch.log(d) + (d - d0).pow(2) / (2.0 * v) - torch.log(-torch.expm1(-a))
+        total = total + (e * use.to(e.dtype)).sum(1)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -661,7 +705,8 @@ def load_energy_model(path=None, device="cpu", dtype=torch.float64, backend="sdp
         config = ModelConfig.from_metadata(metadata)
     except ValueError as error:
         fail(str(error))
-    model = EnergyModel(config)
+    priorKinds = tensors["geometryPriorPairs"].shape[0] if config.geometryPrior and "geometryPriorPairs" in tensors else 0
+    model = EnergyModel(config, priorKinds)
     used = set()
     with torch.no_grad():
         for name, parameter in model.named_parameters():

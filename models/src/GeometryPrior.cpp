@@ -1,0 +1,106 @@
+#include "flashipa/GeometryPrior.h"
+#include "flashipa/Dataset.h"
+#include "flashipa/ResidueTypes.h"
+#include <stdexcept>
+
+namespace FlashIPAPlugin {
+
+using torch::indexing::None;
+using torch::indexing::Slice;
+
+namespace {
+// Frame atoms: protein N, CA, C; RNA C3', C4', O4' (FrameBuilder). Bonds only: the covalent bonds between frame
+// atoms along the chain (protein N-CA, CA-C and the peptide bond C-N+1; RNA C3'-C4' and C4'-O4'; RNA's frame
+// atoms of consecutive residues are not bonded). Each atom then sits in at most two terms, about 115 degrees
+// apart, and the terms, each exact for its own pair, overlap little: the least-squares weight of their sum in
+// the small-sigma limit is about 0.92. Adding 1-3 distances (N-C, CA-N+1, ...) counted the same noise several
+// times (directions 35 degrees apart) and raised the initial DSM loss from 1.0 to 1.87 (docs/MODEL.md).
+const std::vector<GeometryPairKind> Kinds = {
+    {false, 0, 0, 1, "N-CA"}, {false, 0, 1, 2, "CA-C"}, {false, 1, 2, 0, "C-N+1"},
+    {true, 0, 0, 1, "C3'-C4'"}, {true, 0, 1, 2, "C4'-O4'"},
+};
+// Distances below this (nm) are treated as this: log r and the exp term stay finite for coincident atoms.
+constexpr double SmallestDistance = 1e-6;
+} // namespace
+
+const std::vector<GeometryPairKind>& GeometryPrior::pairKinds() { return Kinds; }
+
+torch::Tensor GeometryPrior::pairTable(const torch::TensorOptions& options) {
+    std::vector<double> values;
+    for (const auto& k : Kinds)
+        values.insert(values.end(), {k.rna ? 1.0 : 0.0, (double) k.offset, (double) k.atomI, (double) k.atomJ});
+    return torch::tensor(values, torch::kFloat64).view({(int64_t) Kinds.size(), 4}).to(options);
+}
+
+torch::Tensor GeometryPrior::measure(const Dataset& data) {
+    const torch::Tensor& atoms = data.atoms();     // [N, 3, 3]
+    const torch::Tensor& types = data.types();     // [N]
+    const torch::Tensor& segment = data.segments(); // [N]
+    const int64_t N = atoms.size(0);
+    // Per residue: is it in a training chain, and the chain it belongs to (so links never cross chains).
+    std::vector<int64_t> chainOf(N, -1);
+    for (int64_t c : data.chains(DatasetSplit::Train))
+        for (int64_t n = data.chainOffset(c); n < data.chainOffset(c + 1); n++)
+            chainOf[n] = c;
+    torch::Tensor chain = torch::tensor(chainOf, torch::kInt64);
+    torch::Tensor train = chain >= 0;
+    torch::Tensor rna = types >= ResidueType::FirstNucleotide;
+    torch::Tensor x = atoms.to(torch::kFloat64);
+    torch::Tensor stats = torch::zeros({(int64_t) Kinds.size(), 2}, torch::kFloat64);
+    for (size_t k = 0; k < Kinds.size(); k++) {
+        const GeometryPairKind& kind = Kinds[k];
+        torch::Tensor use, d;
+        if (kind.offset == 0) {
+            use = train & (rna == kind.rna);
+            d = (x.index({Slice(), kind.atomI}) - x.index({Slice(), kind.atomJ})).norm(2, -1);
+        } else {
+            auto head = Slice(None, -1), tail = Slice(1, None);
+            use = train.index({head}) & (chain.index({head}) == chain.index({tail})) &
+                  (segment.index({head}) == segment.index({tail})) & (rna.index({head}) == kind.rna) & (rna.index({tail}) == kind.rna);
+            d = (x.index({head, kind.atomI}) - x.index({tail, kind.atomJ})).norm(2, -1);
+        }
+        torch::Tensor values = d.index({use});
+        if (values.numel() < 10)
+            throw std::runtime_error("geometry prior: the training split of '" + data.path() + "' holds fewer than 10 " +
+                                     kind.name + " pairs");
+        const double median = values.median().item<double>();
+        const double mad = (values - median).abs().median().item<double>();
+        stats[k][0] = median;
+        stats[k][1] = std::max(1.4826 * mad, 1e-4); // a floor: a spread of zero would make the prior infinitely stiff
+    }
+    return stats;
+}
+
+torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                    const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats) {
+    const int64_t B = atoms.size(0), L = atoms.size(1);
+    torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
+    torch::Tensor rna = types >= ResidueType::FirstNucleotide;
+    torch::Tensor variance2 = 2.0 * sigma.to(atoms.dtype()).pow(2).view({B, 1}); // 2 sigma^2, [B, 1]
+    torch::Tensor total = torch::zeros({B}, atoms.options());
+    for (size_t k = 0; k < Kinds.size(); k++) {
+        const GeometryPairKind& kind = Kinds[k];
+        torch::Tensor use, r;
+        if (kind.offset == 0) {
+            use = real & (rna == kind.rna);
+            r = atoms.index({Slice(), Slice(), kind.atomI}) - atoms.index({Slice(), Slice(), kind.atomJ});
+        } else {
+            if (L < 2)
+                continue;
+            auto head = Slice(None, -1), tail = Slice(1, None);
+            use = real.index({Slice(), head}) & real.index({Slice(), tail}) &
+                  (chains.index({Slice(), head}) == chains.index({Slice(), tail})) & (rna.index({Slice(), head}) == kind.rna) &
+                  (rna.index({Slice(), tail}) == kind.rna);
+            r = atoms.index({Slice(), head, kind.atomI}) - atoms.index({Slice(), tail, kind.atomJ});
+        }
+        torch::Tensor d = torch::sqrt(r.pow(2).sum(-1) + SmallestDistance * SmallestDistance); // [B, L or L-1]
+        torch::Tensor d0 = stats[k][0], s0 = stats[k][1];
+        torch::Tensor v = s0 * s0 + variance2;
+        torch::Tensor a = 2.0 * d * d0 / v;
+        torch::Tensor e = torch::log(d) + (d - d0).pow(2) / (2.0 * v) - torch::log(-torch::expm1(-a));
+        total = total + (e * use.to(e.dtype())).sum(1);
+    }
+    return total;
+}
+
+} // namespace FlashIPAPlugin

@@ -1,0 +1,171 @@
+// The energy model's analytic geometry prior (GeometryPrior.h, docs/MODEL.md "Geometry prior"): the closed
+// form against a numerical convolution, its limits, its place in the EnergyModel (gradients by finite
+// differences, checkpoints) and its statistics measured on a data set.
+#include "TestStructures.h"
+#include "flashipa/Checkpoint.h"
+#include "flashipa/Dataset.h"
+#include "flashipa/EnergyModel.h"
+#include "flashipa/GeometryPrior.h"
+#include "flashipa/ResidueTypes.h"
+#include <cmath>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+using namespace FlashIPAPlugin;
+using namespace FlashIPATest;
+
+namespace {
+
+/** Two protein residues as frame atoms [1, 2, 3, 3] (nm), from helixAtoms. */
+StructureBatch twoResidues() {
+    StructureBatch batch;
+    batch.atoms = helixAtoms(2, 3);
+    batch.types = torch::tensor({0, 5}, torch::kInt64).view({1, 2});
+    batch.chains = torch::zeros({1, 2}, torch::kInt64);
+    return batch;
+}
+
+/**
+ * -log of the density of r = d0 u + sqrt(v) n (u uniform on the unit sphere, n standard normal in 3D) at a
+ * point |r| = radius, by quadrature over u (a Fibonacci sphere of `points` directions): an oracle that never
+ * uses the closed form. Constant offsets cancel in differences.
+ */
+double numericalMinusLogDensity(double radius, double d0, double v, int points = 20000) {
+    const double golden = M_PI * (3.0 - std::sqrt(5.0));
+    double sum = 0;
+    for (int k = 0; k < points; k++) {
+        const double z = 1.0 - 2.0 * (k + 0.5) / points, rho = std::sqrt(1.0 - z * z), phi = golden * k;
+        // r lies on the z axis; the squared distance to d0 u:
+        const double dx = d0 * rho * std::cos(phi), dy = d0 * rho * std::sin(phi), dz = radius - d0 * z;
+        sum += std::exp(-(dx * dx + dy * dy + dz * dz) / (2.0 * v));
+    }
+    return -std::log(sum / points);
+}
+
+/**
+ * The prior's N-CA term at an N-CA distance `radius`, plus a constant, through GeometryPrior::energy: one
+ * protein residue, N on the x axis, CA at the origin, C on the y axis (its CA-C term does not change).
+ */
+double closedForm(double radius, double d0, double s0, double sigma) {
+    StructureBatch batch;
+    batch.atoms = torch::zeros({1, 1, 3, 3}, torch::kFloat64);
+    batch.atoms[0][0][0][0] = radius;
+    batch.atoms[0][0][2][1] = 0.25;
+    batch.types = torch::zeros({1, 1}, torch::kInt64);
+    batch.chains = torch::zeros({1, 1}, torch::kInt64);
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    torch::Tensor stats = torch::ones({K, 2}, torch::kFloat64);
+    stats[0][0] = d0;
+    stats[0][1] = s0;
+    return GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), torch::full({1}, sigma, torch::kFloat64), stats)
+        .item<double>();
+}
+
+} // namespace
+
+TEST(GeometryPrior, ClosedFormIsTheNoisedDistanceMarginal) {
+    // Differences of the closed form at several radii equal those of -log of the convolution computed by
+    // quadrature, at a refinement-level, a middle and a generation-level sigma (and s0 folded into v).
+    const double d0 = 0.146, s0 = 0.003;
+    for (double sigma : {0.02, 0.1, 0.8}) {
+        const double v = s0 * s0 + 2 * sigma * sigma;
+        const double ref = 0.146;
+        for (double radius : {0.05, 0.12, 0.2, 0.4}) {
+            if (sigma < 0.05 && radius == 0.4)
+                continue; // exp(-(0.25)^2/2v) underflows the quadrature at this sigma
+            const double want = numericalMinusLogDensity(radius, d0, v) - numericalMinusLogDensity(ref, d0, v);
+            const double got = closedForm(radius, d0, s0, sigma) - closedForm(ref, d0, s0, sigma);
+            EXPECT_NEAR(got, want, 1e-3 * std::max(1.0, std::abs(want))) << "sigma " << sigma << " r " << radius;
+        }
+    }
+}
+
+TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
+    const double d0 = 0.146, s0 = 0.003, delta = 0.002;
+    // Small sigma: a bond spring of stiffness 1 / v (kT / nm^2) about d0.
+    const double sigma = 0.01, v = s0 * s0 + 2 * sigma * sigma;
+    const double stretch = closedForm(d0 + delta, d0, s0, sigma) + closedForm(d0 - delta, d0, s0, sigma) - 2 * closedForm(d0, d0, s0, sigma);
+    EXPECT_NEAR(stretch / (delta * delta), 1.0 / v, 0.02 / v);
+    // Large sigma: moving the pair by 0.05 nm costs far less than kT.
+    EXPECT_LT(std::abs(closedForm(d0 + 0.05, d0, s0, 1.5) - closedForm(d0, d0, s0, 1.5)), 0.05);
+    // Coincident atoms stay finite.
+    EXPECT_TRUE(std::isfinite(closedForm(0.0, d0, s0, 0.05)));
+}
+
+TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
+    ModelConfig config;
+    config.geometryPrior = 1;
+    EnergyModel model(config);
+    randomizeParameters(*model, 5, 0.5);
+    model->to(torch::kFloat64);
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    // Not measured: NaN, never a plausible number.
+    StructureBatch batch = twoResidues();
+    torch::Tensor sigma = torch::full({1}, 0.05, torch::kFloat64);
+    EXPECT_TRUE(std::isnan(model->forward(batch, sigma, AttentionBackend::SDPA).item<double>()));
+    EXPECT_THROW(model->setGeometryPriorStats(torch::zeros({K, 2})), std::invalid_argument);
+    torch::Tensor stats = torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1).to(torch::kFloat64);
+    model->setGeometryPriorStats(stats);
+    // The energy is the network's plus the prior's: the same weights without the prior differ by exactly it.
+    ModelConfig plain = config;
+    plain.geometryPrior = 0;
+    EnergyModel without(plain);
+    {
+        torch::NoGradGuard noGrad;
+        auto source = model->named_parameters();
+        for (auto& item : without->named_parameters())
+            item.value().copy_(source[item.key()]);
+    }
+    without->to(torch::kFloat64);
+    const double difference = (model->forward(batch, sigma, AttentionBackend::SDPA) - without->forward(batch, sigma, AttentionBackend::SDPA)).item<double>();
+    const double prior = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats).item<double>();
+    EXPECT_NEAR(difference, prior, 1e-9 * std::abs(prior));
+    // Gradients against central differences.
+    torch::Tensor x = batch.atoms.clone().requires_grad_(true);
+    StructureBatch b = batch;
+    b.atoms = x;
+    torch::Tensor g = torch::autograd::grad({model->forward(b, sigma, AttentionBackend::SDPA).sum()}, {x})[0];
+    torch::NoGradGuard noGrad;
+    const double h = 1e-6;
+    torch::Tensor fd = torch::zeros_like(g);
+    for (int64_t i = 0; i < batch.atoms.numel(); i++) {
+        StructureBatch plus = batch, minus = batch;
+        plus.atoms = batch.atoms.clone();
+        minus.atoms = batch.atoms.clone();
+        plus.atoms.view({-1})[i] += h;
+        minus.atoms.view({-1})[i] -= h;
+        fd.view({-1})[i] = (model->forward(plus, sigma, AttentionBackend::SDPA) - model->forward(minus, sigma, AttentionBackend::SDPA)).item<double>() / (2 * h);
+    }
+    EXPECT_LT(relativeError(g, fd), 1e-5);
+}
+
+TEST(GeometryPrior, CheckpointsCarryItAndOlderOnesLoadWithout) {
+    ModelConfig config;
+    config.geometryPrior = 1;
+    EnergyModel model(config);
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    model->setGeometryPriorStats(torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1));
+    const std::string path = "/tmp/flashipa_prior_" + std::to_string(getpid()) + ".safetensors";
+    saveEnergyModel(model, path);
+    EnergyModel loaded = loadEnergyModel(path);
+    EXPECT_EQ(loaded->config().geometryPrior, 1);
+    EXPECT_TRUE(torch::equal(loaded->geometryPriorStats, model->geometryPriorStats));
+    // A checkpoint whose pair table differs from this build's is refused, naming the tensor.
+    SafetensorsContents contents = Safetensors::read(path);
+    std::vector<std::pair<std::string, torch::Tensor>> tensors(contents.tensors.begin(), contents.tensors.end());
+    for (auto& [name, value] : tensors)
+        if (name == "geometryPriorPairs")
+            value = value.clone(), value[0][2] = 2.0;
+    Safetensors::write(path, tensors, contents.metadata);
+    try {
+        loadEnergyModel(path);
+        ADD_FAILURE() << "a changed pair table was accepted";
+    } catch (const std::runtime_error& e) {
+        EXPECT_NE(std::string(e.what()).find("geometryPriorPairs"), std::string::npos) << e.what();
+    }
+    // Metadata without the field (checkpoints written before it existed) reads as no prior.
+    std::map<std::string, std::string> old = ModelConfig().toMetadata();
+    old.erase("config.geometryPrior");
+    EXPECT_EQ(ModelConfig::fromMetadata(old).geometryPrior, 0);
+    unlink(path.c_str());
+}
