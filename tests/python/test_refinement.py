@@ -17,7 +17,7 @@ from openmmflashipa.refine import allAtomSystem, refine
 from openmmflashipa.structure import readStructure
 from openmmflashipa.topology import selectFrameResidues
 
-from flashipa_testutils import PROTEIN_PDB
+from flashipa_testutils import PROTEIN_PDB, RNA_PDB
 
 NOISE = 0.1  # nm per coordinate, as in benchmarks/refinement_benchmark.py
 
@@ -172,7 +172,7 @@ def test_selenomethionine_is_named_when_it_becomes_methionine(tmp_path):
     notes = []
     with pytest.warns(UserWarning, match=r"MSE 25 \(chain A\) refined as MET"):
         _, fixed, _ = allAtomSystem(topology, positions, withForce=False, notes=notes)
-    assert len(notes) == 1 and "MSE 25 (chain A) refined as MET" in notes[0]
+    assert any("MSE 25 (chain A) refined as MET" in note for note in notes)
     assert [r.name for r in fixed.residues() if r.id == "25"] == ["MET"]
 
 
@@ -206,3 +206,163 @@ def test_a_duplicate_ca_is_an_error_naming_the_residue(tmp_path):
     frames, unusable = selectFrameResidues(topology)
     assert [(r.id, "CA" in reason) for r, reason in unusable] == [("10", True)]
     assert "10" not in [f.residue.id for f in frames]
+
+
+# ---- Heterogens and RNA termini (issue: refinement of the structures users have). Inputs are hand-made from the
+# shipped structures; oracles are the atoms this test added or removed, read back from the files.
+
+def _pdb_atoms(path):
+    """[(record, atom name, residue name, chain, residue number, xyz Angstrom)] of ATOM/HETATM lines."""
+    out = []
+    for line in open(path):
+        if line.startswith(("ATOM", "HETATM")):
+            out.append((line[:6].strip(), line[12:16].strip(), line[17:20].strip(), line[21], int(line[22:26]),
+                        np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])])))
+    return out
+
+
+def _write_pdb(path, atoms):
+    with open(path, "w") as handle:
+        for k, (record, name, residue, chain, number, xyz) in enumerate(atoms):
+            element = name.lstrip("0123456789")[0] if residue not in ("NA",) else "NA"
+            padded = (" " + name) if len(name) < 4 and len(element) == 1 else name
+            handle.write("%-6s%5d %-4s %3s %s%4d    %8.3f%8.3f%8.3f  1.00  0.00          %2s\n"
+                         % (record, k + 1, padded, residue.rjust(3), chain, number, *xyz, element))
+        handle.write("END\n")
+    return str(path)
+
+
+def _rna(first=2, last=9):
+    """The shipped RNA cut to nucleotides first..last (a short chain: fast to refine)."""
+    return [a for a in _pdb_atoms(RNA_PDB) if first <= a[4] <= last]
+
+
+def _xyz(atoms, number, name):
+    return next(a[5] for a in atoms if a[4] == number and a[1] == name)
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def _phosphate(origin, away, names, residue, number, chain="A", record="ATOM"):
+    """P 1.6 A from `origin` along `away`, its oxygens 1.5 A from P around that axis."""
+    p = origin + 1.6 * away
+    side = _unit(np.cross(away, [0.3, 0.5, 0.8]))
+    other = np.cross(away, side)
+    oxygens = [p + 1.5 * _unit(0.35 * away + d) for d in (side, -0.5 * side + 0.87 * other, -0.5 * side - 0.87 * other)]
+    return [(record, names[0], residue, "A", number, p)] + [(record, n, residue, chain, number, x)
+                                                           for n, x in zip(names[1:], oxygens)]
+
+
+def _fast(monkeypatch):
+    monkeypatch.setattr(refine_module, "PRERELAX_ITERATIONS", 20)
+    return dict(minimizeIterations=10, platform="CPU", progress=False)
+
+
+def _names(topology, number):
+    return {a.name for r in topology.residues() if r.id == str(number) for a in r.atoms()}
+
+
+def test_rna_with_a_5prime_phosphate_is_refined_all_atom(tmp_path, monkeypatch):
+    # Before: "No template found for residue 0 (G) ... missing 1 P atom and has 1 O atom too many", no refinement.
+    atoms = _rna()
+    away = _unit(_xyz(atoms, 2, "O5'") - _xyz(atoms, 2, "C5'"))
+    atoms = _phosphate(_xyz(atoms, 2, "O5'"), away, ["P", "OP1", "OP2", "OP3"], "G", 2) + atoms
+    result = refine(_write_pdb(tmp_path / "p5.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom"
+    assert not _names(result.topology, 2) & {"P", "OP1", "OP2", "OP3"}
+    assert any("G 2 (chain A)" in line and "5' phosphate" in line for line in result.leftOut), result.leftOut
+    assert result.topology.getNumChains() == 1
+
+
+def test_rna_with_a_5prime_triphosphate_is_refined_all_atom(tmp_path, monkeypatch):
+    atoms = _rna()
+    origin, away = _xyz(atoms, 2, "O5'"), _unit(_xyz(atoms, 2, "O5'") - _xyz(atoms, 2, "C5'"))
+    added = []
+    for k, (p, bridge) in enumerate((("PA", "O3A"), ("PB", "O3B"), ("PG", None))):
+        group = _phosphate(origin + 3.2 * k * away, away, [p, "O1" + p[1], "O2" + p[1]] + ([bridge] if bridge else
+                                                                                          ["O3G"]), "GTP", 2)
+        added += group
+    atoms = added + [(r, n, "GTP" if num == 2 else res, c, num, x) for r, n, res, c, num, x in atoms]
+    result = refine(_write_pdb(tmp_path / "ppp5.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom"
+    first = [r for r in result.topology.residues() if r.id == "2"]
+    assert [r.name for r in first] == ["G"] and not _names(result.topology, 2) & {"PA", "PB", "PG"}
+    assert any("triphosphate" in line and "refined as G" in line for line in result.leftOut), result.leftOut
+
+
+def test_rna_with_a_3prime_phosphate_keeps_it_fixed(tmp_path, monkeypatch):
+    # A phosphate after the last nucleotide, written as a residue of its own: not a nucleotide to invent (PDBFixer
+    # would build its sugar and base), but kept where it is and written back unchanged.
+    atoms = _rna()
+    away = _unit(_xyz(atoms, 9, "O3'") - _xyz(atoms, 9, "C3'"))
+    phosphate = _phosphate(_xyz(atoms, 9, "O3'"), away, ["P", "OP1", "OP2", "OP3"], "C", 10)
+    result = refine(_write_pdb(tmp_path / "p3.pdb", atoms + phosphate), **_fast(monkeypatch))
+    assert result.level == "all-atom"
+    assert _names(result.topology, 10) == {"P", "OP1", "OP2", "OP3"}
+    xyz = np.asarray(result.positions.value_in_unit(unit.nanometer))
+    written = {a.name: xyz[a.index] for a in result.topology.atoms() if a.residue.id == "10"}
+    for _, name, _, _, _, position in phosphate:
+        assert np.allclose(written[name], position / 10.0, atol=1e-4)  # the file keeps 3 decimals in Angstrom
+    assert any("C 10 (chain A)" in line and "phosphate" in line for line in result.leftOut), result.leftOut
+
+
+def test_rna_missing_terminal_atoms_is_completed_all_atom(tmp_path, monkeypatch):
+    # Before: any missing nucleotide atom sent the whole chain to backbone level.
+    atoms = [a for a in _rna() if not (a[4] == 2 and a[1] == "O5'") and not (a[4] == 9 and a[1] == "O3'")]
+    result = refine(_write_pdb(tmp_path / "ends.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom"
+    assert "O5'" in _names(result.topology, 2) and "O3'" in _names(result.topology, 9)
+    assert any("PDBFixer added" in note and "O3'" in note for note in result.notes), result.notes
+
+
+def test_rna_with_a_modified_nucleotide_is_refined_as_its_parent(tmp_path, monkeypatch):
+    # C 5 as 5-methylcytidine (5MC: C 5 plus a methyl carbon C5M on C5).
+    atoms = _rna()
+    c5 = _xyz(atoms, 5, "C5")
+    methyl = c5 + 1.5 * _unit(c5 - _xyz(atoms, 5, "N1"))
+    atoms = [("HETATM" if num == 5 else r, n, "5MC" if num == 5 else res, c, num, x) for r, n, res, c, num, x in atoms]
+    atoms.insert(max(k for k, a in enumerate(atoms) if a[4] == 5) + 1, ("HETATM", "C5M", "5MC", "A", 5, methyl))
+    with pytest.warns(UserWarning, match=r"5MC 5 \(chain A\) refined as C"):
+        result = refine(_write_pdb(tmp_path / "5mc.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom" and result.topology.getNumChains() == 1
+    assert [r.name for r in result.topology.residues() if r.id == "5"] == ["C"]
+    assert any("5MC 5 (chain A) refined as C" in note for note in result.notes)
+
+
+def test_a_ligand_ion_and_waters_are_kept_fixed_or_removed_never_a_level_drop(tmp_path, monkeypatch):
+    # Before: the protein's ligand (benzene) was dropped (or the whole protein went to backbone level) with only a
+    # warning. Now the protein stays all-atom; the others are written back unchanged (default) or removed, and
+    # leftOut names them.
+    protein = _pdb_atoms(PROTEIN_PDB)
+    xyz = np.array([a[5] for a in protein])
+    centre = xyz[np.argmax(xyz[:, 0])] + np.array([4.5, 0.0, 0.0])
+    ring = [("HETATM", "C%d" % (k + 1), "BNZ", "B", 101,
+             centre + 1.39 * np.array([0.0, np.cos(k * np.pi / 3), np.sin(k * np.pi / 3)])) for k in range(6)]
+    others = ring + [("HETATM", "O", "HOH", "B", 201, centre + [0, 0, 5.0]),
+                     ("HETATM", "O", "HOH", "B", 202, centre + [3.0, 0, 5.0]),
+                     ("HETATM", "NA", "NA", "B", 301, centre + [0, 0, -5.0])]
+    path = _write_pdb(tmp_path / "complex.pdb", protein + others)
+    fixed = refine(path, hetero="fixed", **_fast(monkeypatch))
+    assert fixed.level == "all-atom"
+    assert any(f.getName() == "HeteroWall" for f in fixed.system.getForces())
+    xyz = np.asarray(fixed.positions.value_in_unit(unit.nanometer))
+    written = {(a.residue.name, a.residue.id, a.name): xyz[a.index] for a in fixed.topology.atoms()
+               if a.residue.chain.id == "B"}
+    assert len(written) == len(others)
+    for _, name, residue, _, number, position in others:
+        assert np.allclose(written[(residue, str(number), name)], position / 10.0, atol=1e-4)  # the file keeps 3 decimals in Angstrom
+    # The polymer was held off the fixed atoms: no heavy atom closer than the wall's contact distance.
+    heavy = np.array([xyz[a.index] for a in fixed.topology.atoms() if a.residue.chain.id == "A"
+                      and a.element.symbol != "H"])
+    fixed_xyz = np.array([p / 10.0 for *_, p in others])
+    assert np.min(np.linalg.norm(heavy[:, None] - fixed_xyz[None], axis=2)) > 0.28
+    assert sum("kept fixed" in line for line in fixed.leftOut) == 3  # benzene, the ion, one line for the waters
+    assert any("BNZ 101 (chain B)" in line for line in fixed.leftOut)
+    removed = refine(path, hetero="remove", **_fast(monkeypatch))
+    assert removed.level == "all-atom"
+    assert {r.chain.id for r in removed.topology.residues()} == {"A"}
+    assert sum("removed" in line for line in removed.leftOut) == 3
+    with pytest.raises(ValueError, match="hetero"):
+        refine(path, hetero="drop", **_fast(monkeypatch))

@@ -3,7 +3,8 @@
 ``refine(structure)`` takes a generated :class:`~openmmflashipa.structure.Backbone`, a PDB/mmCIF path, or an
 ``(openmm.app.Topology, positions)`` pair, and chooses one of two levels:
 
-- **all-atom**: when every nucleotide (if any) has all its heavy atoms. Chains are first split at gaps
+- **all-atom**: unless a nucleotide lacks base atoms. Everything that is not the polymer (ligands, ions,
+  waters, ...) is set aside first (splitHetero) and kept fixed or removed (``hetero``). Chains are split at gaps
   (missing residues: :func:`~openmmflashipa.topology.findGaps`), so that each piece gets its own termini and
   nothing pulls the ends of a gap together; PDBFixer then completes missing heavy atoms (never missing
   residues) and adds hydrogens (pH 7). The System is amber14-all + implicit solvent (OBC2 by default, as
@@ -20,9 +21,10 @@ heavy atoms restrained to the minimised positions (``'restrained'``), a Langevin
 (``'anneal'``) or an unrestrained Langevin run at ``temperature`` (``'md'``); the three with MD end with a
 quench (a short minimisation).
 
-Generated backbones (:class:`Backbone` inputs) first get their frame geometry repaired (repairGeometry).
-Residues the model cannot use (ligands, residues missing a frame atom) are named in a warning (all-atom
-level keeps them in the force field if amber can template them). Errors name their cause.
+Generated backbones (:class:`Backbone` inputs, and files that hold one: looksGenerated) first get their frame
+geometry repaired (repairGeometry, repairFrames). The result says what was left out (``leftOut``), what was
+changed (``notes``), how far the structure moved (``rmsdFromInput``) and each force's energy (``energyTerms``).
+Errors name their cause.
 """
 
 import collections
@@ -41,7 +43,7 @@ from .generate import choosePlatform, FRAME_MASSES
 from .openmmflashipa import FlashIPAForce
 from .structure import Backbone, readStructure, writeOpenMM
 from .topology import (chainSegments, createForce, positionsNm, selectFrameResidues, reportUnusable,
-                       splitAtGaps)
+                       splitAtGaps, _isWaterOrIon, _polymerType)
 
 DEFAULT_SIGMA = 0.05       # nm: flashipaSigma during refinement (small: the structure is near the data)
 REPULSION_DISTANCE = 0.3   # nm: frame atoms of different residues closer than this are pushed apart
@@ -61,6 +63,12 @@ ANNEAL_TEMPERATURE = 100.0  # K: 'anneal' protocol starts here and cools linearl
 #: Backbone heavy atoms held by the 'restrained' protocol (all particles at backbone level).
 BACKBONE_ATOMS = frozenset(["N", "CA", "C", "O", "OXT", "P", "OP1", "OP2", "O5'", "C5'", "C4'", "O4'", "C3'",
                             "O3'", "C2'", "C1'"])
+#: What refine does with heterogens (ligands, ions, waters, ...): see refine(hetero=).
+HETERO_POLICIES = ("fixed", "remove")
+DEFAULT_HETERO = "fixed"
+HETERO_CONTACT = 0.3   # nm: polymer heavy atoms are held at least min(this, input distance) from fixed heterogens
+HETERO_LIST = 0.6      # nm: polymer-heterogen heavy-atom pairs closer than this in the input get a wall
+HETERO_WALL_K = 50000.0  # kJ/mol/nm^2
 #: Implicit solvent constants of the native OBC2 force (amber14's implicit/obc2.xml uses the same).
 SOLVENT_DIELECTRIC = 78.5
 SOLUTE_DIELECTRIC = 1.0
@@ -72,8 +80,11 @@ class RefinedStructure:
     force), minimized, md (end of the Langevin run; protocols with MD only), final (the returned structure)),
     the ``system`` it was refined in, its ``frameResidues``, ``particlePositions`` ([N, 3] nm, the System's
     particles), the model chain id of each frame residue (``segments``), the input's ``gaps`` (pairs of
-    residue descriptions where a chain was split, see topology.findGaps) and ``notes`` (what refine changed
-    in the input before refining it, in words)."""
+    residue descriptions where a chain was split, see topology.findGaps), ``notes`` (what refine changed
+    in the input before refining it, in words), ``leftOut`` (residues and atoms not refined: kept fixed, removed,
+    or outside the learned force, each with the reason), ``rmsdFromInput`` (nm, polymer heavy atoms matched by
+    chain, residue and atom name, no superposition) over ``rmsdAtoms`` atoms, and ``energyTerms`` ({'start' |
+    'final': {force name: kJ/mol}}, the System's forces one by one)."""
 
     def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions,
                  segments=None, protocol=None, gaps=(), notes=()):
@@ -88,18 +99,22 @@ class RefinedStructure:
         self.protocol = protocol
         self.gaps = list(gaps)
         self.notes = list(notes)
+        self.leftOut = []
+        self.rmsdFromInput = None
+        self.rmsdAtoms = 0
+        self.energyTerms = {}
 
     def write(self, path):
         """Write the refined structure as .pdb or .cif."""
         writeOpenMM(self.topology, self.positions, path)
 
 
-def _load(structure):
+def _load(structure, keepWater=False):
     if isinstance(structure, Backbone):
         topology, positions = structure.toOpenMM()
         return topology, positions
     if isinstance(structure, (str, os.PathLike)):
-        return readStructure(structure)
+        return readStructure(structure, keepWater=keepWater)
     if isinstance(structure, tuple) and len(structure) == 2:
         return structure
     if hasattr(structure, "topology") and hasattr(structure, "positions"):
@@ -108,15 +123,24 @@ def _load(structure):
                     "object with .topology and .positions, not %s" % type(structure).__name__)
 
 
+#: Sugar-phosphate atoms of a nucleotide: PDBFixer may add these when missing; a missing base atom (anything
+#: else) means the nucleotide has no base to refine all-atom (generated RNA), and PDBFixer would invent one.
+NUCLEOTIDE_BACKBONE_ATOMS = frozenset(["P", "OP1", "OP2", "OP3", "O5'", "C5'", "C4'", "O4'", "C3'", "O3'", "C2'",
+                                       "O2'", "C1'"])
+
+
 def _incompleteNucleotides(topology):
-    """Names of nucleotides missing heavy atoms that amber's templates require."""
+    """Descriptions of nucleotides missing base atoms (which amber's templates require and PDBFixer would have to
+    invent): their presence sends refine to backbone level."""
     fixer = _fixer(topology, None)
     fixer.missingResidues = {}
     fixer.findMissingAtoms()
     out = []
     for residue, atoms in fixer.missingAtoms.items():
-        if residue.name in ("A", "C", "G", "U") and atoms:
-            out.append("%s%s (chain %s): %d atoms" % (residue.name, residue.id, residue.chain.id, len(atoms)))
+        base = [a.name for a in atoms if a.name not in NUCLEOTIDE_BACKBONE_ATOMS]
+        if residue.name in ("A", "C", "G", "U") and base:
+            out.append("%s%s (chain %s): %d base atom(s) missing" % (residue.name, residue.id, residue.chain.id,
+                                                                    len(base)))
     return out
 
 
@@ -132,7 +156,8 @@ def _fixer(topology, positions):
 
 def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0,
            minimizeIterations=500, steps=None, implicitSolvent="obc2", level=None, seed=0, modelPath=None,
-           progress=True, quench=True, protocol=None, restraintK=RESTRAINT_K, annealTemperature=ANNEAL_TEMPERATURE):
+           progress=True, quench=True, protocol=None, restraintK=RESTRAINT_K, annealTemperature=ANNEAL_TEMPERATURE,
+           hetero=DEFAULT_HETERO):
     """Refine a structure with amber14 + implicit solvent + the learned force (or at backbone level).
 
     Parameters
@@ -171,6 +196,13 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         'restrained' protocol only
     annealTemperature : float, K
         'anneal' protocol only
+    hetero : 'fixed' (default, DEFAULT_HETERO) or 'remove'
+        what happens to everything that is not the polymer (ligands, ions, waters, phosphates without their
+        nucleotide, residues neither amber14 nor PDBFixer knows): 'fixed' keeps them where they are, writes them
+        back unchanged and holds the polymer off them (a wall at each polymer-heterogen heavy-atom distance of
+        the input, up to HETERO_CONTACT; no charges, no solvation: amber14 cannot parameterise arbitrary
+        ligands); 'remove' leaves them out of the result. Either way ``leftOut`` names them. The polymer stays
+        all-atom whatever else is in the file.
 
     Returns
     -------
@@ -185,6 +217,8 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
         raise ValueError("temperature must be a positive number of K, not %r" % (temperature,))
     if implicitSolvent not in ("obc2", "gbn2"):
         raise ValueError("implicitSolvent must be 'obc2' or 'gbn2', not %r" % (implicitSolvent,))
+    if hetero not in HETERO_POLICIES:
+        raise ValueError("hetero must be one of %s, not %r" % (", ".join(HETERO_POLICIES), hetero))
     if level not in (None, "all-atom", "backbone"):
         raise ValueError("level must be None, 'all-atom' or 'backbone', not %r" % (level,))
     protocol = DEFAULT_PROTOCOL if protocol is None else protocol
@@ -202,7 +236,8 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     notes = []
     if isinstance(structure, Backbone):
         structure = repairGeometry(structure, platform)
-    topology, positions = _load(structure)
+    topology, positions = _load(structure, keepWater=True)
+    inputTopology, inputPositions = topology, positions
     topology, gaps = splitAtGaps(topology, positions)
     if not isinstance(structure, Backbone) and looksGenerated(topology):
         # A generated backbone read back from its file: repair it as a Backbone would be (its links can be
@@ -215,23 +250,39 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     frames, unusable = selectFrameResidues(topology)
     if not frames:
         raise ValueError("nothing to refine: no amino acid with N, CA, C or nucleotide with C3', C4', O4'")
+    polymer, others, stripped = splitHetero(topology, positions)
     if level is None:
-        incomplete = _incompleteNucleotides(topology)
+        incomplete = _incompleteNucleotides(polymer[0])
         level = "backbone" if incomplete else "all-atom"
+        if incomplete:
+            message = ("refined at backbone level (frame atoms only), not all-atom: %d nucleotide(s) have no complete "
+                       "base, which amber14 needs and PDBFixer would have to invent: %s" % (
+                           len(incomplete), "; ".join(incomplete[:10]) + (" ..." if len(incomplete) > 10 else "")))
+            if not looksGenerated(topology):  # generated RNA has no bases by design: nothing to warn about
+                warnings.warn(message, stacklevel=2)
+            notes.append(message)
     if level == "all-atom":
-        result = _refineAllAtom(topology, positions, sigma, scale, implicitSolvent, modelPath, settings)
+        result = _refineAllAtom(polymer, others, sigma, scale, implicitSolvent, modelPath, settings, hetero)
     else:
         reportUnusable(unusable, False, stacklevel=3)
         result = _refineBackbone(topology, positions, frames, sigma, scale, modelPath, settings)
+        result.leftOut += _describeOthers(others[0], hetero, "kept unchanged, not refined at backbone level")
+        if hetero == "fixed" and others[0]:
+            result.topology, result.positions = _appendResidues(result.topology, result.positions, others)
     result.gaps = [(_describeResidue(a), _describeResidue(b)) for a, b in gaps]
     result.notes = notes + result.notes
+    if level == "all-atom":
+        result.leftOut = stripped + result.leftOut
+    result.rmsdFromInput, result.rmsdAtoms = rmsdFromInput(inputTopology, inputPositions, result.topology,
+                                                           result.positions)
     if out:
         result.write(out)
     return result
 
 
-#: Atoms closer than this (nm) are taken as coincident: the shortest bond to a heavy atom is about 0.1 nm.
-COINCIDENT_DISTANCE = 0.05
+#: Atoms closer than this (nm) are taken as coincident (one point written twice); noisy input (0.1 nm per
+#: coordinate) brings atoms to 0.01-0.05 nm now and then, which minimisation mends.
+COINCIDENT_DISTANCE = 0.001
 
 
 def checkCoincidentAtoms(topology, positions, distance=COINCIDENT_DISTANCE):
@@ -285,6 +336,170 @@ def _describeResidue(residue):
 _GENERATED_ATOMS = {"GLY": frozenset(["N", "CA", "C", "O", "OXT"]),
                     "U": frozenset(["P", "OP1", "OP2", "O5'", "C5'", "C4'", "O4'", "C3'", "O3'", "C2'", "O2'",
                                     "C1'"])}
+
+
+#: Modified nucleotides refined as their parent (PDBFixer maps nucleotides only through MODRES records, which
+#: do not survive the way structures reach it): methylations and similar changes that keep the parent's atom
+#: names where the parent has them. PDBFixer then deletes the extra atoms and adds missing ones. Pseudouridine
+#: (PSU) is not here: its base is attached through C5, so U's atoms by name would be a different molecule.
+MODIFIED_NUCLEOTIDES = {"5MC": "C", "OMC": "C", "5MU": "U", "OMU": "U", "H2U": "U", "4SU": "U", "OMG": "G",
+                        "2MG": "G", "M2G": "G", "7MG": "G", "1MG": "G", "1MA": "A", "A2M": "A", "6MA": "A"}
+#: Nucleoside triphosphates at a chain's 5' end: the nucleotide, with its triphosphate removed.
+TRIPHOSPHATES = {"ATP": "A", "CTP": "C", "GTP": "G", "UTP": "U"}
+#: 5' phosphate and triphosphate atoms of a first nucleotide (amber14's 5' templates have none).
+FIVE_PRIME_PHOSPHATE = frozenset(["P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P", "PA", "PB", "PG", "O1A", "O2A",
+                                  "O3A", "O1B", "O2B", "O3B", "O1G", "O2G", "O3G", "HOP2", "HOP3", "HO3P", "H5T"])
+PHOSPHATE_ATOMS = frozenset(["P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P", "O1", "O2", "O3", "O4"])
+
+
+def _pdbfixerKnows(name):
+    from pdbfixer.pdbfixer import proteinResidues, rnaResidues, dnaResidues, substitutions
+    return (name in proteinResidues or name in rnaResidues or name in dnaResidues or name in ("N", "UNK")
+            or name in substitutions or name in MODIFIED_NUCLEOTIDES)
+
+
+def splitHetero(topology, positions):
+    """Separate the polymer that refine can make all-atom from everything else.
+
+    Returns ((topology, positions) of the polymer, (list of (residue, reason) for the rest, the input's [N, 3]
+    nm positions), list of descriptions of atoms removed from polymer residues). The rest: waters, ions,
+    phosphates without their nucleotide (a 3' phosphate written as its own residue), and residues neither
+    amber14 nor PDBFixer knows (ligands, caps, unmapped modified residues). In the polymer, the first nucleotide
+    of each chain loses its 5' phosphate or triphosphate (a nucleoside triphosphate there becomes its
+    nucleotide), as amber14's 5' templates have none. The polymer keeps chain ids, residue ids and bonds; it is
+    split again at the holes the rest leaves (splitAtGaps)."""
+    import openmm.app as app_
+    xyz = positionsNm(positions)
+    others, removed, keep = [], [], []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        nucleotides = [r for r in residues if _polymerType(r) == "rna" or r.name.strip().upper() in TRIPHOSPHATES]
+        for residue in residues:
+            name = residue.name.strip().upper()
+            atomNames = {a.name for a in residue.atoms()}
+            if _isWaterOrIon(residue):
+                others.append((residue, "ion" if len(list(residue.atoms())) == 1 and name not in
+                               ("HOH", "WAT", "H2O", "DOD") else "water"))
+            elif atomNames <= PHOSPHATE_ATOMS and "P" in atomNames:
+                others.append((residue, "a phosphate without its nucleotide (3' or 5' phosphate)"))
+            elif name in TRIPHOSPHATES and len(nucleotides) > 1:
+                keep.append((residue, TRIPHOSPHATES[name]))
+            elif _pdbfixerKnows(name):
+                keep.append((residue, None))
+            else:
+                others.append((residue, "no amber14 template (ligand, cap or unmapped modified residue)"))
+    out = app_.Topology()
+    atoms, chains, kept = {}, {}, []
+    firstNucleotide = set()
+    for chain in topology.chains():
+        for residue, _ in keep:
+            if residue.chain is chain and (_polymerType(residue) == "rna" or
+                                           residue.name.strip().upper() in TRIPHOSPHATES):
+                firstNucleotide.add(residue)
+                break
+    for residue, rename in keep:
+        if residue.chain not in chains:
+            chains[residue.chain] = out.addChain(residue.chain.id)
+        newResidue = out.addResidue(rename or residue.name, chains[residue.chain], residue.id,
+                                    getattr(residue, "insertionCode", ""))
+        stripped = []
+        for atom in residue.atoms():
+            if residue in firstNucleotide and atom.name in FIVE_PRIME_PHOSPHATE:
+                stripped.append(atom.name)
+                continue
+            atoms[atom] = out.addAtom(atom.name, atom.element, newResidue, atom.id)
+            kept.append(atom.index)
+        if stripped:
+            removed.append("%s: 5' %s atoms %s removed (amber14's 5' templates have none)%s" % (
+                _describeResidue(residue), "triphosphate" if "PB" in stripped else "phosphate", ", ".join(stripped),
+                "; refined as %s" % rename if rename else ""))
+    for a, b in topology.bonds():
+        if a in atoms and b in atoms:
+            out.addBond(atoms[a], atoms[b])
+    polymerPositions = unit.Quantity(xyz[kept], unit.nanometer)
+    out, _ = splitAtGaps(out, polymerPositions)
+    return (out, polymerPositions), (others, xyz), removed
+
+
+def _describeOthers(residues, hetero, fixed="kept fixed and written back unchanged"):
+    """leftOut lines for the residues splitHetero set aside: one per residue, waters counted in one line."""
+    what = fixed if hetero == "fixed" else "removed"
+    waters = [r for r, why in residues if why == "water"]
+    lines = ["%s: %s, %s" % (_describeResidue(r), why, what) for r, why in residues if why != "water"]
+    if waters:
+        lines.append("%d water(s) (%s ... %s): %s" % (len(waters), _describeResidue(waters[0]),
+                                                       _describeResidue(waters[-1]), what))
+    return lines
+
+
+def _appendResidues(topology, positions, others):
+    """`topology` and `positions` with the residues of `others` (from splitHetero) appended unchanged, each input
+    chain's in a chain of its id."""
+    import openmm.app as app_
+    residues, xyz = others
+    extra = app_.Topology()
+    chains, atoms, extraXyz = {}, {}, []
+    for residue, _ in residues:
+        if residue.chain not in chains:
+            chains[residue.chain] = extra.addChain(residue.chain.id)
+        newResidue = extra.addResidue(residue.name, chains[residue.chain], residue.id,
+                                      getattr(residue, "insertionCode", ""))
+        for atom in residue.atoms():
+            atoms[atom] = extra.addAtom(atom.name, atom.element, newResidue, atom.id)
+            extraXyz.append(xyz[atom.index])
+    for bond in residues[0][0].chain.topology.bonds() if residues else ():
+        if bond[0] in atoms and bond[1] in atoms:
+            extra.addBond(atoms[bond[0]], atoms[bond[1]])
+    modeller = app.Modeller(topology, positions)
+    modeller.add(extra, unit.Quantity(np.array(extraXyz), unit.nanometer))
+    return modeller.topology, unit.Quantity(positionsNm(modeller.positions), unit.nanometer)
+
+
+def _heavy(atom):
+    return atom.element is None or atom.element.symbol != "H"
+
+
+def heteroWall(topology, positions, fixedXyz, contact=HETERO_CONTACT, listDistance=HETERO_LIST, k=HETERO_WALL_K):
+    """A CustomExternalForce (name 'HeteroWall') that keeps each heavy atom of `topology` at least
+    min(`contact`, its input distance) from each fixed heavy-atom position of `fixedXyz` ([M, 3] nm) closer than
+    `listDistance` in the input: the fixed heterogens as excluded volume, at no energy in the input itself."""
+    xyz = positionsNm(positions)
+    fixedXyz = np.asarray(fixedXyz, dtype=np.float64).reshape(-1, 3)
+    wall = openmm.CustomExternalForce("0.5*kHet*step(r0-d)*(r0-d)^2; d=sqrt((x-hx)^2+(y-hy)^2+(z-hz)^2)")
+    wall.setName("HeteroWall")
+    wall.addGlobalParameter("kHet", float(k))
+    for name in ("hx", "hy", "hz", "r0"):
+        wall.addPerParticleParameter(name)
+    heavy = [a.index for a in topology.atoms() if _heavy(a)]
+    if len(fixedXyz) == 0:
+        return wall
+    for start in range(0, len(heavy), 512):
+        chunk = heavy[start:start + 512]
+        distances = np.linalg.norm(xyz[chunk][:, None, :] - fixedXyz[None, :, :], axis=2)
+        for i, j in zip(*np.nonzero(distances < listDistance)):
+            wall.addParticle(int(chunk[i]), [float(v) for v in fixedXyz[j]] + [min(contact, float(distances[i, j]))])
+    return wall
+
+
+def rmsdFromInput(inputTopology, inputPositions, topology, positions):
+    """(RMSD in nm, atom count) between the input and the refined structure over polymer heavy atoms matched by
+    (chain id, residue id, insertion code, atom name), without superposition (refinement keeps the frame);
+    (None, 0) when no atom matches."""
+    def table(top, pos):
+        xyz = positionsNm(pos)
+        out = {}
+        for atom in top.atoms():
+            if _heavy(atom) and _polymerType(atom.residue) is not None:
+                key = (atom.residue.chain.id, atom.residue.id, (getattr(atom.residue, "insertionCode", "") or "").strip(),
+                       atom.name)
+                out.setdefault(key, xyz[atom.index])
+        return out
+    before, after = table(inputTopology, inputPositions), table(topology, positions)
+    keys = [k for k in before if k in after]
+    if not keys:
+        return None, 0
+    difference = np.array([before[k] - after[k] for k in keys])
+    return float(np.sqrt(np.mean(np.sum(difference ** 2, axis=1)))), len(keys)
 
 
 def looksGenerated(topology):
@@ -353,11 +568,12 @@ def _backboneRestraint(system, atoms, reference, k):
 
 def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, temperature=300.0, stepSize=0.002,
                 minimizeIterations=500, steps=None, seed=0, quench=True, restraintK=RESTRAINT_K,
-                annealTemperature=ANNEAL_TEMPERATURE, restrainedAtoms=None, progress=False, label="refine"):
+                annealTemperature=ANNEAL_TEMPERATURE, restrainedAtoms=None, progress=False, label="refine", terms=None):
     """Run a refinement protocol (see refine) on `system` from `positions`: returns (final [N, 3] nm, energies).
 
     The System is not changed (the 'restrained' protocol's restraint lives in a copy). `restrainedAtoms` are the
-    particles the 'restrained' protocol holds (default: all)."""
+    particles the 'restrained' protocol holds (default: all). A dict `terms` receives the energy of each force
+    (kJ/mol, by force name) at 'start' and 'final'."""
     if protocol not in PROTOCOLS:
         raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
     steps = DEFAULT_STEPS[protocol] if steps is None else int(steps)
@@ -370,8 +586,15 @@ def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, tem
     openmm.LocalEnergyMinimizer.minimize(relax, PRERELAX_TOLERANCE, PRERELAX_ITERATIONS)
     positions = relax.getState(getPositions=True).getPositions(asNumpy=True)
     del relax
-    if protocol == "restrained" and steps > 0:
+    byTerm = terms is not None and system.getNumForces() <= 32
+    if byTerm or (protocol == "restrained" and steps > 0):
+        # A copy: the caller's System stays as it was (a Context keeps using the System it was made from).
         system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    names = _termNames(system)
+    if byTerm:  # each force in its own group, for the energy of each term
+        for k, force in enumerate(system.getForces()):
+            force.setForceGroup(k)
+    if protocol == "restrained" and steps > 0:
         n = system.getNumParticles()
         atoms = list(range(n)) if restrainedAtoms is None else list(restrainedAtoms)
         restraint = _backboneRestraint(system, atoms, np.zeros((n, 3)), 0.0)
@@ -385,6 +608,8 @@ def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, tem
     context = openmm.Context(system, integrator, chosen)
     context.setPositions(positions)
     energies = {"start": _energy(context)}
+    if byTerm:
+        terms["start"] = _termEnergies(context, names)
     # ("start" is after the physical pre-relaxation: the learned energy is undefined before it.)
     with _progress.spinner("%s: minimising (%s)" % (label, context.getPlatform().getName()), enabled=progress):
         openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, minimizeIterations)
@@ -423,7 +648,30 @@ def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, tem
     for key, value in energies.items():
         if not np.isfinite(value):
             raise RuntimeError("refinement produced a non-finite %s energy" % key)
+    if byTerm:
+        terms["final"] = _termEnergies(context, names)
     return final, energies
+
+
+def _termNames(system):
+    """A name per force of `system` (its name; repeated names get '#2', '#3', ...)."""
+    names, seen = [], collections.Counter()
+    for force in system.getForces():
+        name = force.getName() or type(force).__name__
+        seen[name] += 1
+        names.append(name if seen[name] == 1 else "%s#%d" % (name, seen[name]))
+    return names
+
+
+def _termEnergies(context, names):
+    """{name: kJ/mol} of each force, in a Context whose force k is in group k; forces without energy left out."""
+    out = {}
+    for k, name in enumerate(names):
+        if name == "CMMotionRemover":
+            continue
+        out[name] = context.getState(getEnergy=True, groups={k}).getPotentialEnergy().value_in_unit(
+            unit.kilojoule_per_mole)
+    return out
 
 
 def withoutFlashIPA(system):
@@ -487,6 +735,9 @@ def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperatu
     fixer = _fixer(topology, positions)
     fixer.missingResidues = {}  # never invent missing residues; gaps stay gaps (findMissingResidues not called)
     fixer.findNonstandardResidues()
+    mapped = {r for r, _ in fixer.nonstandardResidues}
+    fixer.nonstandardResidues += [(r, MODIFIED_NUCLEOTIDES[r.name]) for r in fixer.topology.residues()
+                                  if r.name in MODIFIED_NUCLEOTIDES and r not in mapped]
     if fixer.nonstandardResidues:
         # Said, not silent: MSE becomes MET (Se -> S), PSU becomes U, and so on (PDBFixer's table).
         replaced = "; ".join("%s refined as %s" % (_describeResidue(residue), replacement)
@@ -497,8 +748,17 @@ def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperatu
         if notes is not None:
             notes.append(message)
     fixer.replaceNonstandardResidues()
-    fixer.removeHeterogens(keepWater=False)
+    removed = fixer.removeHeterogens(keepWater=False)
+    if removed and notes is not None:  # refine passes the polymer only (splitHetero); other callers may not
+        notes.append("removed by PDBFixer (no amber14 template): " + ", ".join(_describeResidue(r) for r in removed))
     fixer.findMissingAtoms()
+    added = ["%s %s to %s" % ("/".join(a.name for a in atoms), "atom" if len(atoms) == 1 else "atoms",
+                              _describeResidue(residue)) for residue, atoms in fixer.missingAtoms.items()]
+    added += ["%s to %s" % ("/".join(names), _describeResidue(residue))
+              for residue, names in fixer.missingTerminals.items()]
+    if added and notes is not None:
+        notes.append("PDBFixer added missing heavy atoms: " + "; ".join(added[:20]) +
+                     ("; ... and %d more" % (len(added) - 20) if len(added) > 20 else ""))
     fixer.addMissingAtoms()
     fixer.addMissingHydrogens(7.0)
     system = amberSystem(fixer.topology, implicitSolvent)
@@ -516,15 +776,30 @@ def backboneAtoms(topology):
     return [atom.index for frame in frames for atom in frame.residue.atoms() if atom.name in BACKBONE_ATOMS]
 
 
-def _refineAllAtom(topology, positions, sigma, scale, implicitSolvent, modelPath, settings):
+def _refineAllAtom(polymer, others, sigma, scale, implicitSolvent, modelPath, settings, hetero):
+    topology, positions = polymer
+    residues, inputXyz = others
     notes = []
     system, topology, positions = allAtomSystem(topology, positions, sigma, scale, settings["temperature"],
                                                 implicitSolvent, modelPath, withForce=scale != 0, notes=notes)
+    if residues and hetero == "fixed":
+        fixedXyz = [inputXyz[a.index] for r, _ in residues for a in r.atoms() if _heavy(a)]
+        wall = heteroWall(topology, positions, fixedXyz)
+        if wall.getNumParticles():
+            system.addForce(wall)
+    terms = {}
     final, energies = runProtocol(system, positions, stepSize=0.002, restrainedAtoms=backboneAtoms(topology),
-                                  label="refine all-atom", **settings)
-    frames, _ = selectFrameResidues(topology)
-    return RefinedStructure(topology, unit.Quantity(final, unit.nanometer), "all-atom", energies, system, frames,
-                            final, chainSegments(frames), settings["protocol"], notes=notes)
+                                  label="refine all-atom", terms=terms, **settings)
+    frames, unusable = selectFrameResidues(topology)
+    result = RefinedStructure(topology, unit.Quantity(final, unit.nanometer), "all-atom", energies, system, frames,
+                              final, chainSegments(frames), settings["protocol"], notes=notes)
+    result.energyTerms = terms
+    result.leftOut = ["%s: left out of the learned force (%s)" % (_describeResidue(r), why) for r, why in unusable]
+    result.leftOut += _describeOthers(residues, hetero)
+    if residues and hetero == "fixed":
+        # The System's particles are the polymer's atoms, the first ones of the topology; the heterogens follow.
+        result.topology, result.positions = _appendResidues(result.topology, result.positions, others)
+    return result
 
 
 def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, modelPath=None,

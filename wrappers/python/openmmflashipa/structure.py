@@ -190,10 +190,10 @@ def _checkDuplicateAtoms(structure, path):
                          "each, or give them altloc ids" % (path, "; ".join(found[:10]), more))
 
 
-def readStructure(path):
+def readStructure(path, keepWater=False):
     """Read a PDB or mmCIF file (plain or gzipped) with gemmi: (openmm.app.Topology, positions in nm).
 
-    Keeps the first model, drops waters, and resolves alternate locations to the first one. Raises
+    Keeps the first model, drops waters (unless keepWater), and resolves alternate locations to the first one. Raises
     ValueError with the cause when the file cannot be read, has no atoms, or has a residue with two atoms of
     one name and no alternate-location ids.
     """
@@ -207,7 +207,8 @@ def readStructure(path):
     structure.setup_entities()
     _checkDuplicateAtoms(structure, path)
     structure.remove_alternative_conformations()
-    structure.remove_waters()
+    if not keepWater:
+        structure.remove_waters()
     if len(structure) == 0:
         raise ValueError("%s has no model" % path)
     for extra in range(len(structure) - 1, 0, -1):
@@ -217,7 +218,13 @@ def readStructure(path):
     # Through mmCIF, not PDB text: PDB columns cut chain ids to one character ("AA" and "AB" would merge).
     groups = gemmi.MmcifOutputGroups(True)
     groups.cell = groups.symmetry = structure.cell.is_crystal()
-    pdbx = app.PDBxFile(io.StringIO(structure.make_mmcif_document(groups).as_string()))
+    document = structure.make_mmcif_document(groups)
+    # openmm.app takes label_asym_id for chain ids when it has more distinct values than auth_asym_id, which it
+    # has whenever a chain carries ligands or waters (gemmi names those subchains "Axp", "Bx1", ...): the
+    # file's own chain ids (auth_asym_id) are the ones users know, so they go in both columns.
+    for row in document.sole_block().find("_atom_site.", ["label_asym_id", "auth_asym_id"]):
+        row[0] = row[1]
+    pdbx = app.PDBxFile(io.StringIO(document.as_string()))
     if pdbx.topology.getNumAtoms() == 0:
         raise ValueError("%s has no atoms" % path)
     box = pdbx.topology.getUnitCellDimensions()
