@@ -92,3 +92,37 @@ def test_generate_on_an_unusable_platform_is_an_error(tmp_path, capsys):
     assert code == 1
     _one_line_error(capsys.readouterr().err, "CUDA")
     assert not (tmp_path / "gen").exists()
+
+
+def test_refine_reports_level_rmsd_energy_terms_and_what_it_left_out(tmp_path, capsys, monkeypatch):
+    # Before: one line ("x -> y (all-atom level; energy a -> b kJ/mol)"), silent about what was dropped.
+    # Oracles: the RMSD recomputed here from the input and output files (gemmi, heavy atoms matched by chain,
+    # residue number and name), the per-term energies summing to the printed total, the ion this test added.
+    import gemmi
+    from openmmflashipa import refine as refine_module
+    from flashipa_testutils import RNA_PDB
+    monkeypatch.setattr(refine_module, "PRERELAX_ITERATIONS", 20)
+    lines = [line for line in open(RNA_PDB) if line.startswith("ATOM") and 2 <= int(line[22:26]) <= 7]
+    lines.append("HETATM 9999 NA    NA A 101      20.000  40.000  30.000  1.00  0.00          NA\n")
+    path = tmp_path / "rna_ion.pdb"
+    path.write_text("".join(lines) + "END\n")
+    assert cli.main(["refine", str(path), "--iterations", "10", "--platform", "CPU", "--quiet",
+                     "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "level: all-atom" in out
+    rmsd = float(out.split("RMSD from the input: ")[1].split()[0])
+
+    def heavy(p):
+        return {(ch.name, r.seqid.num, a.name): np.array(a.pos.tolist()) / 10.0 for ch in gemmi.read_structure(p)[0]
+                for r in ch for a in r if a.element.name != "H" and r.name != "NA"}
+    before, after = heavy(str(path)), heavy(str(tmp_path / "out" / "rna_ion_refined.pdb"))
+    keys = [k for k in before if k in after]
+    expected = np.sqrt(np.mean([np.sum((before[k] - after[k]) ** 2) for k in keys]))
+    assert rmsd == pytest.approx(expected, abs=2e-3)
+    table = out.split("term")[1].split("left out")[0].strip().splitlines()[1:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table}
+    assert {"NonbondedForce", "GBSAOBCForce", "FlashIPAForce", "total"} <= set(rows)
+    for column in (0, 1):
+        assert sum(v[column] for k, v in rows.items() if k != "total") == pytest.approx(rows["total"][column],
+                                                                                          abs=0.1 * len(rows))
+    assert "NA 101 (chain A): ion, kept fixed" in out

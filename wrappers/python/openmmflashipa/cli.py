@@ -93,6 +93,10 @@ def _parser():
     r.add_argument("--level", choices=("auto", "all-atom", "backbone"), default="auto", help="refinement level")
     r.add_argument("--implicit", choices=("obc2", "gbn2"), default="obc2", help="implicit solvent model")
     r.add_argument("--no-quench", action="store_true", help="write the last Langevin frame, not its minimum")
+    r.add_argument("--hetero", choices=("fixed", "remove"), default="fixed",
+                   help="ligands, ions, waters and other residues amber14 cannot template: kept fixed and written "
+                        "back unchanged (default; the polymer is held off them) or removed; the polymer is "
+                        "refined all-atom either way")
     _common(r, "flashipa-refined")
 
     c = commands.add_parser("check", help="self-consistency: generate, refine, simulate, report",
@@ -145,15 +149,13 @@ def _refine(args):
                             minimizeIterations=args.iterations, steps=args.steps, implicitSolvent=args.implicit,
                             level=None if args.level == "auto" else args.level, seed=args.seed,
                             modelPath=args.model, progress=not args.quiet, quench=not args.no_quench,
-                            protocol=args.protocol)
+                            protocol=args.protocol, hetero=args.hetero)
         except Exception as error:  # one bad input must not end the batch
             text = _message(error)
             print("flashipa refine: error: %s" % (text if path in text else "%s: %s" % (path, text)), file=sys.stderr)
             failed.append(path)
             continue
-        print("%s -> %s (%s level; energy %.0f -> %.0f kJ/mol)" % (path, target, result.level,
-                                                                   result.energies["start"],
-                                                                   result.energies["final"]))
+        print(report(path, target, result))
     if failed:
         raise _BatchFailed("%d of %d input(s) failed: %s" % (len(failed), len(args.inputs), ", ".join(failed)))
 
@@ -176,6 +178,38 @@ def _bench(args):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.json"), "w") as handle:
             json.dump(table, handle, indent=1)
+
+
+LEVELS = {"all-atom": "all-atom (amber14-all + implicit solvent + the learned force)",
+          "backbone": "backbone (frame atoms: the learned force + ideal frame geometry)"}
+
+
+def report(path, target, result):
+    """What `flashipa refine` prints for one refined file: the level it ran at, the RMSD from the input, the
+    energy of each term before and after, what it left out and what it changed (RefinedStructure's fields)."""
+    lines = ["%s -> %s" % (path, target),
+             "  level: %s; protocol %s" % (LEVELS.get(result.level, result.level), result.protocol)]
+    if result.rmsdFromInput is not None:
+        lines.append("  RMSD from the input: %.3f nm over %d heavy atoms (no superposition)"
+                     % (result.rmsdFromInput, result.rmsdAtoms))
+    terms = result.energyTerms or {}
+    start, final = terms.get("start", {}), terms.get("final", {})
+    lines.append("  energy, kJ/mol (start: after the pre-relaxation without the learned force):")
+    width = max([len(n) for n in list(start) + list(final)] + [5])
+    lines.append("    %-*s %14s %14s" % (width, "term", "start", "final"))
+    for name in list(start) + [n for n in final if n not in start]:
+        lines.append("    %-*s %14.1f %14.1f" % (width, name, start.get(name, float("nan")),
+                                                final.get(name, float("nan"))))
+    lines.append("    %-*s %14.1f %14.1f" % (width, "total", result.energies["start"], result.energies["final"]))
+    for title, items in (("left out", result.leftOut), ("changed", result.notes)):
+        if items:
+            lines.append("  %s:" % title)
+            lines.extend("    - %s" % item for item in items)
+        elif title == "left out":
+            lines.append("  left out: nothing")
+    for before, after in result.gaps:
+        lines.append("  chain split at a gap: %s | %s" % (before, after))
+    return "\n".join(lines)
 
 
 class _BatchFailed(Exception):
