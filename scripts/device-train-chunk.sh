@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
-# GPU machine only: continues the training run from models/checkpoints/in-progress (or /tmp/run) for one
-# chunk of under ten minutes with the carried trainer (.trainbin: flashipa-train + libFlashIPAModels.so built
-# here against the same torch wheel), falling back to a build there. STEPS = total steps of the run.
-set -u; R=/tmp/run; mkdir -p $R; [ -f $R/checkpoint.safetensors ] || cp models/checkpoints/in-progress/checkpoint.safetensors models/checkpoints/in-progress/training.csv $R/
+# GPU machine only: one training chunk of under ten minutes, resumable across device calls and sessions.
+#
+#   RUN=models/checkpoints/<name>  the run's folder in the repository: checkpoint.safetensors (the resumable
+#                                  state, one overwritten file) and training.csv travel in it; the chunk's
+#                                  outputs come back through $OUT and are committed there
+#   STEPS=N                        total optimiser steps of the run
+#   NEW_RUN="--flag ..."           only when $RUN holds no checkpoint yet: flashipa-train's settings of a new run
+#   MINUTES=M                      training wall time of this chunk (default 8.5)
+#
+# The trainer is the carried .trainbin (flashipa-train + libFlashIPAModels.so built here against the same torch
+# wheel) or, if that does not run there, a build on the machine. The data set travels packed (.dataset,
+# scripts/device-dataset.sh) and is unpacked and checked against its sha256 first.
+set -u
+: "${RUN:?set RUN to the run folder}" "${STEPS:?set STEPS}"
+MINUTES="${MINUTES:-8.5}"
+bash scripts/device-dataset.sh unpack || exit 1
+W=/tmp/run; mkdir -p $W
+[ -f "$RUN/checkpoint.safetensors" ] && cp "$RUN/checkpoint.safetensors" "$RUN/training.csv" $W/
 export LD_LIBRARY_PATH=$PWD/.trainbin:$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
-T=.trainbin/flashipa-train; M=8.7
-if ! $T --help >/dev/null 2>&1; then echo "carried binary failed:"; $T --help 2>&1 | head -3; bash scripts/device-build.sh && T=/tmp/flashipa-build/bin/flashipa-train && M=6.2 || exit 1; fi
+T=.trainbin/flashipa-train
+if ! $T --help >/dev/null 2>&1; then
+    echo "carried binary failed:"; $T --help 2>&1 | head -3
+    bash scripts/device-build.sh && T=/tmp/flashipa-build/bin/flashipa-train || exit 1
+    MINUTES=$(python3 -c "print(max(1.0, $MINUTES - 2.5))")  # the build took part of the call
+fi
 nvidia-smi --query-gpu=name --format=csv,noheader
-$T --data build/dataset/flashipa-dataset.safetensors --out-dir $R --resume --device cuda --steps ${STEPS} --max-minutes $M --quiet 2>&1 | tail -20
-cp $R/* $OUT/; ls -la $OUT
+if [ -f $W/checkpoint.safetensors ]; then
+    $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --resume --device cuda --steps $STEPS --max-minutes $MINUTES --quiet 2>&1 | tail -20
+else
+    # shellcheck disable=SC2086
+    $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --device cuda --steps $STEPS --max-minutes $MINUTES ${NEW_RUN:-} --quiet 2>&1 | tail -20
+fi
+cp $W/* "$OUT/"; ls -la "$OUT"
