@@ -149,6 +149,68 @@ TEST(EnergyModel, MathPathSupportsDoubleBackward) {
     EXPECT_GT(total, 0.0);
 }
 
+TEST(EnergyModel, DenoisingObjectiveGradientMatchesFiniteDifferences) {
+    // The training objective, sum (sigma dE/dx~ - eps)^2, differentiated with respect to the parameters through
+    // the double backward of the math path, against central differences of the objective itself (float64),
+    // for entries of every kind of parameter; with the geometry prior in the energy.
+    ModelConfig config;
+    config.nodeDim = 16, config.headDim = 8, config.numHeads = 2, config.queryPoints = 2, config.valuePoints = 2;
+    config.pairRank = 1, config.pairDim = 8, config.relPosFrequencies = 1, config.numBlocks = 1, config.geometryPrior = 1;
+    EnergyModel model(config);
+    randomizeParameters(*model, 12, 0.5);
+    const int64_t K = model->geometryPriorStats.size(0);
+    model->setGeometryPriorStats(torch::stack({torch::full({K}, 0.15), torch::full({K}, 0.01)}, 1));
+    model->to(torch::kFloat64);
+    StructureBatch batch = mixedBatch(8, 13);
+    torch::manual_seed(3);
+    torch::Tensor eps = torch::randn_like(batch.atoms);
+    torch::Tensor sigma = torch::full({1}, 0.05, torch::kFloat64);
+    batch.atoms = batch.atoms + 0.05 * eps;
+    auto objective = [&](bool createGraph) {
+        torch::Tensor x = batch.atoms.detach().clone().requires_grad_(true);
+        StructureBatch b = batch;
+        b.atoms = x;
+        torch::Tensor e = model->forward(b, sigma, AttentionBackend::Math).sum();
+        torch::Tensor g = torch::autograd::grad({e}, {x}, {}, createGraph, createGraph)[0];
+        return (sigma * g - eps).pow(2).sum();
+    };
+    std::vector<std::pair<std::string, torch::Tensor>> trainable;
+    for (auto& item : model->named_parameters())
+        if (item.value().requires_grad())
+            trainable.emplace_back(item.key(), item.value());
+    std::vector<torch::Tensor> tensors;
+    for (auto& [name, value] : trainable)
+        tensors.push_back(value);
+    auto gradients = torch::autograd::grad({objective(true)}, tensors, {}, false, false, true);
+    int checked = 0;
+    for (size_t i = 0; i < trainable.size(); i += 3) { // every third tensor, its first and last entry
+        auto& [name, value] = trainable[i];
+        for (int64_t index : {(int64_t) 0, value.numel() - 1}) {
+            const double analytic = gradients[i].defined() ? gradients[i].reshape({-1})[index].item<double>() : 0.0;
+            const double h = 1e-5;
+            double plus, minus;
+            {
+                torch::NoGradGuard noGrad;
+                value.view({-1})[index] += h;
+            }
+            plus = objective(false).item<double>();
+            {
+                torch::NoGradGuard noGrad;
+                value.view({-1})[index] -= 2 * h;
+            }
+            minus = objective(false).item<double>();
+            {
+                torch::NoGradGuard noGrad;
+                value.view({-1})[index] += h;
+            }
+            const double numeric = (plus - minus) / (2 * h);
+            EXPECT_NEAR(analytic, numeric, 1e-5 * std::max(1.0, std::abs(numeric))) << name << "[" << index << "]";
+            checked++;
+        }
+    }
+    EXPECT_GT(checked, 10);
+}
+
 TEST(EnergyModel, RejectsBadInput) {
     EnergyModel model = randomModel(1);
     StructureBatch batch = mixedBatch(6, 1);

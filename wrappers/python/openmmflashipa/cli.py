@@ -119,6 +119,28 @@ def _parser():
     b.add_argument("--generate-num", type=_number(int, 1), default=4, help="backbones for generation timing")
     b.add_argument("--generate-steps", type=_number(int, 1), default=20, help="ODE steps for generation timing")
     _common(b, None)
+
+    e = commands.add_parser("evaluate", help="evaluate the model on the validation split (report with plots)",
+                            description="Generation (DSSP, Rg against the training set, validity, clashes, knots, "
+                                        "diversity, novelty, speed), self-consistency against simulation (ProteinMPNN "
+                                        "sequences, amber14 + OBC2 MD without the learned force), refinement of "
+                                        "perturbed validation natives, and discrimination of natives from decoys. "
+                                        "The defaults are the full evaluation, a GPU job; --quick is a small look.")
+    e.add_argument("--sections", default="generation,designability,refinement,discrimination",
+                   help="comma-separated sections (default: all four)")
+    e.add_argument("--quick", action="store_true",
+                   help="2 chains at lengths 50 and 100, 2 designs, 1 native, 2 ps MD, 10 ODE steps")
+    e.add_argument("--dataset", default=os.path.join("build", "dataset", "flashipa-dataset.safetensors"),
+                   help="the built data set (default %(default)s)")
+    e.add_argument("--manifest", default=os.path.join("data", "manifest.tsv"), help="its manifest (default %(default)s)")
+    e.add_argument("--data", default=os.path.join("..", "shared", "data"),
+                   help="folder of the source structures (default %(default)s)")
+    e.add_argument("--per-length", type=_number(int, 1), default=4, help="generated chains per length (default 4)")
+    e.add_argument("--designs", type=_number(int, 0), default=20, help="generated 100-residue proteins to design (default 20)")
+    e.add_argument("--natives", type=_number(int, 0), default=4, help="validation natives (default 4)")
+    e.add_argument("--design-ps", type=_number(float, 0.0, strictly=True), default=1000.0,
+                   help="MD per designed chain, ps (default 1000)")
+    _common(e, "flashipa-evaluation")
     return parser
 
 
@@ -180,6 +202,21 @@ def _bench(args):
             json.dump(table, handle, indent=1)
 
 
+def _evaluate(args):
+    from .evaluation import evaluate, markdown
+    sections = [v.strip() for v in args.sections.split(",") if v.strip()]
+    settings = dict(perLength=args.per_length, designable=args.designs, natives=args.natives,
+                    designPicoseconds=args.design_ps)
+    if args.quick:
+        settings.update(proteinLengths=(50, 100), rnaLengths=(40,), perLength=2, designable=2, designLength=50,
+                        natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5, numSteps=10,
+                        refineSteps=50)
+    report = evaluate(args.out, args.dataset, args.manifest, args.data, sections=sections, platform=args.platform,
+                      modelPath=args.model, seed=args.seed, progress=not args.quiet, **settings)
+    print(markdown(report))
+    print("report: %s" % os.path.join(args.out, "report.md"))
+
+
 LEVELS = {"all-atom": "all-atom (amber14-all + implicit solvent + the learned force)",
           "backbone": "backbone (frame atoms: the learned force + ideal frame geometry)"}
 
@@ -235,7 +272,8 @@ def main(argv=None):
     started = time.time()
     existed = args.out is not None and os.path.exists(args.out)
     try:
-        {"generate": _generate, "refine": _refine, "check": _check, "bench": _bench}[args.command](args)
+        {"generate": _generate, "refine": _refine, "check": _check, "bench": _bench,
+         "evaluate": _evaluate}[args.command](args)
     except Exception as error:  # one line, never a traceback (KeyboardInterrupt still stops the program)
         print("flashipa %s: error: %s" % (args.command, _message(error)), file=sys.stderr)
         if args.out is not None and not existed and os.path.isdir(args.out) and not os.listdir(args.out):

@@ -1,0 +1,109 @@
+"""The evaluation module (openmmflashipa.evaluation, `flashipa evaluate`): decoys and targets on hand-made cases with
+known answers, and one small end-to-end run of every section on the CPU (a tiny data set built from four files of
+../shared/data; skipped without it)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from openmmflashipa import evaluation
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+# Train: crambin (46 residues) and a two-segment BM5 chain, a tRNA; validation: two short proteins, two RNAs.
+FILES = ["protein/PDownB_1EJG_A.cif.gz", "protein/BM5-clean_1BGX_A.cif.gz", "rna/rsRNASP_1YFG_A.cif.gz",
+         "protein/kortemme_loop_modeling_1RDQ_I.cif.gz", "protein/python-biopython-doc_3JQH_A.cif.gz",
+         "rna/rsRNASP_280D_A.cif.gz", "rna/rsRNASP_5CNR_B.cif.gz"]
+
+
+def helixFrames(length):
+    """An ideal-ish helix of frame atoms [L, 3, 3] (nm)."""
+    t = np.arange(length)[:, None] * np.radians(100.0)
+    offsets = np.array([-0.3, 0.0, 0.3])[None, :]
+    angle = t + offsets * np.radians(30.0)
+    return np.stack([0.23 * np.cos(angle), 0.23 * np.sin(angle), 0.15 * (np.arange(length)[:, None] + offsets)], -1)
+
+
+def test_decoys_are_what_they_say():
+    rng = np.random.default_rng(0)
+    atoms, types = helixFrames(30), np.arange(30) % 20
+    donor = helixFrames(50) + 1.0
+    out = evaluation.decoys(atoms, types, rng, [donor], noise=0.1)
+    assert set(out) == {"perturbed", "threaded", "shuffled", "mirrored"}
+    x, t = out["mirrored"]
+    np.testing.assert_array_equal(x[..., 0], -atoms[..., 0])
+    np.testing.assert_array_equal(x[..., 1:], atoms[..., 1:])
+    x, t = out["shuffled"]
+    np.testing.assert_array_equal(x, atoms)
+    assert sorted(t) == sorted(types) and not np.array_equal(t, types)
+    x, t = out["perturbed"]
+    assert abs(np.std(x - atoms) - 0.1) < 0.02
+    x, t = out["threaded"]
+    np.testing.assert_array_equal(t, types)
+    assert x.shape == atoms.shape and any(np.array_equal(x, donor[s:s + 30]) for s in range(21))
+    # A donor shorter than the native is never used.
+    assert "threaded" not in evaluation.decoys(atoms, types, rng, [helixFrames(10)])
+
+
+def test_targets_say_met_only_when_every_length_meets_them():
+    def report(helix, valid):
+        lengths = {str(L): {"refined": 2, "ss_helix": h, "ss_strand": 0.2, "valid": v, "rg_ratio": 1.0, "knotted": 0.0}
+                   for L, h, v in zip((50, 100), helix, valid)}
+        return {"generation": {"protein": {"lengths": lengths}}}
+    met = {name: ok for name, _, ok in evaluation.targets(report((0.4, 0.5), (1.0, 1.0)))}
+    assert all(met.values()) and len(met) == 5
+    met = {name: ok for name, _, ok in evaluation.targets(report((0.4, 0.2), (1.0, 0.9)))}
+    assert not met["protein helix fraction in [0.35, 0.60] at every length"]
+    assert not met["protein valid after refinement >= 0.95 at every length"]
+    assert met["protein strand fraction >= 0.15 at every length"]
+
+
+def test_reference_rg_follows_the_fit():
+    reference = {"rg_fit": {"a": 0.3, "nu": 0.4}}
+    assert evaluation.referenceRg(reference, 100) == pytest.approx(0.3 * 100 ** 0.4)
+
+
+@pytest.fixture(scope="module")
+def tinyData(tmp_path_factory):
+    if not os.path.exists(os.path.join(SHARED, "manifest.tsv")):
+        pytest.skip("shared data folder (../shared/data) not present")
+    folder = tmp_path_factory.mktemp("evaluation")
+    path = str(folder / "data.safetensors")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_dataset.py"), "--quiet", "--out", path,
+                    "--manifest-out", str(folder / "manifest.tsv"), "--files", *FILES], check=True)
+    return path
+
+
+def test_every_section_end_to_end(tinyData, tmp_path):
+    out = str(tmp_path / "report")
+    report = evaluation.evaluate(out, tinyData, os.path.join(ROOT, "data", "manifest.tsv"), SHARED,
+                                 proteinLengths=(24,), rnaLengths=(), perLength=2, designable=1, designLength=24,
+                                 natives=1, designPicoseconds=1.0, refineIterations=300, discriminationChains=4,
+                                 numSteps=5, refineSteps=20, platform="CPU", progress=False)
+    for name in ("report.json", "report.md", "rg_protein.png", "ss_protein.png", "designability.png",
+                 "refinement.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    with open(os.path.join(out, "report.json")) as handle:
+        written = json.load(handle)
+    assert written["targets"] and all(set(t) == {"target", "measured", "met"} for t in written["targets"])
+    generated = written["generation"]["protein"]
+    assert len(generated["rows"]) == 2 and generated["backbones_per_second"] > 0
+    entry = generated["lengths"]["24"]
+    assert entry["refined"] == 2 and entry["diversity"] is not None and 0 <= entry["diversity"] <= 1
+    for row in generated["rows"]:
+        assert 0 <= row["ss_helix"] + row["ss_strand"] <= 1 and row["knotted"] in (True, False)
+    kinds = {row["kind"] for row in written["designability"]["rows"]}
+    assert kinds == {"generated", "native, own sequence", "native, ProteinMPNN sequence"}
+    for row in written["designability"]["rows"]:
+        assert "error" not in row, row
+        assert len(row["sequence"]) == row["length"] and len(row["rmsd"]) == 11
+    native = [r for r in written["designability"]["rows"] if r["kind"] == "native, own sequence"][0]
+    assert native["start_rmsd"] < 0.1  # minimised native: still the native
+    # The physics baseline does what it should on a perturbed native: closer to the truth than the start.
+    refinement = written["refinement"]["rows"][0]
+    assert refinement["amber"] < refinement["start"]
+    assert written["discrimination"]["rows"] and 0 <= written["discrimination"]["native_lowest"] <= 1
+    assert "## Targets" in open(os.path.join(out, "report.md")).read()
