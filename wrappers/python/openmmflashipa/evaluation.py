@@ -122,9 +122,9 @@ def _proteinBackbone(atoms, oxygen):
 def trainingReference(data, moltype, maxChains=400, seed=0):
     """What generated chains are compared with: the train split's Rg(L) fit, secondary structure and Calpha traces.
 
-    Returns a dict with ``rg_fit`` (a, nu of Rg = a L^nu, nm, least squares in log-log over single-segment chains),
-    ``ss`` (mean helix/strand/coil fractions of single-segment protein chains; pydssp), ``chains`` (the number
-    used), and ``traces`` {length: [Calpha or C4' arrays]} for novelty."""
+    Returns a dict with ``rg_fit`` (a, nu of Rg = a L^nu, nm, least squares in log-log over single-segment chains;
+    nu = 0.4 with fewer than three lengths), ``ss`` (mean helix/strand/coil fractions of single-segment protein
+    chains; pydssp), ``chains`` (the number used), and ``traces`` {length: [Calpha or C4' arrays]} for novelty."""
     candidates = data.chains(moltype, "train", minLength=20, singleSegment=True)
     candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
     chosen = _spread(candidates, maxChains)
@@ -137,7 +137,11 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
         traces.setdefault(len(atoms), []).append(centre)
         if moltype == "protein":
             fractions.append(metrics.secondaryStructureFractions(metrics.secondaryStructure(_proteinBackbone(atoms, oxygen))))
-    nu, log_a = np.polyfit(np.log(lengths), np.log(radii), 1)
+    if len(set(lengths)) >= 3:
+        nu, log_a = np.polyfit(np.log(lengths), np.log(radii), 1)
+    else:  # too few lengths to fit an exponent: the compact-globule value 0.4, the prefactor fitted
+        nu = 0.4
+        log_a = float(np.mean(np.log(radii) - nu * np.log(lengths)))
     reference = {"moltype": moltype, "chains": len(chosen), "rg_fit": {"a": float(np.exp(log_a)), "nu": float(nu)},
                  "traces": traces}
     if fractions:
