@@ -107,3 +107,16 @@ def test_every_section_end_to_end(tinyData, tmp_path):
     assert refinement["amber"] < refinement["start"]
     assert written["discrimination"]["rows"] and 0 <= written["discrimination"]["native_lowest"] <= 1
     assert "## Targets" in open(os.path.join(out, "report.md")).read()
+
+
+def test_paired_fraction_counts_hairpin_partners_and_nothing_in_a_straight_strand():
+    # Every residue is one template frame translated, so each C1' (placed from its frame) is the translation plus one
+    # fixed offset: C1'-C1' distances are the translations' distances, known by construction.
+    template = np.array([[0.1, 0.12, 0.0], [0.0, 0.0, 0.0], [0.15, 0.0, 0.0]])
+    straight = np.array([template + [0.0, 0.0, 0.6 * i] for i in range(12)])
+    assert evaluation.pairedFraction(straight) == 0.0  # nearest partners at |i - j| >= 4 are 2.4 nm apart
+    # A hairpin: residue i (0-5) up one arm, residue 11 - i 1.05 nm across from it. Partners 0-11, 1-10, 2-9, 3-8
+    # are >= 4 apart along the chain; 4-7 and 5-6 are too close along it; diagonal neighbours are 1.21 nm apart.
+    arm = [template + [0.0, 0.0, 0.6 * i] for i in range(6)]
+    other = [template + [1.05, 0.0, 0.6 * (5 - k)] for k in range(6)]
+    assert evaluation.pairedFraction(np.array(arm + other)) == pytest.approx(8 / 12)

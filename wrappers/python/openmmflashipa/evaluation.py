@@ -128,7 +128,7 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
     candidates = data.chains(moltype, "train", minLength=20, singleSegment=True)
     candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
     chosen = _spread(candidates, maxChains)
-    lengths, radii, fractions, traces = [], [], [], {}
+    lengths, radii, fractions, paired, traces = [], [], [], [], {}
     for c in chosen:
         atoms, _, _, oxygen = data.chain(c)
         centre = atoms[:, 1]
@@ -137,6 +137,8 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
         traces.setdefault(len(atoms), []).append(centre)
         if moltype == "protein":
             fractions.append(metrics.secondaryStructureFractions(metrics.secondaryStructure(_proteinBackbone(atoms, oxygen))))
+        else:
+            paired.append(pairedFraction(atoms))
     if len(set(lengths)) >= 3:
         nu, log_a = np.polyfit(np.log(lengths), np.log(radii), 1)
     else:  # too few lengths to fit an exponent: the compact-globule value 0.4, the prefactor fitted
@@ -146,6 +148,8 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
                  "traces": traces}
     if fractions:
         reference["ss"] = {k: float(np.mean([f[k] for f in fractions])) for k in fractions[0]}
+    if paired:
+        reference["paired_fraction"] = float(np.mean(paired))
     return reference
 
 
@@ -167,6 +171,24 @@ def novelty(trace, reference, window=0.1, maxReferences=20):
     return float(metrics.novelty(trace, references, alignment="structural")["max_tm"])
 
 
+def pairedFraction(frames, low=0.95, high=1.15, minSeparation=4):
+    """A base-pairing proxy for RNA backbones without bases: the fraction of nucleotides whose C1' (placed from
+    the frame, ideal_geometry) lies low..high nm from the C1' of a nucleotide at least `minSeparation` along the
+    chain, each nucleotide paired at most once (closest first). Watson-Crick and wobble pairs put the two C1'
+    atoms 1.0-1.1 nm apart. A proxy: compare it with the same number for training chains (the report does)."""
+    c1 = _backbone.placeBackboneAtoms(frames, "rna")["C1'"]
+    n = len(c1)
+    d = np.linalg.norm(c1[:, None] - c1[None], axis=-1)
+    i, j = np.nonzero((d >= low) & (d <= high) & (np.abs(np.arange(n)[:, None] - np.arange(n)[None]) >= minSeparation))
+    used, pairs = set(), 0
+    for k in np.argsort(np.abs(d[i, j] - 0.5 * (low + high)), kind="stable"):
+        a, b = int(i[k]), int(j[k])
+        if a < b and a not in used and b not in used:
+            used.update((a, b))
+            pairs += 1
+    return 2.0 * pairs / n if n else 0.0
+
+
 # ---------------------------------------------------------------- generation
 
 
@@ -186,6 +208,8 @@ def _structureMetrics(refined, generated, moltype):
     values["crossings"] = int(metrics.chainCrossings(frames[:, 1]))
     if ss is not None:
         values["ss"] = "".join(ss)
+    if moltype == "rna":
+        values["paired_fraction"] = pairedFraction(frames)
     return values, frames[:, 1]
 
 
@@ -226,7 +250,7 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
         mine = [r for r in rows if r["length"] == length]
         done = [r for r in mine if "error" not in r]
         entry = {"chains": len(mine), "refined": len(done), "valid": _fraction([r["valid"] for r in mine])}
-        for key in ("ss_helix", "ss_strand", "ss_coil", "rg_ratio", "clashes_per_100", "novelty"):
+        for key in ("ss_helix", "ss_strand", "ss_coil", "rg_ratio", "clashes_per_100", "novelty", "paired_fraction"):
             values = [r[key] for r in done if r.get(key) is not None]
             entry[key] = float(np.mean(values)) if values else None
         entry["knotted"] = _fraction([r["knotted"] for r in done])
@@ -622,6 +646,11 @@ def markdown(report):
                 _fmt(e["ss_coil"], 2), _fmt(e["rg_ratio"], 2), _fmt(e["clashes_per_100"], 2), _fmt(e["knotted"], 2),
                 _fmt(e["crossings"], 1), _fmt(e["diversity"], 2), _fmt(e["novelty"], 2)))
         ref = report.get("training_reference", {}).get(moltype, {})
+        if moltype == "rna":
+            lines.append("")
+            lines.append("Base-paired fraction (C1'-C1' proxy, `pairedFraction`): %s" % ", ".join(
+                "%s nt %s" % (L, _fmt(e.get("paired_fraction"), 2)) for L, e in g["lengths"].items()) +
+                "; training chains %s." % _fmt(ref.get("paired_fraction"), 2))
         if ref.get("ss"):
             lines.append("")
             lines.append("Training set (%d train chains): helix %.2f, strand %.2f; Rg = %.3f L^%.3f nm." % (
