@@ -10,7 +10,7 @@
 // recomputed as in the forward (FusedAttentionForwardTensorCore.cu) and the probabilities come from
 // the forward's log-sum-exp.
 //
-// Exactness far from the origin (DESIGN 2.5), the forward's re-centring carried through the gradients:
+// Exactness far from the origin (docs/MATH.md §5), the forward's re-centring carried through the gradients:
 //  - the point logit per pair is -(w/2) D with D = sum|a|^2 + sum|b|^2 + P d.d - 2 a.b + 2 d.sum a - 2 d.sum b
 //    (a, b relative to the query and key tile centres, d = c_q - c_k); -D/2 is also d logit / d w;
 //  - d logit / d x_i = -w (a_i - b_j + d) and d logit / d y_j = w (a_i - b_j + d), so the point

@@ -108,7 +108,7 @@ struct KeyTileFacts {
 
 /**
  * One warp's online softmax over its two rows per thread (FlashAttention-2), in log2 units, with the
- * exact point terms of DESIGN 2.5 added to the tensor cores' logits: query points a relative to the
+ * exact point terms of docs/MATH.md §5 added to the tensor cores' logits: query points a relative to the
  * query tile's centre, key points b relative to the key tile's centre, d the centres' difference,
  *     sum_p |x_p - y_p|^2 = sum|a|^2 + sum|b|^2 + P d.d - 2 sum a.b + 2 d.sum a - 2 d.sum b,
  * where the products hold the cross term -2 w sum a.b (scaled into the key operand) and this adds the rest.

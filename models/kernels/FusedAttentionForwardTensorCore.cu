@@ -3,7 +3,7 @@
 // columns; each warp owns 16 rows and streams key tiles of 64 through shared memory, copied as
 // 16-byte vectors from the operands packed once per call (TensorCorePack).
 //
-// What runs where, and why it stays exact far from the origin (DESIGN 2.5):
+// What runs where, and why it stays exact far from the origin (docs/MATH.md §5):
 //  - scalar logits q.k and bl.br: fp16 operands on tensor cores (invariant features: how they round
 //    does not depend on where the structure is);
 //  - point logits. Each query point is stored relative to its query tile's centre, a = x - c_q, each

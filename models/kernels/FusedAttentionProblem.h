@@ -1,7 +1,7 @@
 #ifndef FLASHIPA_FUSED_ATTENTION_PROBLEM_H_
 #define FLASHIPA_FUSED_ATTENTION_PROBLEM_H_
 
-// The host-side description of one fused FlashIPA attention call (DESIGN 2.4) and the launchers of
+// The host-side description of one fused FlashIPA attention call (docs/MATH.md §4) and the launchers of
 // its kernels. Plain pointers and sizes only, so this header is shared by nvcc (the kernels) and the
 // C++ compiler (the LibTorch operator in models/src/FusedAttention.cpp).
 //
@@ -12,7 +12,7 @@
 //   out_i    = sum_j softmax_j(logit_ij) [v_j | value points_j | pair values_j]
 //
 // Everything the kernels read stays in the layer's own tensors ([N, H, width] row-major); the lifted
-// query/key/value rows of DESIGN 2.4 are assembled tile by tile in shared memory, never in global memory.
+// query/key/value rows of docs/MATH.md §4 are assembled tile by tile in shared memory, never in global memory.
 
 #include <cuda_runtime_api.h>
 

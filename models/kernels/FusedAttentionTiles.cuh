@@ -5,7 +5,7 @@
 // the logit tile of a (query tile, key tile) pair, which the forward and both backward kernels
 // recompute instead of storing (no L x L buffer anywhere).
 //
-// Precision (DESIGN 2.5). The published layer folds the point term into the lifted dot product,
+// Precision (docs/MATH.md §5). The published layer folds the point term into the lifted dot product,
 // |x|^2 + |y|^2 - 2 x.y, which in fp16 cancels large numbers once a structure sits far from the
 // origin. Here the point term is never expanded: sum_p |x_ip - y_jp|^2 is formed from differences in
 // fp32, and value points are aggregated in fp32, whatever the storage type of the scalar features.

@@ -76,7 +76,7 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in, boo
     // Centre on the mean frame origin of each structure (real residues only). The attention is
     // invariant to this shift, and it keeps the lifted point terms from cancelling large numbers.
     // The fused kernel keeps every point in fp32 whatever the network's type: global-frame points
-    // rounded to fp16 would change with a rotation of the structure (DESIGN 2.5).
+    // rounded to fp16 would change with a rotation of the structure (docs/MATH.md §5).
     const auto pointType = float32Points ? torch::kFloat32 : s.scalar_type();
     p.rotations = in.frames.rotations.to(pointType);
     torch::Tensor translations = in.frames.translations.to(pointType);
@@ -161,7 +161,7 @@ torch::Tensor FlashIPALayerImpl::attendSDPA(const Projected& p, const IPAInputs&
     torch::Tensor w = (p.gamma * (wL * wC)).view({1, 1, H, 1});
     torch::Tensor qNorm2 = p.qPoints.pow(2).sum(-1), kNorm2 = p.kPoints.pow(2).sum(-1); // [B, L, H, Pq]
     torch::Tensor ones = torch::ones_like(qNorm2);
-    // Q.K = wL q.k/sqrt(c) + w q_p.k_p - w/2 |q_p|^2 - w/2 |k_p|^2 + wL b  (DESIGN 2.4)
+    // Q.K = wL q.k/sqrt(c) + w q_p.k_p - w/2 |q_p|^2 - w/2 |k_p|^2 + wL b  (docs/MATH.md §4)
     std::vector<torch::Tensor> qParts = {p.q, w * p.qPoints.flatten(3), qNorm2, ones};
     std::vector<torch::Tensor> kParts = {p.k * (wL / std::sqrt((double) c)), p.kPoints.flatten(3), -0.5 * w * ones, -0.5 * w * kNorm2};
     if (p.biasLeft.defined()) {

@@ -11,7 +11,7 @@
 namespace FlashIPAPlugin {
 
 /**
- * A learned energy from a FlashIPA frame model (DESIGN 2.6):
+ * A learned energy from a FlashIPA frame model (docs/MATH.md §6):
  *
  *     U(x) = flashipaScale * kT * E_theta(x, flashipaSigma),   kT = 0.0083144626 * flashipaTemperature kJ/mol
  *

@@ -1,5 +1,5 @@
 // The FlashIPA layer: the SDPA (lifted) path against the math path, and both against a tiny case
-// worked out by hand from DESIGN 2.2.
+// worked out by hand from docs/MATH.md §2.
 #include "TestStructures.h"
 #include "flashipa/EnergyModel.h"
 #include "flashipa/FusedAttention.h"
@@ -140,7 +140,7 @@ TEST(FlashIPALayer, AutoBackendIsSDPAOnCPU) {
         EXPECT_EQ(attentionBackendName(parseAttentionBackend(name)), name);
 }
 
-// L = 2, one head, one query point, one value point, no pair terms: every quantity of DESIGN 2.2
+// L = 2, one head, one query point, one value point, no pair terms: every quantity of docs/MATH.md §2
 // computed by hand with plain doubles (no tensors), then compared with both backends.
 TEST(FlashIPALayer, TinyCaseByHand) {
     ModelConfig config;

@@ -280,7 +280,7 @@ TEST(FusedAttention, PublishedWidthsWithRank2InFloat16) {
     forEachKernel([] { compareWithMath(publishedWidths(2), 700, torch::kHalf, 1e-2, 2e-2, true); });
 }
 
-/** Dense attention of DESIGN 2.4 for one segment, in double, written independently of the layer. */
+/** Dense attention of docs/MATH.md §4 for one segment, in double, written independently of the layer. */
 torch::Tensor denseSegment(const FusedAttentionInputs& in, int64_t begin, int64_t end, double scalarScale, double biasScale) {
     auto seg = [&](const torch::Tensor& t) { return t.narrow(0, begin, end - begin).to(torch::kFloat64); };
     torch::Tensor q = seg(in.q), k = seg(in.k), v = seg(in.v), bl = seg(in.biasLeft), br = seg(in.biasRight);
@@ -376,7 +376,7 @@ std::pair<torch::Tensor, torch::Tensor> movedLayer(FlashIPALayer& layer, const I
     return {out.detach().to(torch::kFloat64), force.to(torch::kFloat64)}; // the gradient in the moved coordinates
 }
 
-// DESIGN 2.5 / issue target: 100,000 residues, 100 nm from the origin. Outputs must not change
+// docs/MATH.md §5 / issue target: 100,000 residues, 100 nm from the origin. Outputs must not change
 // (<= 1e-5 relative in fp32, <= 2e-3 where the attention's scalar operands are fp16: an fp16 network,
 // and the default for fp32 networks) and gradients with respect to the frame origins must rotate with
 // the structure (same tolerances).

@@ -6,7 +6,7 @@
 namespace FlashIPAPlugin {
 
 /**
- * How the FlashIPA attention is evaluated. All backends compute the same function (DESIGN 2.4).
+ * How the FlashIPA attention is evaluated. All backends compute the same function (docs/MATH.md §4).
  *  - Math:      materialised L x L logits; supports double backward; training and test oracle.
  *  - SDPA:      lifted Q/K/V through at::scaled_dot_product_attention; never stores L x L.
  *  - Fused:     the project's own CUDA kernels with the scalar part on tensor cores: scalar features

@@ -18,7 +18,7 @@ struct StructureBatch {
 };
 
 /**
- * The learned energy E_theta(x, sigma) in units of kT (DESIGN 2.6): node features (type embedding,
+ * The learned energy E_theta(x, sigma) in units of kT (docs/MATH.md §6): node features (type embedding,
  * Fourier features of log sigma, each residue's own and its chain neighbours' frame atoms expressed in
  * its frame), factorised pair features, a trunk of FlashIPA blocks, and a per-residue energy head.
  * E = sum_i e_i / sigma, so that sigma * grad E stays O(1) across noise levels.

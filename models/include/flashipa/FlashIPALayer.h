@@ -19,12 +19,12 @@ struct IPAInputs {
 };
 
 /**
- * Invariant Point Attention with a factorised pair representation (DESIGN 2.2-2.4). The math and
+ * Invariant Point Attention with a factorised pair representation (docs/MATH.md §2-§4). The math and
  * SDPA backends compute the same function: the math path materialises the logits, the SDPA path
  * lifts queries/keys/values so that the logits become one dot product and calls
  * at::scaled_dot_product_attention with scale 1 (no L x L tensor). Coordinates are centred on the
  * frame origins' mean before use: the function is unchanged (softmax weights sum to one) and the
- * lifted point terms no longer cancel large numbers far from the origin (DESIGN 2.5). The fused
+ * lifted point terms no longer cancel large numbers far from the origin (docs/MATH.md §5). The fused
  * backend (CUDA) computes the same function in the project's own kernel (models/kernels), with
  * point terms in fp32 from differences; it keeps no lifted tensor and no L x L buffer.
  */

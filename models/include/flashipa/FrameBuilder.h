@@ -27,7 +27,7 @@ public:
 };
 
 /**
- * Builds residue frames from three atoms by Gram-Schmidt (DESIGN 2.1), differentiably:
+ * Builds residue frames from three atoms by Gram-Schmidt (docs/MATH.md §1), differentiably:
  * e1 = unit(c - b), e2 = unit((a - b) - (e1.(a - b)) e1), e3 = e1 x e2, t = b.
  * Protein: (a, b, c) = (N, CA, C); RNA: (C3', C4', O4').
  */

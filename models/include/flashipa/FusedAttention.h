@@ -6,7 +6,7 @@
 namespace FlashIPAPlugin {
 
 /**
- * The inputs of the fused FlashIPA attention (DESIGN 2.4), one row per residue, packed over
+ * The inputs of the fused FlashIPA attention (docs/MATH.md §4), one row per residue, packed over
  * structures: rows attend to the rows of their own segment. Scalar features may be float32 or
  * float16 (all the same type); points are float32 in the global frame, already centred.
  */

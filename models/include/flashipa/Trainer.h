@@ -61,7 +61,7 @@ struct StepResult {
 };
 
 /**
- * Denoising score matching for the EnergyModel (DESIGN 2.6): for each structure of a batch, centre it,
+ * Denoising score matching for the EnergyModel (docs/MATH.md §6): for each structure of a batch, centre it,
  * rotate it randomly, draw sigma log-uniformly in [sigmaMin, sigmaMax] and noise eps on the real frame
  * atoms, and minimise the mean over real atom coordinates of (sigma * dE/dx~ (x~, sigma) - eps)^2 with
  * x~ = x + sigma * eps, through double backward on the math attention backend. AdamW, global-norm

@@ -1,4 +1,4 @@
-"""Generating protein and RNA backbones with the learned model (DESIGN 2.6).
+"""Generating protein and RNA backbones with the learned model (docs/MATH.md §6).
 
 Two routes that integrate the same probability-flow ODE (see annealing.py for why it is an ODE in sigma):
 
