@@ -9,10 +9,11 @@ import os
 
 import gemmi
 import numpy as np
+import openmm.app as app
 import openmm.unit as unit
 import pytest
 
-from openmmflashipa import cli, ideal_geometry
+from openmmflashipa import cli, ideal_geometry, mpnn
 from openmmflashipa.backbone import placeBackboneAtoms
 from openmmflashipa.generate import generate
 from openmmflashipa.refine import refine, repairGeometry
@@ -245,6 +246,16 @@ def test_self_consistency_report_fields_present_and_finite(tmp_path):
                 assert math.isfinite(row[key]), (run, key)
     assert summary["runs"]["without"]["final"]["learned"] == 0.0
     assert summary["runs"]["with"]["final"]["learned"] != 0.0
+
+
+def test_self_consistency_of_a_protein_simulates_a_designed_sequence(tmp_path):
+    summary = selfConsistency("protein", 10, seed=2, picoseconds=0.02, snapshots=1, out=str(tmp_path), refineSteps=5,
+                              generationSteps=5, platform="CPU", progress=False)
+    sequence = summary["designed_sequence"]
+    assert len(sequence) == 10 and set(sequence) <= set("ACDEFGHIKLMNPQRSTVWY") and sequence != "G" * 10
+    names = [r.name for r in app.PDBFile(str(tmp_path / "refined.pdb")).topology.residues()]
+    assert [mpnn.ONE_LETTER[n] for n in names] == list(sequence)  # the refined model carries the designed residues
+    assert summary["repair_rmsd"] >= 0 and "Designed sequence" in (tmp_path / "report.md").read_text()
 
 
 def test_cli_commands_run_end_to_end(tmp_path, capsys):

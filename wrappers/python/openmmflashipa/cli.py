@@ -108,6 +108,8 @@ def _parser():
     c.add_argument("--ps", type=_number(float, 0.0, strictly=True), default=10.0, help="simulation length per run, ps (default 10)")
     c.add_argument("--snapshots", type=_number(int, 1), default=10, help="measurements per run (default 10)")
     c.add_argument("--refine-steps", type=_number(int, 0), default=500, help="Langevin steps in refinement (default 500)")
+    c.add_argument("--no-design", action="store_true",
+                   help="proteins: simulate the generated poly-glycine instead of a ProteinMPNN sequence")
     _common(c, "flashipa-check")
 
     b = commands.add_parser("bench", help="time the force and generation on this machine",
@@ -186,7 +188,7 @@ def _check(args):
     from .selfconsistency import selfConsistency, markdown
     summary = selfConsistency(args.type, args.length, seed=args.seed, picoseconds=args.ps, snapshots=args.snapshots,
                               out=args.out, platform=args.platform, refineSteps=args.refine_steps,
-                              modelPath=args.model, progress=not args.quiet)
+                              modelPath=args.model, progress=not args.quiet, design=not args.no_design)
     print(markdown(summary))
     print("plots: %s" % os.path.join(args.out, "selfconsistency.png"))
 
