@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The README's main job: generate a protein and an RNA backbone with the shipped model, refine them, run the
-self-consistency check on each, and print one summary table with the paths of the plots.
+"""The README's main job: generate a protein and an RNA backbone with the shipped model, design a sequence for
+the protein (ProteinMPNN), refine them, run the self-consistency check on each, and print one summary table
+with the paths of the plots.
 
 On CUDA when the plugin's CUDA kernels and a GPU are present, else on the CPU platform; a few minutes on two
 CPU cores with the defaults. Outputs go to --out/protein and --out/rna (see examples/self_consistency.py).
@@ -14,7 +15,7 @@ import time
 from openmmflashipa.generate import choosePlatform
 from openmmflashipa.selfconsistency import selfConsistency
 
-ROWS = [("refinement level", None, "s"), ("RMSD to generated (nm)", "rmsd", "%.3f"),
+ROWS = [("refinement level", None, "s"), ("RMSD to generated (nm; protein: the repaired, designed-for backbone)", "rmsd", "%.3f"),
         ("RMSD to refined (nm)", "rmsd_to_refined", "%.3f"), ("TM-score to generated", "tm_score", "%.3f"),
         ("secondary-structure retention", "ss_retention", "%.2f"),
         ("frame-bond violations (fraction)", "bond_violation_fraction", "%.3f"), ("clashes", "clashes", "%d"),
@@ -53,6 +54,8 @@ def main():
             cells.append(" / ".join("-" if v is None else fmt % v for v in values))
         lines.append("| %s | %s |" % (label, " | ".join(cells)))
     print("\n".join(lines))
+    if "designed_sequence" in summaries["protein"]:
+        print("\nprotein sequence designed by ProteinMPNN: %s" % summaries["protein"]["designed_sequence"])
     print("\nplots: %s, %s" % (os.path.join(args.out, "protein", "selfconsistency.png"),
                                os.path.join(args.out, "rna", "selfconsistency.png")))
     print("structures and reports: %s/{protein,rna}/ (generated.pdb, refined.pdb, report.md, summary.json)" % args.out)
