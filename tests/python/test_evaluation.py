@@ -120,3 +120,16 @@ def test_paired_fraction_counts_hairpin_partners_and_nothing_in_a_straight_stran
     arm = [template + [0.0, 0.0, 0.6 * i] for i in range(6)]
     other = [template + [1.05, 0.0, 0.6 * (5 - k)] for k in range(6)]
     assert evaluation.pairedFraction(np.array(arm + other)) == pytest.approx(8 / 12)
+
+
+def test_ramachandran_of_ideal_helix_strand_and_their_mirror_images():
+    # Chains built from given torsions (NeRF, tests/python/test_metrics_topology.py): the measured regions are the
+    # ones they were built in, and a mirror image (x -> -x) flips every phi to > 0.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_metrics_topology import idealBackbone
+    helix = idealBackbone(20, phi=-57.0, psi=-47.0)[:, :3]
+    strand = idealBackbone(20, phi=-120.0, psi=130.0)[:, :3]
+    assert evaluation.ramachandran(helix) == {"phi_positive": 0.0, "rama_alpha": 1.0, "rama_beta": 0.0}
+    assert evaluation.ramachandran(strand) == {"phi_positive": 0.0, "rama_alpha": 0.0, "rama_beta": 1.0}
+    mirror = helix * np.array([-1.0, 1.0, 1.0])
+    assert evaluation.ramachandran(mirror)["phi_positive"] == 1.0

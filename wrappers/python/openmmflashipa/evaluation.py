@@ -128,7 +128,7 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
     candidates = data.chains(moltype, "train", minLength=20, singleSegment=True)
     candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
     chosen = _spread(candidates, maxChains)
-    lengths, radii, fractions, paired, traces = [], [], [], [], {}
+    lengths, radii, fractions, paired, torsions, traces = [], [], [], [], [], {}
     for c in chosen:
         atoms, _, _, oxygen = data.chain(c)
         centre = atoms[:, 1]
@@ -137,6 +137,7 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
         traces.setdefault(len(atoms), []).append(centre)
         if moltype == "protein":
             fractions.append(metrics.secondaryStructureFractions(metrics.secondaryStructure(_proteinBackbone(atoms, oxygen))))
+            torsions.append(ramachandran(atoms))
         else:
             paired.append(pairedFraction(atoms))
     if len(set(lengths)) >= 3:
@@ -150,6 +151,8 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
         reference["ss"] = {k: float(np.mean([f[k] for f in fractions])) for k in fractions[0]}
     if paired:
         reference["paired_fraction"] = float(np.mean(paired))
+    if torsions:
+        reference["ramachandran"] = {k: float(np.mean([t[k] for t in torsions])) for k in torsions[0]}
     return reference
 
 
@@ -169,6 +172,31 @@ def novelty(trace, reference, window=0.1, maxReferences=20):
     if not references:
         return None
     return float(metrics.novelty(trace, references, alignment="structural")["max_tm"])
+
+
+def _dihedral(p0, p1, p2, p3):
+    """Dihedral angles (degrees) of point quadruples [n, 3] each, IUPAC sign convention."""
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1 = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - np.sum(b0 * b1, -1, keepdims=True) * b1
+    w = b2 - np.sum(b2 * b1, -1, keepdims=True) * b1
+    return np.degrees(np.arctan2(np.sum(np.cross(b1, v) * w, -1), np.sum(v * w, -1)))
+
+
+def ramachandran(frames):
+    """Backbone torsions of one protein chain (frames [L, 3, 3] = N, CA, C, nm, consecutive residues bonded):
+    the fractions of residues 2..L-1 with phi > 0 (left-handed; about 5 % in real proteins, mostly glycine), in
+    the right-handed helix region (phi < 0, -100 < psi < 50) and in the strand region (phi < 0, psi > 90 or
+    psi < -150). A generator that does not know the backbone's chirality puts half its residues at phi > 0."""
+    frames = np.asarray(frames, dtype=np.float64)
+    if len(frames) < 3:
+        return {"phi_positive": None, "rama_alpha": None, "rama_beta": None}
+    n, ca, c = frames[:, 0], frames[:, 1], frames[:, 2]
+    phi = _dihedral(c[:-2], n[1:-1], ca[1:-1], c[1:-1])
+    psi = _dihedral(n[1:-1], ca[1:-1], c[1:-1], n[2:])
+    return {"phi_positive": float(np.mean(phi > 0)),
+            "rama_alpha": float(np.mean((phi < 0) & (psi > -100) & (psi < 50))),
+            "rama_beta": float(np.mean((phi < 0) & ((psi > 90) | (psi < -150))))}
 
 
 def pairedFraction(frames, low=0.95, high=1.15, minSeparation=4):
@@ -210,6 +238,8 @@ def _structureMetrics(refined, generated, moltype):
         values["ss"] = "".join(ss)
     if moltype == "rna":
         values["paired_fraction"] = pairedFraction(frames)
+    else:
+        values.update(ramachandran(frames))
     return values, frames[:, 1]
 
 
@@ -250,7 +280,8 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
         mine = [r for r in rows if r["length"] == length]
         done = [r for r in mine if "error" not in r]
         entry = {"chains": len(mine), "refined": len(done), "valid": _fraction([r["valid"] for r in mine])}
-        for key in ("ss_helix", "ss_strand", "ss_coil", "rg_ratio", "clashes_per_100", "novelty", "paired_fraction"):
+        for key in ("ss_helix", "ss_strand", "ss_coil", "rg_ratio", "clashes_per_100", "novelty", "paired_fraction",
+                    "phi_positive", "rama_alpha", "rama_beta"):
             values = [r[key] for r in done if r.get(key) is not None]
             entry[key] = float(np.mean(values)) if values else None
         entry["knotted"] = _fraction([r["knotted"] for r in done])
@@ -655,6 +686,15 @@ def markdown(report):
             lines.append("Base-paired fraction (C1'-C1' proxy, `pairedFraction`): %s" % ", ".join(
                 "%s nt %s" % (L, _fmt(e.get("paired_fraction"), 2)) for L, e in g["lengths"].items()) +
                 "; training chains %s." % _fmt(ref.get("paired_fraction"), 2))
+        if moltype == "protein":
+            lines.append("")
+            rama = ref.get("ramachandran", {})
+            perLength = ", ".join("%s: %s / %s / %s" % (L, _fmt(e.get("phi_positive"), 2), _fmt(e.get("rama_alpha"), 2),
+                                                         _fmt(e.get("rama_beta"), 2)) for L, e in g["lengths"].items())
+            lines.append("Backbone torsions (`ramachandran`, fraction of residues with phi > 0 / in the helix region / "
+                         "in the strand region): %s; training chains %s / %s / %s." % (
+                             perLength, _fmt(rama.get("phi_positive"), 2), _fmt(rama.get("rama_alpha"), 2),
+                             _fmt(rama.get("rama_beta"), 2)))
         if ref.get("ss"):
             lines.append("")
             lines.append("Training set (%d train chains): helix %.2f, strand %.2f; Rg = %.3f L^%.3f nm." % (
