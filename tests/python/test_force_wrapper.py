@@ -244,3 +244,22 @@ def test_amber_simulation_with_the_force(path, solvent, minimize):
     parts = groupEnergy(simulation.context, GROUP) + simulation.context.getState(
         getEnergy=True, groups=others).getPotentialEnergy().value_in_unit(KJ)
     assert total == pytest.approx(parts, rel=1e-9, abs=1e-6)
+
+
+def test_sigma_outside_the_trained_range_is_warned_about_once(capfd):
+    """flashipaSigma = 1e-12 nm evaluates (the energy grows as 1/sigma) but says, once per Context, that the model was
+    trained on another range; a sigma inside the range says nothing."""
+    pdb = app.PDBFile(PROTEIN_PDB)
+    system = openmm.System()
+    for atom in pdb.topology.atoms():
+        system.addParticle(atom.element.mass)
+    system.addForce(createForce(pdb.topology))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pdb.positions)
+    context.getState(getEnergy=True)
+    assert "outside the range" not in capfd.readouterr().err
+    context.setParameter("flashipaSigma", 1e-12)
+    energies = [context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(KJ) for _ in range(2)]
+    assert all(np.isfinite(energies))
+    err = capfd.readouterr().err
+    assert err.count("lies outside the range the model was trained on") == 1, err
