@@ -7,34 +7,18 @@ compact chain monotone in z, whose closure has one maximum and one minimum of he
 ideal helices built from helical parameters or from phi/psi with NeRF, mirror images and rigid copies, and
 a pair of segments placed through each other by hand."""
 
-import importlib.util
-import os
 import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-SOURCE = os.path.join(ROOT, "wrappers", "python", "openmmflashipa", "metrics.py")
-
-try:
-    from openmmflashipa import metrics
-except ImportError:
-    _spec = importlib.util.spec_from_file_location("flashipa_metrics_topology", SOURCE)
-    metrics = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(metrics)
+# The metrics module (or its source where the package is not built) and the rotation oracle, shared with the
+# other metrics tests.
+from test_metrics import metrics, randomRotation
 
 
 # ---------------------------------------------------------------------------------------------------
 # Constructions
-
-
-def randomRotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def caHelix(n, rise=0.15, turn=100.0, radius=0.23):

@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import openmm
-import openmm.app as app
 import openmm.unit as unit
 
 from . import backbone as _backbone
@@ -37,8 +36,8 @@ from . import metrics
 from . import progress as _progress
 from .generate import generate, choosePlatform
 from .refine import refine, withoutFlashIPA, allAtomSystem, repairGeometry, MINIMIZE_TOLERANCE
-from .selfconsistency import measure, _frameIndices, _heavy
-from .structure import Backbone, readStructure
+from .selfconsistency import measure, designedBackbone, _frameIndices, _heavy
+from .structure import readStructure
 
 # The model issue's targets (docs/MODEL.md, "Targets"); the report says which are met.
 HELIX_RANGE = (0.35, 0.60)
@@ -302,21 +301,6 @@ def _fraction(flags):
 # ---------------------------------------------------------------- designability (self-consistency)
 
 
-def namedBackbone(frames, sequence):
-    """A protein Backbone whose residues carry the designed sequence (three-letter names); refine builds the
-    side chains (PDBFixer) and parametrises it with amber14."""
-    names = [threeLetter(letter) for letter in sequence]
-    return Backbone(frames, "protein", residueNames=names)
-
-
-def threeLetter(letter):
-    """Three-letter name of a one-letter amino-acid code (the 20 standard ones)."""
-    from .mpnn import THREE_LETTER
-    if THREE_LETTER.get(letter) not in AMINO_ACIDS:
-        raise ValueError("no standard amino acid for %r" % (letter,))
-    return THREE_LETTER[letter]
-
-
 def simulateDrift(structure, reference, picoseconds, snapshots, platform=None, temperature=300.0, seed=0,
                   withForce=False, modelPath=None, progress=False, label="drift"):
     """Refine `structure` all-atom (amber14 + OBC2; the learned force only if withForce) by minimisation, then
@@ -355,10 +339,9 @@ def designability(backbones, natives, picoseconds, snapshots=10, platform=None, 
     backbones: list of generated protein Backbone; natives: list of (name, topology, positions) of validation
     proteins. For each generated backbone: repair the frame geometry (no learned force; the repair's own Calpha
     RMSD is recorded), design a sequence with ProteinMPNN for the repaired backbone, build and simulate the
-    all-atom model without the learned force, and record the Calpha RMSD to the repaired backbone. For each native: the same simulation with its own sequence and with a ProteinMPNN
-    sequence on its backbone. A chain counts as designable when the RMSD stays within DESIGNABLE_RMSD at every
-    snapshot."""
-    from . import mpnn
+    all-atom model without the learned force, and record the Calpha RMSD to the repaired backbone. For each
+    native: the same simulation with its own sequence and with a ProteinMPNN sequence on its backbone. A chain
+    counts as designable when the RMSD stays within DESIGNABLE_RMSD at every snapshot."""
     rows = []
     bar = _progress.bar(len(backbones) + 2 * len(natives), "evaluation: designability", enabled=progress,
                         unit="chain")
@@ -366,20 +349,20 @@ def designability(backbones, natives, picoseconds, snapshots=10, platform=None, 
         row = {"kind": "generated", "length": len(generated), "sample": j}
         try:
             repaired = repairGeometry(generated, platform=platform)
-            full = np.concatenate([repaired.frames, _backbone.placeBackboneAtoms(repaired.frames, "protein")["O"][:, None]], 1)
-            design = mpnn.designSequence(full, temperature=designTemperature, seed=seed + j, weights=mpnnWeights)[0]
+            structure, design = designedBackbone(repaired.frames, temperature=designTemperature, seed=seed + j,
+                                                 weights=mpnnWeights)
             row["sequence"] = design.sequence
             # The reference is the repaired backbone, the one the sequence was designed for; how far the repair
             # moved the sampler's output is reported beside it.
             row["repair_rmsd"] = float(metrics.kabschRMSD(repaired.frames[:, 1], generated.frames[:, 1]))
-            row.update(simulateDrift(namedBackbone(repaired.frames, design.sequence), repaired.frames[:, 1],
+            row.update(simulateDrift(structure, repaired.frames[:, 1],
                                      picoseconds, snapshots, platform, temperature, seed + j))
         except Exception as error:  # recorded: a chain that cannot be built or simulated is not designable
             row["error"] = str(error).splitlines()[0][:200]
         rows.append(row)
         bar.update(1)
     for name, topology, positions in natives:
-        frames, full, own = _nativeBackbone(topology, positions)
+        frames, oxygen, own = _nativeBackbone(topology, positions)
         for kind in ("native, own sequence", "native, ProteinMPNN sequence"):
             row = {"kind": kind, "name": name, "length": len(frames)}
             try:
@@ -387,10 +370,10 @@ def designability(backbones, natives, picoseconds, snapshots=10, platform=None, 
                     structure = (topology, positions)
                     row["sequence"] = own
                 else:
-                    design = mpnn.designSequence(full, temperature=designTemperature, seed=seed, weights=mpnnWeights)[0]
+                    structure, design = designedBackbone(frames, oxygen, temperature=designTemperature, seed=seed,
+                                                         weights=mpnnWeights)
                     row["sequence"] = design.sequence
                     row["recovery"] = float(np.mean([a == b for a, b in zip(design.sequence, own)]))
-                    structure = namedBackbone(frames, design.sequence)
                 row.update(simulateDrift(structure, frames[:, 1], picoseconds, snapshots, platform, temperature, seed))
             except Exception as error:
                 row["error"] = str(error).splitlines()[0][:200]
@@ -415,23 +398,18 @@ def _median(values):
 
 
 def _nativeBackbone(topology, positions):
-    """(frames [L, 3, 3], N/CA/C/O [L, 4, 3], one-letter sequence) of a one-chain protein."""
+    """(frames [L, 3, 3] N, CA, C; carbonyl O [L, 3], NaN where absent; one-letter sequence) of a one-chain protein."""
     from .mpnn import ONE_LETTER
     xyz = np.asarray(positions.value_in_unit(unit.nanometer), dtype=np.float64)
-    frames, full, sequence = [], [], []
+    frames, oxygen, sequence = [], [], []
     for residue in topology.residues():
         atoms = {a.name: a.index for a in residue.atoms()}
         if not all(name in atoms for name in ("N", "CA", "C")) or residue.name not in AMINO_ACIDS:
             continue
-        f = xyz[[atoms["N"], atoms["CA"], atoms["C"]]]
-        frames.append(f)
-        full.append(np.concatenate([f, xyz[[atoms["O"]]] if "O" in atoms else np.full((1, 3), np.nan)]))
+        frames.append(xyz[[atoms["N"], atoms["CA"], atoms["C"]]])
+        oxygen.append(xyz[atoms["O"]] if "O" in atoms else np.full(3, np.nan))
         sequence.append(ONE_LETTER[residue.name])
-    frames, full = np.array(frames), np.array(full)
-    missing = ~np.isfinite(full[:, 3]).all(1)
-    if missing.any():
-        full[missing, 3] = _backbone.placeBackboneAtoms(frames, "protein")["O"][missing]
-    return frames, full, "".join(sequence)
+    return np.array(frames), np.array(oxygen), "".join(sequence)
 
 
 # ---------------------------------------------------------------- refinement
@@ -542,7 +520,7 @@ def discrimination(data, moltype="protein", maxChains=50, maxLength=300, sigma=0
     candidates = data.chains(moltype, "val", minLength=20, maxLength=maxLength, singleSegment=True)
     candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
     chosen = _spread(candidates, maxChains)
-    donors = [data.chain(c)[0] for c in data.chains(moltype, "val", minLength=20, singleSegment=True)]
+    donors = {c: data.chain(c)[0] for c in data.chains(moltype, "val", minLength=20, singleSegment=True)}
     rng = np.random.default_rng(seed)
     sigmaTensor = torch.tensor([sigma], dtype=torch.float64)
 
@@ -556,7 +534,7 @@ def discrimination(data, moltype="protein", maxChains=50, maxLength=300, sigma=0
     bar = _progress.bar(len(chosen), "evaluation: discrimination", enabled=progress, unit="chain")
     for c in chosen:
         atoms, types, _, _ = data.chain(c)
-        donors_other = [d for d in donors if d is not atoms and not np.array_equal(d[:1], atoms[:1])]
+        donors_other = [d for other, d in donors.items() if other != c]
         row = {"chain": int(c), "length": len(atoms), "native": energy(atoms, types)}
         for kind, (x, t) in decoys(atoms, types, rng, donors_other).items():
             try:
@@ -742,6 +720,13 @@ def plots(report, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
+
+    def save(fig, path):
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     for moltype, g in report.get("generation", {}).items():
         rows = [r for r in g["rows"] if "radius_of_gyration" in r]
         if not rows:
@@ -757,11 +742,7 @@ def plots(report, out):
         ax.set_ylabel("radius of gyration (nm)")
         ax.set_title("generated %s" % moltype)
         ax.legend()
-        path = os.path.join(out, "rg_%s.png" % moltype)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, os.path.join(out, "rg_%s.png" % moltype)))
         if moltype == "protein":
             lengths = list(g["lengths"])
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -776,11 +757,7 @@ def plots(report, out):
             ax.set_xlabel("residues")
             ax.set_ylabel("fraction of residues")
             ax.legend(fontsize=8)
-            path = os.path.join(out, "ss_protein.png")
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(save(fig, os.path.join(out, "ss_protein.png")))
     des = report.get("designability")
     if des and any("rmsd" in r for r in des["rows"]):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -796,11 +773,7 @@ def plots(report, out):
         ax.set_xlabel("time (ps)")
         ax.set_ylabel("Calpha RMSD to the backbone (nm)")
         ax.legend(fontsize=8)
-        path = os.path.join(out, "designability.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, os.path.join(out, "designability.png")))
     ref = report.get("refinement")
     if ref and ref["rows"]:
         keys = [k for k in ("start", "amber", "amber + learned", "amber, MD", "amber + learned, MD") if ref["mean"].get(k) is not None]
@@ -810,11 +783,7 @@ def plots(report, out):
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=20, fontsize=8)
         ax.set_ylabel("N/CA/C RMSD to native (nm)")
-        path = os.path.join(out, "refinement.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, os.path.join(out, "refinement.png")))
     return written
 
 

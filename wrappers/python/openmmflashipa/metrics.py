@@ -78,6 +78,26 @@ def _points(x, name, minCount=1):
     return a
 
 
+def _integerAtLeast(value, minimum, name):
+    """`value` as an int, or a ValueError unless it is an integer (of any numeric type) >= minimum."""
+    try:
+        number = int(value)
+        valid = number == value and number >= minimum
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _positiveFinite(value, name):
+    """`value` as a float, or a ValueError unless it is finite and > 0."""
+    number = float(value)
+    if not np.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return number
+
+
 def _pair(x, reference, minCount):
     a = _points(x, "x", minCount)
     b = _points(reference, "reference", minCount)
@@ -529,16 +549,8 @@ def clashes(positions, residueIndex, cutoff=0.25, minSeparation=2):
                 or np.any(res != np.round(res)):
             raise ValueError("residueIndex must contain integers")
     res = res.astype(np.int64)
-    cut = float(cutoff)
-    if not np.isfinite(cut) or cut <= 0.0:
-        raise ValueError(f"cutoff must be finite and > 0, got {cutoff}")
-    try:
-        minSep = int(minSeparation)
-        valid = minSep == minSeparation and minSep >= 0
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"minSeparation must be an integer >= 0, got {minSeparation!r}")
+    cut = _positiveFinite(cutoff, "cutoff")
+    minSep = _integerAtLeast(minSeparation, 0, "minSeparation")
     n = x.shape[0]
     if n < 2:
         return 0
@@ -944,13 +956,7 @@ def knotDeterminant(ca, projections=3, seed=0):
        Projections with a crossing at a vertex or strands at equal height are redrawn.
     """
     x = _points(ca, "ca", 1)
-    try:
-        nProj = int(projections)
-        valid = nProj == projections and nProj >= 1
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"projections must be an integer >= 1, got {projections!r}")
+    nProj = _integerAtLeast(projections, 1, "projections")
     if x.shape[0] < 3:
         return 1  # at most 5 sticks after closure: no knot is possible
     polygon = _closedKnotPolygon(x)
@@ -1062,16 +1068,8 @@ def chainCrossings(ca, threshold=0.2, minSeparation=2, returnPairs=False):
     segment-segment distance is then computed.
     """
     x = _points(ca, "ca", 1)
-    thr = float(threshold)
-    if not np.isfinite(thr) or thr <= 0.0:
-        raise ValueError(f"threshold must be finite and > 0, got {threshold}")
-    try:
-        minSep = int(minSeparation)
-        valid = minSep == minSeparation and minSep >= 1
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"minSeparation must be an integer >= 1, got {minSeparation!r}")
+    thr = _positiveFinite(threshold, "threshold")
+    minSep = _integerAtLeast(minSeparation, 1, "minSeparation")
     nSeg = x.shape[0] - 1
     pairs = []
     if nSeg >= 1:

@@ -71,6 +71,19 @@ def measure(frames, reference, moltype, heavy, heavyResidues, referenceSS=None):
     return result, ss
 
 
+def designedBackbone(frames, oxygen=None, temperature=0.1, seed=0, weights=None, chainId="A"):
+    """A protein Backbone carrying a sequence that ProteinMPNN (openmmflashipa.mpnn) designed for `frames`
+    ([L, 3, 3] N, CA, C, nm), and the DesignedSequence. `oxygen` [L, 3]: the carbonyl O where known (NaN rows
+    are placed), else every O is placed from ideal geometry. refine builds the side chains (PDBFixer)."""
+    from . import mpnn
+    frames = np.asarray(frames, dtype=np.float64)
+    placed = _backbone.placeBackboneAtoms(frames, "protein")["O"]
+    oxygen = placed if oxygen is None else np.where(np.isfinite(oxygen), oxygen, placed)
+    design = mpnn.designSequence(np.concatenate([frames, oxygen[:, None]], 1), temperature=temperature, seed=seed,
+                                 weights=weights)[0]
+    return Backbone(frames, "protein", residueNames=design.residueNames, chainId=chainId), design
+
+
 def _heavy(topology, refined):
     """(indices of heavy atoms, their residue index among frame residues or by topology order)."""
     if refined.level == "backbone":
@@ -150,12 +163,8 @@ def selfConsistency(moltype="protein", length=50, seed=0, picoseconds=10.0, snap
     generated.write(os.path.join(out, "generated.pdb"))
     structure, designed = generated, None
     if moltype == "protein" and design:
-        from . import mpnn
-        repaired = repairGeometry(generated, platform=platform)
-        oxygen = _backbone.placeBackboneAtoms(repaired.frames, "protein")["O"]
-        designed = mpnn.designSequence(np.concatenate([repaired.frames, oxygen[:, None]], 1), temperature=0.1,
-                                       seed=seed)[0]
-        structure = Backbone(repaired.frames, "protein", residueNames=designed.residueNames, chainId=generated.chainId)
+        structure, designed = designedBackbone(repairGeometry(generated, platform=platform).frames, seed=seed,
+                                               chainId=generated.chainId)
     refined = refine(structure, out=os.path.join(out, "refined.pdb"), platform=platform, temperature=temperature,
                      protocol="md", steps=refineSteps, seed=seed, modelPath=modelPath, progress=progress)
     reference = structure.frames[:, 1]
