@@ -193,16 +193,13 @@ public:
         torch::Tensor gradOut = gradOutputs[0].defined() ? gradOutputs[0].to(torch::kFloat32).contiguous() : torch::zeros_like(out);
         // fp16 holds 2^-14..65504 at full precision: scale dOut by a power of two so that its largest entry
         // is in [1, 2), whatever the loss's units, and undo it on the gradients (all linear in dOut, so the
-        // power of two changes no bit but those fp16 would lose). Device-side: no host synchronisation.
-        torch::Tensor gradScale, gradUnscale;
+        // power of two changes no bit but those fp16 would lose). Device-side: no host synchronisation. The
+        // clamp keeps an all-zero dOut finite; a non-finite one stays non-finite, as it would unscaled.
+        torch::Tensor gradUnscale;
         if (q.scalar_type() == torch::kHalf) {
-            torch::Tensor largest = gradOut.abs().amax();
-            torch::Tensor usable = torch::isfinite(largest) & (largest > 0);
-            torch::Tensor exponent = torch::where(usable, torch::floor(torch::log2(torch::where(usable, largest, torch::ones_like(largest)))),
-                                                  torch::zeros_like(largest));
-            gradScale = torch::exp2(-exponent);
+            torch::Tensor exponent = torch::floor(torch::log2(gradOut.abs().amax().clamp(1e-30, 1e30)));
             gradUnscale = torch::exp2(exponent);
-            gradOut = gradOut * gradScale;
+            gradOut = gradOut * torch::exp2(-exponent);
         }
         torch::Tensor delta = (gradOut * out).sum(-1).contiguous();
         auto zeros = [&](std::vector<int64_t> shape) { return torch::zeros(shape, out.options()); };

@@ -3,6 +3,7 @@
 // Synthetic but physically shaped inputs shared by the C++ tests.
 
 #include <cmath>
+#include <functional>
 #include <random>
 #include <torch/torch.h>
 #include <vector>
@@ -43,6 +44,19 @@ inline torch::Tensor randomRotation(unsigned seed) {
 /** Relative error |a - b| / |b| over whole tensors. */
 inline double relativeError(const torch::Tensor& a, const torch::Tensor& b) {
     return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).norm().item<double>() / std::max(b.to(torch::kFloat64).norm().item<double>(), 1e-300);
+}
+
+/** The gradient of a scalar function of x by central differences of step h, one entry of x at a time. */
+inline torch::Tensor centralDifferences(const std::function<double(const torch::Tensor&)>& f, const torch::Tensor& x, double h) {
+    torch::NoGradGuard noGrad;
+    torch::Tensor gradient = torch::zeros_like(x);
+    for (int64_t i = 0; i < x.numel(); i++) {
+        torch::Tensor plus = x.clone(), minus = x.clone();
+        plus.view({-1})[i] += h;
+        minus.view({-1})[i] -= h;
+        gradient.view({-1})[i] = (f(plus) - f(minus)) / (2 * h);
+    }
+    return gradient;
 }
 
 } // namespace FlashIPATest
