@@ -17,7 +17,9 @@ MINUTES="${MINUTES:-8.5}"
 bash scripts/device-dataset.sh unpack || exit 1
 W=/tmp/run; mkdir -p $W
 [ -f "$RUN/checkpoint.safetensors" ] && cp "$RUN/checkpoint.safetensors" "$RUN/training.csv" $W/
-export LD_LIBRARY_PATH=$PWD/.trainbin:$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')
+TORCH_DIR="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
+# the CUDA runtime the torch wheel ships (nvidia/cu13/lib) serves the carried library too
+export LD_LIBRARY_PATH=$PWD/.trainbin:$TORCH_DIR/lib:$TORCH_DIR/../nvidia/cu13/lib:/usr/local/cuda/lib64
 T=.trainbin/flashipa-train
 if ! $T --help >/dev/null 2>&1; then
     echo "carried binary failed:"; $T --help 2>&1 | head -3

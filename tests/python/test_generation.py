@@ -1,6 +1,11 @@
 """Generation: the AnnealingIntegrator and the C++ sampler against an independent probability-flow ODE written
 here on the PyTorch twin (float64, autograd), reproducibility with a seed, and bad input."""
 
+import csv
+import os
+import subprocess
+import sys
+
 import numpy as np
 import openmm
 import openmm.unit as unit
@@ -14,6 +19,8 @@ from openmmflashipa.generate import frameSystem, generate
 from openmmflashipa.openmmflashipa import _sampleFrameAtoms
 
 UNK_AA = openmmflashipa.ResidueType.UnknownAminoAcid
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 # Tolerance: the plugin evaluates in float32 (LibTorch) and OpenMM Reference integrates in double; the
 # oracle is float64. A few Heun steps on a 6-residue chain keep the difference well below 1e-3 nm.
 TOLERANCE_NM = 1e-3
@@ -70,10 +77,10 @@ def test_sampler_matches_twin_flow_from_the_same_start(twin):
     raw = _sampleFrameAtoms("", [UNK_AA] * length, [0] * length, samples, steps, sigma_max, sigma_min, seed, "cpu")
     ours = np.frombuffer(raw, dtype=np.float64).reshape(samples, length, 3, 3)
     # The sampler documents its start: torch's CPU generator seeded with `seed`, N(0, 1) in float64,
-    # centred per sample, times sigma_max.
+    # centred per sample, times the noised data's spread at sigma_max (checked against real chains below).
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn((samples, length, 3, 3), generator=generator, dtype=torch.float64)
-    start = (start - start.mean(dim=(1, 2), keepdim=True)) * sigma_max
+    start = (start - start.mean(dim=(1, 2), keepdim=True)) * openmmflashipa.noisedChainSpread(length, False, sigma_max)
     types = torch.full((samples, length), UNK_AA, dtype=torch.long)
     expected = oracle_flow(twin, start, types, sigma_max, sigma_min, steps).numpy()
     assert np.max(np.abs(ours - expected)) < TOLERANCE_NM
@@ -111,3 +118,42 @@ def test_sampler_and_integrator_reject_bad_settings():
         AnnealingIntegrator(0.1, 0.2, 5)
     with pytest.raises(ValueError):
         AnnealingIntegrator(1.0, 0.1, 0)
+
+
+def spread_of(atoms):
+    """Root-mean-square displacement per coordinate of frame atoms [L, 3, 3] about their centroid (nm)."""
+    flat = atoms.reshape(-1, 3)
+    return float(np.sqrt(((flat - flat.mean(0)) ** 2).sum(1).mean() / 3))
+
+
+@pytest.mark.parametrize("moltype, count", [("protein", 40), ("rna", 16)])
+def test_chain_spread_matches_real_chains(moltype, count, tmp_path):
+    """Where generation starts (ChainSpread.h) against an oracle read here: single-segment training chains of
+    the shared data, spread over their lengths. Tolerance: the power law leaves a median |log ratio| of about
+    0.11 per chain on the whole training split; the median log ratio of these chains must lie within 0.12 of 0
+    (no bias, which a wrong prefactor or a spread taken as Rg instead of Rg / sqrt(3), log 1.73 = 0.55, breaks)."""
+    if not os.path.exists(os.path.join(SHARED, "manifest.tsv")):
+        pytest.skip("shared data folder (../shared/data) not present")
+    with open(os.path.join(ROOT, "data", "manifest.tsv")) as handle:
+        rows = [r for r in csv.DictReader(handle, delimiter="\t")
+                if r["moltype"] == moltype and r["split"] == "train" and r["segments"] == "1" and 30 <= int(r["residues"]) <= 400]
+    rows.sort(key=lambda r: int(r["residues"]))
+    chosen = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, count)]
+    path = str(tmp_path / "data.safetensors")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_dataset.py"), "--quiet", "--out", path,
+                    "--manifest-out", str(tmp_path / "manifest.tsv"), "--files", *[r["file"] for r in chosen]], check=True)
+    from openmmflashipa.evaluation import DataSet
+    data = DataSet(path)
+    ratios = []
+    for c in range(len(data)):
+        atoms = data.chain(c)[0]
+        atoms = atoms[np.isfinite(atoms).all((1, 2))]
+        ratios.append(np.log(spread_of(atoms) / openmmflashipa.chainSpread(len(atoms), moltype == "rna")))
+    assert len(ratios) >= count - 2
+    assert abs(np.median(ratios)) < 0.12, np.round(ratios, 2)
+    # The noised spread combines the two in quadrature.
+    assert openmmflashipa.noisedChainSpread(100, False, 0.7) == pytest.approx(np.hypot(0.7, openmmflashipa.chainSpread(100, False)))
+    with pytest.raises(ValueError, match="at least one residue"):
+        openmmflashipa.chainSpread(0, False)
+    with pytest.raises(ValueError, match="sigma"):
+        openmmflashipa.noisedChainSpread(10, True, -1.0)

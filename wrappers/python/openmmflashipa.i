@@ -27,6 +27,7 @@
 #include "FlashIPAForce.h"
 #include "flashipa/ResidueTypes.h"
 #include "flashipa/BackboneSampler.h"
+#include "flashipa/ChainSpread.h"
 #include <exception>
 #include <string>
 
@@ -229,6 +230,14 @@ namespace ResidueType {
 %constant int UNKNOWN_AMINO_ACID = FlashIPAPlugin::ResidueType::UnknownAminoAcid;
 %constant int FIRST_NUCLEOTIDE = FlashIPAPlugin::ResidueType::FirstNucleotide;
 %constant int UNKNOWN_NUCLEOTIDE = FlashIPAPlugin::ResidueType::UnknownNucleotide;
+
+/* The spread of real chains (models/include/flashipa/ChainSpread.h): where generation starts, for both routes. */
+%feature("docstring") chainSpread "chainSpread(length, rna) -> float: root-mean-square displacement per coordinate (nm) of the frame atoms of a real chain of `length` residues about their centroid (the training split's power law)";
+%feature("docstring") noisedChainSpread "noisedChainSpread(length, rna, sigma) -> float: the same for such a chain noised by sigma (nm): sqrt(sigma^2 + chainSpread^2)";
+%inline %{
+double chainSpread(int length, bool rna) { return FlashIPAPlugin::ChainSpread::ofChain(length, rna); }
+double noisedChainSpread(int length, bool rna, double sigma) { return FlashIPAPlugin::ChainSpread::noised(length, rna, sigma); }
+%}
 
 /* The batched C++ sampler (models/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
    autograd engine refuses to run while a thread holds it, and sampling can take a while. Returns the frame

@@ -25,8 +25,8 @@ struct SamplerSettings {
 };
 
 /**
- * Generates frame-atom backbones from the learned energy (docs/MATH.md §6): centred Gaussian coordinates at
- * sigmaMax, then the probability-flow ODE dx/dsigma = sigma * dE/dx down a geometric sigma schedule with
+ * Generates frame-atom backbones from the learned energy (docs/MATH.md §6): centred Gaussian coordinates with
+ * the spread of the noised data at sigmaMax (ChainSpread::noised), then the probability-flow ODE dx/dsigma = sigma * dE/dx down a geometric sigma schedule with
  * Heun steps, then Tweedie's step x - sigmaMin^2 dE/dx. A batch of samples of one sequence runs as one
  * model batch. The same flow as openmmflashipa.AnnealingIntegrator, without OpenMM in the loop.
  */

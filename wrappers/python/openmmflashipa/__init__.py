@@ -52,6 +52,8 @@ import openmm as _openmm
 
 from .openmmflashipa import (
     FlashIPAForce,
+    chainSpread,
+    noisedChainSpread,
     residueTypeName as _residueTypeName,
     residueTypeFromName as _residueTypeFromName,
     RESIDUE_TYPE_COUNT as _RESIDUE_TYPE_COUNT,
@@ -73,6 +75,8 @@ __all__ = [
     "pluginLoadFailures",
     "hasPlatformKernels",
     "defaultThreadCount",
+    "chainSpread",
+    "noisedChainSpread",
 ]
 
 

@@ -18,7 +18,7 @@ import openmm.unit as unit
 
 from . import annealing
 from . import progress as _progress
-from .openmmflashipa import FlashIPAForce, _sampleFrameAtoms, UNKNOWN_AMINO_ACID, UNKNOWN_NUCLEOTIDE
+from .openmmflashipa import FlashIPAForce, _sampleFrameAtoms, noisedChainSpread, UNKNOWN_AMINO_ACID, UNKNOWN_NUCLEOTIDE
 from .structure import Backbone
 
 DEFAULT_STEPS = 100
@@ -166,11 +166,13 @@ def _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, 
     results = []
     bar = _progress.bar(numSamples * numSteps, "generating %d %s backbone(s) of %d residues (OpenMM %s)"
                         % (numSamples, moltype, length, context.getPlatform().getName()), enabled=progress)
+    # The noised data's spread at sigmaMax, as the C++ sampler (ChainSpread.h).
+    spread = noisedChainSpread(length, moltype == "rna", sigmaMax)
     try:
         for _ in range(numSamples):
             start = rng.standard_normal((3 * length, 3))
             start -= start.mean(0)
-            context.setPositions(start * sigmaMax)
+            context.setPositions(start * spread)
             integrator.restart()
             for _ in range(numSteps):
                 integrator.step(1)
