@@ -1,8 +1,8 @@
 """What the attention backend costs a simulation: force accuracy and energy conservation on the CUDA platform.
 
 The default backend ("auto") runs the project's fused kernels on CUDA in single and mixed precision, with the
-attention's scalar operands (q, k, v, bias and pair factors) rounded to bf16 for the tensor cores and the points
-kept exact in fp32. This measures what that rounding does to MD, next to the fp32 paths, on the shipped structures
+attention's scalar operands (q, k, v, bias and pair factors) rounded to fp16 for the tensor cores and the point
+coordinates split into fp16 high and low parts (22 bits). This measures what that rounding does to MD, next to the fp32 paths, on the shipped structures
 (examples/data: protein and RNA) with amber14 + OBC2 + FlashIPAForce, NoCutoff, HBonds constraints:
 
 1. energy and forces of the learned force per backend (CUDA, mixed precision) against the Reference platform
@@ -123,7 +123,7 @@ def main():
                                                     datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
              "- command: `python benchmarks/backend_md_accuracy.py --nve-ps %g --seed %d`" % (args.nve_ps, args.seed),
              "- systems: examples/data protein.pdb and rna.pdb, amber14 + OBC2 + FlashIPAForce (shipped model), NoCutoff, HBonds;"
-             " auto = the default (fused kernels, bf16 scalar operands, fp32 points), fused-fp32 = the same kernels in fp32,"
+             " auto = the default (fused kernels, fp16 scalar operands, points as fp16 hi + lo), fused-fp32 = the same kernels in fp32,"
              " sdpa = the published algorithm (fp32 memory-efficient attention)", ""]
     for name in ("protein", "rna"):
         path = os.path.join(DATA, name + ".pdb")

@@ -89,7 +89,7 @@ std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::ve
     torch::Device target(device);
     if (target.is_cuda() && !torch::cuda::is_available())
         throw std::invalid_argument("sampleFrameAtoms: device " + device + " requested but CUDA is not available");
-    BackboneSampler sampler(loadEnergyModel(resolveModelPath(modelPath)), target, torch::kFloat32, AttentionBackend::SDPA);
+    BackboneSampler sampler(loadEnergyModel(resolveModelPath(modelPath)), target, torch::kFloat32, AttentionBackend::Auto);
     std::vector<int64_t> t(types.begin(), types.end()), c(chains.begin(), chains.end());
     SamplerSettings settings;
     settings.numSteps = numSteps;

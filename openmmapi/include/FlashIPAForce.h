@@ -62,9 +62,8 @@ public:
     /** Set the parameters of a residue (call updateParametersInContext() to apply them to a Context). */
     void setResidueParameters(int index, int atomA, int atomB, int atomC, int residueType, int chain);
     /**
-     * Select how attention is evaluated: "sdpa" (default), "auto" ("fused" on the CUDA platform in single or
-     * mixed precision, "sdpa" on Reference and in double precision; meant to become the default once its fp16
-     * kernels have run on a GPU, docs/KNOWN-ISSUES.md), "fused" (the project's CUDA kernels, scalar
+     * Select how attention is evaluated: "auto" (default: "fused" on the CUDA platform in single or mixed
+     * precision, "sdpa" on Reference and in double precision), "fused" (the project's CUDA kernels, scalar
      * part on tensor cores in fp16, points exact in fp32), "fused-fp32" (the same kernels, every operand
      * fp32) or "math" (materialised logits, the oracle); "sdpa" lifts Q/K/V through PyTorch's
      * scaled_dot_product_attention (the published algorithm). The fused backends need the CUDA platform

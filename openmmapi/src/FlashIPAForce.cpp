@@ -11,7 +11,7 @@ using namespace FlashIPAPlugin;
 using OpenMM::OpenMMException;
 
 FlashIPAForce::FlashIPAForce(const std::string& modelPath)
-    : modelPath(modelPath), attentionBackend("sdpa"), degenerateFramePolicy("error"), defaultScale(1.0), defaultSigma(0.05), defaultTemperature(300.0) {
+    : modelPath(modelPath), attentionBackend("auto"), degenerateFramePolicy("error"), defaultScale(1.0), defaultSigma(0.05), defaultTemperature(300.0) {
     try {
         modelChecksum = sha256File(resolveModelPath(modelPath));
     } catch (const std::exception& e) {

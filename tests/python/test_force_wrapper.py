@@ -74,7 +74,7 @@ def test_is_an_openmm_force_and_setters_round_trip():
     assert (force.getDefaultScale(), force.getDefaultSigma(), force.getDefaultTemperature()) == (0.25, 0.2, 350.0)
     force.setDefaultSigma(1.5 * unit.angstrom)
     assert force.getDefaultSigma() == pytest.approx(0.15, rel=1e-12)
-    assert force.getAttentionBackend() == "sdpa"  # "auto" (fused on CUDA) awaits its GPU run: docs/KNOWN-ISSUES.md
+    assert force.getAttentionBackend() == "auto"
     for name in ("fused", "fused-fp32", "sdpa", "auto", "math"):
         force.setAttentionBackend(name)
         assert force.getAttentionBackend() == name

@@ -60,7 +60,7 @@ private:
 
 /**
  * Convenience entry point for bindings: load modelPath (empty = the shipped model), sample on device
- * ("cpu" or "cuda[:N]") in float32 with the SDPA backend, and return the frame atoms flattened
+ * ("cpu" or "cuda[:N]") in float32 with the "auto" backend (fused kernels on CUDA, SDPA on the CPU), and return the frame atoms flattened
  * [numSamples * L * 3 * 3] in nm.
  */
 std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::vector<int>& types,

@@ -278,13 +278,12 @@ void expectError(const std::function<void()>& action, const std::string& text) {
     }
 }
 
-// The default is "sdpa" (docs/KNOWN-ISSUES.md says why not yet "auto"). "auto" in the shared body's precision
+// The default is "auto". "auto" in the shared body's precision
 // (double, on every platform) is the SDPA path, bit for bit; the fused backends are refused there with a
 // message naming the backend.
 TEST_F(FlashIPAForceTest, AutoBackendIsSDPAInDoublePrecision) {
     auto test = makeSystem(10);
-    EXPECT_EQ(test->force->getAttentionBackend(), "sdpa");
-    test->force->setAttentionBackend("auto");
+    EXPECT_EQ(test->force->getAttentionBackend(), "auto");
     auto evaluate = [&] {
         VerletIntegrator integrator(0.001);
         Context context(test->system, integrator, platform(), properties());

@@ -410,7 +410,7 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
     temperature : float (K) or openmm.unit.Quantity, optional
         Default of the global parameter ``flashipaTemperature``, which sets kT.
     backend : str, optional
-        Attention backend: "sdpa" (default), "auto" ("fused" on CUDA in single/mixed precision, else "sdpa"), "fused"
+        Attention backend: "auto" (default: "fused" on CUDA in single/mixed precision, else "sdpa"), "sdpa", "fused"
         (fp16 scalar part on tensor cores, fp32 points), "fused-fp32" or "math".
     strict : bool
         If True, raise ValueError when a residue other than water, an ion or a terminal cap cannot be

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU machine only: one call that trains and tests. A training chunk (scripts/device-train-chunk.sh, with the
+# carried trainer in .trainbin, so no build waits for it) runs on the GPU while the project is built beside it
+# and the CUDA suites (CTest and the CUDA pytest files, scripts/device-check.sh's "cuda" step) run once the
+# build is done. Needs the carried .whl, .dataset and .trainbin; the chunk's environment (RUN, STEPS,
+# NEW_RUN, MINUTES) as device-train-chunk.sh. If the carried trainer does not run there, the chunk builds its
+# own and the suites run after it. Logs and the chunk's files land in $OUT.
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+TORCH_DIR="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
+check() { STEPS=cuda bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
+if LD_LIBRARY_PATH=.trainbin:$TORCH_DIR/lib:$TORCH_DIR/../nvidia/cu13/lib .trainbin/flashipa-train --help > /dev/null 2>&1; then
+    check &
+    bash scripts/device-train-chunk.sh 2>&1 | tail -25
+    wait
+else
+    echo "the carried trainer does not run here: the chunk builds first, the suites run after it"
+    bash scripts/device-train-chunk.sh 2>&1 | tail -25
+    check
+fi
+grep -v "^\s*$" "$OUT/check.log" | tail -30
