@@ -538,6 +538,7 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     std::map<std::string, std::string> metadata = options_.model.toMetadata();
     metadata["format"] = CheckpointFormat;
     metadata["format_version"] = CheckpointVersion;
+    metadata["training.software_version"] = FLASHIPA_VERSION;
     metadata["dataset.path"] = options_.datasetPath;
     metadata["dataset.sha256"] = datasetSha256_;
     metadata["trainer.dtype"] = dtypeName(options_.dtype);
@@ -670,6 +671,7 @@ void Trainer::exportModel(const std::string& pathIn) {
     metadata["training.command_lines"] = commandLines_;
     metadata["training.dataset_path"] = options_.datasetPath;
     metadata["training.dataset_sha256"] = datasetSha256_;
+    metadata["training.software_version"] = FLASHIPA_VERSION; // the repository's VERSION file (models/CMakeLists.txt)
     metadata["training.steps"] = std::to_string(step_);
     metadata["training.wall_seconds"] = formatDouble(wallSeconds_, 6);
     metadata["training.seed"] = std::to_string(options_.seed);

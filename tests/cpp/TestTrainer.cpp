@@ -265,6 +265,11 @@ TEST(Trainer, LossDecreases) {
     EnergyModel exported = loadEnergyModel(trainer.modelPath(), &metadata);
     EXPECT_EQ(metadata.at("training.steps"), "100");
     EXPECT_EQ(metadata.at("training.dataset_sha256"), sha256File(data));
+    std::ifstream versionFile(FLASHIPA_VERSION_FILE);
+    std::string version;
+    std::getline(versionFile, version);
+    EXPECT_FALSE(version.empty());
+    EXPECT_EQ(metadata.at("training.software_version"), version);
     EXPECT_EQ(exported->config().nodeDim, 16);
     // The log: a header, the step-0 validation row and one row per step.
     std::ifstream csv(trainer.logPath());

@@ -2,6 +2,7 @@
 parameters in a Context, C++ exceptions as Python exceptions, and a short Amber simulation."""
 
 import copy
+import os
 
 import numpy as np
 import openmm
@@ -48,6 +49,13 @@ def allGetters(force):
         "name": force.getName(),
         "periodic": force.usesPeriodicBoundaryConditions(),
     }
+
+
+def test_version_is_the_repository_version_file():
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    with open(os.path.join(root, "VERSION")) as handle:
+        version = handle.readline().strip()
+    assert version and openmmflashipa.__version__ == version
 
 
 def test_plugin_loaded_for_reference():

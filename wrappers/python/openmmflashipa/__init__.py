@@ -50,6 +50,8 @@ _torch.set_num_threads(defaultThreadCount())
 
 import openmm as _openmm
 
+from ._buildpaths import VERSION as __version__  # the repository's VERSION file, through CMake
+
 from .openmmflashipa import (
     FlashIPAForce,
     chainSpread,
