@@ -475,3 +475,24 @@ def test_bad_input_raises_value_error():
         metrics.clashes(good, np.arange(10), minSeparation=-1)
     with pytest.raises(ValueError, match="non-finite"):
         metrics.clashes(nan, np.arange(10))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chain links
+
+
+def test_link_lengths_of_an_ideal_chain_and_of_scattered_residues():
+    # Oracle: the builder's own C-N bond length (1.329 A) for an ideal chain; shuffling the residues breaks
+    # most links (a residue's next residue is then anywhere in the chain).
+    frames = idealBackbone(40, -60.0, -45.0)[:, :3]
+    np.testing.assert_allclose(metrics.linkLengths(frames, "protein"), C_N / 10.0, atol=1e-9)
+    shuffled = frames[np.random.default_rng(1).permutation(40)]
+    assert np.median(metrics.linkLengths(shuffled, "protein")) > 0.3
+    # RNA: C4'(i)-C4'(i+1), the middle frame atom.
+    rna = np.zeros((3, 3, 3))
+    rna[:, 1] = [[0.0, 0.0, 0.0], [0.6, 0.0, 0.0], [0.6, 0.8, 0.0]]
+    np.testing.assert_allclose(metrics.linkLengths(rna, "rna"), [0.6, 0.8])
+    with pytest.raises(ValueError, match="moltype"):
+        metrics.linkLengths(frames, "dna")
+    with pytest.raises(ValueError, match="L >= 2"):
+        metrics.linkLengths(frames[:1], "protein")

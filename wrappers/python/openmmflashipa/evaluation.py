@@ -38,6 +38,7 @@ from .generate import generate, choosePlatform
 from .refine import refine, withoutFlashIPA, allAtomSystem, repairGeometry, MINIMIZE_TOLERANCE
 from .selfconsistency import measure, designedBackbone, _frameIndices, _heavy
 from .structure import readStructure
+from .topology import LINK_BREAK, C4_BREAK
 
 # The model issue's targets (docs/MODEL.md, "Targets"); the report says which are met.
 HELIX_RANGE = (0.35, 0.60)
@@ -261,6 +262,11 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
         seconds += time.perf_counter() - started
         backbones[length] = chains
         for j, chain in enumerate(chains):
+            # The sample as the flow left it, before any repair: is it a chain at all? A link counts as
+            # connected within the chain-break thresholds of topology.py (protein C-N+1 0.2 nm, RNA C4'-C4' 0.8).
+            links = metrics.linkLengths(chain.frames, moltype)
+            raw = {"raw_link_median": float(np.median(links)),
+                   "raw_connected": float(np.mean(links <= (LINK_BREAK if moltype == "protein" else C4_BREAK)))}
             try:
                 refined = refine(chain, platform=platform, protocol=refineProtocol, steps=refineSteps,
                                  seed=seed + j, modelPath=modelPath, progress=False)
@@ -270,6 +276,7 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
                 traces.setdefault(length, []).append(trace)
             except Exception as error:  # recorded, never hidden: a failed refinement counts as invalid
                 values = {"length": length, "valid": False, "error": str(error).splitlines()[0][:200]}
+            values.update(raw)
             values["sample"] = j
             rows.append(values)
             bar.update(1)
@@ -278,7 +285,9 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
     for length in lengths:
         mine = [r for r in rows if r["length"] == length]
         done = [r for r in mine if "error" not in r]
-        entry = {"chains": len(mine), "refined": len(done), "valid": _fraction([r["valid"] for r in mine])}
+        entry = {"chains": len(mine), "refined": len(done), "valid": _fraction([r["valid"] for r in mine]),
+                 "raw_connected": float(np.mean([r["raw_connected"] for r in mine])) if mine else None,
+                 "raw_link_median": float(np.median([r["raw_link_median"] for r in mine])) if mine else None}
         for key in ("ss_helix", "ss_strand", "ss_coil", "rg_ratio", "clashes_per_100", "novelty", "paired_fraction",
                     "phi_positive", "rama_alpha", "rama_beta"):
             values = [r[key] for r in done if r.get(key) is not None]
@@ -650,12 +659,13 @@ def markdown(report):
     for moltype, g in report.get("generation", {}).items():
         lines += ["## Generated %s" % moltype, "",
                   "%.3g backbones/s (generation alone)." % (g["backbones_per_second"] or 0), "",
-                  "| length | chains | valid | helix | strand | coil | Rg / training Rg(L) | clashes /100 res | knotted "
+                  "| length | chains | raw links connected | raw median link (nm) | valid | helix | strand | coil "
+                  "| Rg / training Rg(L) | clashes /100 res | knotted "
                   "| crossings | diversity (1 - mean pairwise TM) | novelty (max TM to training) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for length, e in g["lengths"].items():
-            lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                length, e["chains"], _fmt(e["valid"], 2), _fmt(e["ss_helix"], 2), _fmt(e["ss_strand"], 2),
+            lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                length, e["chains"], _fmt(e.get("raw_connected"), 2), _fmt(e.get("raw_link_median"), 3), _fmt(e["valid"], 2), _fmt(e["ss_helix"], 2), _fmt(e["ss_strand"], 2),
                 _fmt(e["ss_coil"], 2), _fmt(e["rg_ratio"], 2), _fmt(e["clashes_per_100"], 2), _fmt(e["knotted"], 2),
                 _fmt(e["crossings"], 1), _fmt(e["diversity"], 2), _fmt(e["novelty"], 2)))
         ref = report.get("training_reference", {}).get(moltype, {})

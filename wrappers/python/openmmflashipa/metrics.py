@@ -628,6 +628,32 @@ def radiusOfGyration(x):
     return float(np.sqrt(np.mean(np.sum(centred * centred, axis=1))))
 
 
+def linkLengths(frames, moltype):
+    """Distances (nm) across the links of a chain of frame atoms: protein C(i)-N(i+1); RNA C4'(i)-C4'(i+1),
+    since RNA frame atoms (C3', C4', O4') hold no O3' or P.
+
+    Parameters
+    ----------
+    frames : array_like, shape [L, 3, 3], nm
+        Frame atoms (protein N, CA, C; RNA C3', C4', O4'), L >= 2, all finite.
+    moltype : "protein" or "rna"
+
+    Returns
+    -------
+    ndarray [L - 1], nm
+    """
+    if moltype not in ("protein", "rna"):
+        raise ValueError("moltype must be 'protein' or 'rna', got %r" % (moltype,))
+    atoms = np.asarray(frames, dtype=np.float64)
+    if atoms.ndim != 3 or atoms.shape[1:] != (3, 3) or atoms.shape[0] < 2:
+        raise ValueError("frames must have shape [L, 3, 3] with L >= 2, got %s" % (atoms.shape,))
+    if not np.all(np.isfinite(atoms)):
+        raise ValueError("frames must be finite")
+    if moltype == "protein":
+        return np.linalg.norm(atoms[1:, 0] - atoms[:-1, 2], axis=1)
+    return np.linalg.norm(atoms[1:, 1] - atoms[:-1, 1], axis=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Chain topology: knots and chain crossings
 
