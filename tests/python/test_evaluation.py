@@ -82,7 +82,7 @@ def test_every_section_end_to_end(tinyData, tmp_path):
     report = evaluation.evaluate(out, tinyData, os.path.join(ROOT, "data", "manifest.tsv"), SHARED,
                                  proteinLengths=(24,), rnaLengths=(), perLength=2, designable=1, designLength=24,
                                  natives=1, designPicoseconds=1.0, refineIterations=300, discriminationChains=4,
-                                 numSteps=5, refineSteps=20, platform="CPU", progress=False)
+                                 denoisingChains=2, numSteps=5, refineSteps=20, platform="CPU", progress=False)
     for name in ("report.json", "report.md", "rg_protein.png", "ss_protein.png", "designability.png",
                  "refinement.png"):
         assert os.path.exists(os.path.join(out, name)), name
@@ -106,7 +106,15 @@ def test_every_section_end_to_end(tinyData, tmp_path):
     refinement = written["refinement"]["rows"][0]
     assert refinement["amber"] < refinement["start"]
     assert written["discrimination"]["rows"] and 0 <= written["discrimination"]["native_lowest"] <= 1
-    assert "## Targets" in open(os.path.join(out, "report.md")).read()
+    # Denoising: from sigma = 0.3 nm the flow must end closer to the native than the noisy start, whose Calpha
+    # atoms sit about 0.3 sqrt(3) = 0.52 nm (RMS) from it.
+    denoised = written["denoising"]["sigmas"]["0.3"]
+    assert denoised["completed"] == denoised["runs"] == 2
+    assert 0 <= denoised["connected"] <= 1 and denoised["rmsd_nm"] < 0.3 * np.sqrt(3)
+    for row in generated["rows"]:
+        assert 0 <= row["raw_connected"] <= 1 and row["raw_link_median"] > 0
+    text = open(os.path.join(out, "report.md")).read()
+    assert "## Targets" in text and "## Denoising" in text
 
 
 def test_paired_fraction_counts_hairpin_partners_and_nothing_in_a_straight_strand():

@@ -124,14 +124,15 @@ def _parser():
 
     e = commands.add_parser("evaluate", help="evaluate the model on the validation split (report with plots)",
                             description="Generation (DSSP, Rg against the training set, validity, clashes, knots, "
-                                        "diversity, novelty, speed), self-consistency against simulation (ProteinMPNN "
+                                        "diversity, novelty, speed; links of the raw samples), denoising of noised validation natives (links "
+                                        "connected, RMSD), self-consistency against simulation (ProteinMPNN "
                                         "sequences, amber14 + OBC2 MD without the learned force), refinement of "
                                         "perturbed validation natives, and discrimination of natives from decoys. "
                                         "The defaults are the full evaluation, a GPU job; --quick is a small look.")
-    e.add_argument("--sections", default="generation,designability,refinement,discrimination",
-                   help="comma-separated sections (default: all four)")
+    e.add_argument("--sections", default="generation,denoising,designability,refinement,discrimination",
+                   help="comma-separated sections (default: all five)")
     e.add_argument("--quick", action="store_true",
-                   help="2 chains at lengths 50 and 100, 2 designs, 1 native, 2 ps MD, 10 ODE steps")
+                   help="2 chains at lengths 50 and 100, 2 denoised natives, 2 designs, 1 native, 2 ps MD, 10 ODE steps")
     e.add_argument("--dataset", default=os.path.join("build", "dataset", "flashipa-dataset.safetensors"),
                    help="the built data set (default %(default)s)")
     e.add_argument("--manifest", default=os.path.join("data", "manifest.tsv"), help="its manifest (default %(default)s)")
@@ -211,7 +212,8 @@ def _evaluate(args):
                     designPicoseconds=args.design_ps)
     if args.quick:
         settings.update(proteinLengths=(50, 100), rnaLengths=(40,), perLength=2, designable=2, designLength=50,
-                        natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5, numSteps=10,
+                        natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5,
+                        denoisingChains=2, numSteps=10,
                         refineSteps=50)
     report = evaluate(args.out, args.dataset, args.manifest, args.data, sections=sections, platform=args.platform,
                       modelPath=args.model, seed=args.seed, progress=not args.quiet, **settings)

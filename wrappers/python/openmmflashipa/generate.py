@@ -132,15 +132,17 @@ def _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin,
     return np.frombuffer(raw, dtype=np.float64).reshape(numSamples, length, 3, 3).copy()
 
 
-def frameSystem(moltype, length, modelPath=None):
+def frameSystem(moltype, length, modelPath=None, types=None):
     """A System of `length` residues' frame atoms (particles 3i, 3i+1, 3i+2) with only a FlashIPAForce of
-    unknown-type residues in one chain; returns (system, force)."""
+    residues in one chain, of the given residue types (default: unknown); returns (system, force)."""
+    if types is not None and len(types) != length:
+        raise ValueError("types has %d entries for %d residues" % (len(types), length))
     system = openmm.System()
     force = FlashIPAForce(modelPath or "")
     for i in range(length):
         for mass in FRAME_MASSES[moltype]:
             system.addParticle(mass)
-        force.addResidue(3 * i, 3 * i + 1, 3 * i + 2, UNKNOWN_TYPE[moltype], 0)
+        force.addResidue(3 * i, 3 * i + 1, 3 * i + 2, UNKNOWN_TYPE[moltype] if types is None else int(types[i]), 0)
     system.addForce(force)
     return system, force
 
