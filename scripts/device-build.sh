@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds the project on the GPU machine (which has torch, nvcc and cmake but no package registry):
-# installs the carried wheels (.whl: openmm, openmm-cuda-13, gemmi, swig) and GoogleTest (.whl/*.deb),
+# installs the carried wheels (.whl and, when carried, .whl-extra: scripts/device-wheels.sh fetches both) and
+# GoogleTest (.whl/*.deb),
 # then configures and builds into $BUILD (default /tmp/flashipa-build). Used by the device runs only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${BUILD:-/tmp/flashipa-build}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
+    $(ls "$ROOT"/.whl-extra/*.whl 2>/dev/null)
 export PYTHONPATH=/tmp/site
 export SWIG_LIB="$(ls -d /tmp/site/swig/data/share/swig/*/ | head -1)"
 mkdir -p /tmp/gtest && for deb in "$ROOT"/.whl/*.deb; do dpkg -x "$deb" /tmp/gtest; done
