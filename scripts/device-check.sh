@@ -3,6 +3,7 @@
 # extra steps named in $STEPS (space-separated): "crash" (why a plugin exception kills Python: a
 # backtrace under cuda-gdb, the symbol bindings of the throw and the catch, the CPU/kernel features),
 # "bench" (benchmarks/backend_md_accuracy.py, and md_benchmark's force-alone timings with sdpa and auto).
+# Carry .whl (scripts/device-wheels.sh); "rest" also needs .whl-extra (gemmi, pdbfixer, pydssp, ...).
 # Logs land in $OUT.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
