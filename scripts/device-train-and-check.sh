@@ -10,9 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-TORCH_DIR="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 check() { STEPS=cuda bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
-if LD_LIBRARY_PATH=.trainbin:$TORCH_DIR/lib:$TORCH_DIR/../nvidia/cu13/lib .trainbin/flashipa-train --help > /dev/null 2>&1; then
+if bash scripts/device-train-chunk.sh probe; then
     check &
     bash scripts/device-train-chunk.sh 2>&1 | tail -25
     wait

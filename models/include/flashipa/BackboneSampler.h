@@ -26,9 +26,10 @@ struct SamplerSettings {
 
 /**
  * Generates frame-atom backbones from the learned energy (docs/MATH.md §6): centred Gaussian coordinates with
- * the spread of the noised data at sigmaMax (ChainSpread::noised), then the probability-flow ODE dx/dsigma = sigma * dE/dx down a geometric sigma schedule with
- * Heun steps, then Tweedie's step x - sigmaMin^2 dE/dx. A batch of samples of one sequence runs as one
- * model batch. The same flow as openmmflashipa.AnnealingIntegrator, without OpenMM in the loop.
+ * the spread of the noised data at sigmaMax (ChainSpread::noised), then the probability-flow ODE
+ * dx/dsigma = sigma * dE/dx down a geometric sigma schedule with Heun steps, then Tweedie's step
+ * x - sigmaMin^2 dE/dx. A batch of samples of one sequence runs as one model batch. The same flow as
+ * openmmflashipa.AnnealingIntegrator, without OpenMM in the loop.
  */
 class BackboneSampler {
 public:
@@ -60,8 +61,8 @@ private:
 
 /**
  * Convenience entry point for bindings: load modelPath (empty = the shipped model), sample on device
- * ("cpu" or "cuda[:N]") in float32 with the "auto" backend (fused kernels on CUDA, SDPA on the CPU), and return the frame atoms flattened
- * [numSamples * L * 3 * 3] in nm.
+ * ("cpu" or "cuda[:N]") in float32 with the "auto" backend (fused kernels on CUDA, SDPA on the CPU), and
+ * return the frame atoms flattened [numSamples * L * 3 * 3] in nm.
  */
 std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::vector<int>& types,
                                      const std::vector<int>& chains, int numSamples, int numSteps, double sigmaMax,

@@ -124,8 +124,9 @@ def _parser():
 
     e = commands.add_parser("evaluate", help="evaluate the model on the validation split (report with plots)",
                             description="Generation (DSSP, Rg against the training set, validity, clashes, knots, "
-                                        "diversity, novelty, speed; links of the raw samples), denoising of noised validation natives (links "
-                                        "connected, RMSD), self-consistency against simulation (ProteinMPNN "
+                                        "diversity, novelty, speed; links of the raw samples), denoising of noised "
+                                        "validation natives (links connected, RMSD), self-consistency against "
+                                        "simulation (ProteinMPNN "
                                         "sequences, amber14 + OBC2 MD without the learned force), refinement of "
                                         "perturbed validation natives, and discrimination of natives from decoys. "
                                         "The defaults are the full evaluation, a GPU job; --quick is a small look.")
@@ -213,8 +214,7 @@ def _evaluate(args):
     if args.quick:
         settings.update(proteinLengths=(50, 100), rnaLengths=(40,), perLength=2, designable=2, designLength=50,
                         natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5,
-                        denoisingChains=2, numSteps=10,
-                        refineSteps=50)
+                        denoisingChains=2, numSteps=10, refineSteps=50)
     report = evaluate(args.out, args.dataset, args.manifest, args.data, sections=sections, platform=args.platform,
                       modelPath=args.model, seed=args.seed, progress=not args.quiet, **settings)
     print(markdown(report))

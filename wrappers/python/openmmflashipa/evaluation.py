@@ -263,11 +263,9 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
         seconds += time.perf_counter() - started
         backbones[length] = chains
         for j, chain in enumerate(chains):
-            # The sample as the flow left it, before any repair: is it a chain at all? A link counts as
-            # connected within the chain-break thresholds of topology.py (protein C-N+1 0.2 nm, RNA C4'-C4' 0.8).
-            links = metrics.linkLengths(chain.frames, moltype)
-            raw = {"raw_link_median": float(np.median(links)),
-                   "raw_connected": float(np.mean(links <= (LINK_BREAK if moltype == "protein" else C4_BREAK)))}
+            # The sample as the flow left it, before any repair: is it a chain at all?
+            raw = {"raw_link_median": float(np.median(metrics.linkLengths(chain.frames, moltype))),
+                   "raw_connected": connectedFraction(chain.frames, moltype)}
             try:
                 refined = refine(chain, platform=platform, protocol=refineProtocol, steps=refineSteps,
                                  seed=seed + j, modelPath=modelPath, progress=False)
@@ -301,6 +299,20 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
     return {"moltype": moltype, "rows": rows, "lengths": summary,
             "backbones_per_second": sum(len(v) for v in backbones.values()) / seconds if seconds > 0 else None,
             "generation_seconds": seconds, "backbones": backbones}
+
+
+def connectedFraction(frames, moltype):
+    """The fraction of a chain's links (:func:`metrics.linkLengths`) within the chain-break thresholds of
+    topology.py: protein C(i)-N(i+1) <= LINK_BREAK (0.2 nm), RNA C4'(i)-C4'(i+1) <= C4_BREAK (0.8 nm)."""
+    threshold = LINK_BREAK if moltype == "protein" else C4_BREAK
+    return float(np.mean(metrics.linkLengths(frames, moltype) <= threshold))
+
+
+def _validationChains(data, moltype, maxChains, maxLength):
+    """Up to maxChains single-segment validation chains of 20..maxLength residues, spread over their lengths."""
+    candidates = data.chains(moltype, "val", minLength=20, maxLength=maxLength, singleSegment=True)
+    candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
+    return _spread(candidates, maxChains)
 
 
 def _fraction(flags):
@@ -527,9 +539,7 @@ def discrimination(data, moltype="protein", maxChains=50, maxLength=300, sigma=0
     import torch
     from . import torch_twin
     model = torch_twin.load_energy_model(modelPath, dtype=torch.float64)
-    candidates = data.chains(moltype, "val", minLength=20, maxLength=maxLength, singleSegment=True)
-    candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
-    chosen = _spread(candidates, maxChains)
+    chosen = _validationChains(data, moltype, maxChains, maxLength)
     donors = {c: data.chain(c)[0] for c in data.chains(moltype, "val", minLength=20, singleSegment=True)}
     rng = np.random.default_rng(seed)
     sigmaTensor = torch.tensor([sigma], dtype=torch.float64)
@@ -568,12 +578,9 @@ def denoising(data, moltype="protein", sigmas=(0.3, 1.0), maxChains=4, maxLength
     natives noised by each sigma (nm, per coordinate), then the probability-flow ODE down to sigmaMin with
     :class:`AnnealingIntegrator` (the product's denoising route), with the natives' residue types.
 
-    Reported per sigma: the fraction of links connected (:func:`metrics.linkLengths` within the chain-break
-    thresholds of topology.py) and the Calpha (C4') RMSD to the native. A failed run is recorded, never hidden."""
-    candidates = data.chains(moltype, "val", minLength=20, maxLength=maxLength, singleSegment=True)
-    candidates.sort(key=lambda c: int(data.offsets[c + 1] - data.offsets[c]))
-    chosen = _spread(candidates, maxChains)
-    threshold = LINK_BREAK if moltype == "protein" else C4_BREAK
+    Reported per sigma: the fraction of links connected (:func:`connectedFraction`) and the Calpha (C4') RMSD
+    to the native. A failed run is recorded, never hidden."""
+    chosen = _validationChains(data, moltype, maxChains, maxLength)
     rng = np.random.default_rng(seed)
     chosenPlatform = choosePlatform(platform)
     rows = []
@@ -591,7 +598,7 @@ def denoising(data, moltype="protein", sigmas=(0.3, 1.0), maxChains=4, maxLength
                 integrator.step(numSteps)
                 x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
                 x = np.asarray(x, dtype=np.float64).reshape(atoms.shape)
-                row["connected"] = float(np.mean(metrics.linkLengths(x, moltype) <= threshold))
+                row["connected"] = connectedFraction(x, moltype)
                 row["rmsd_nm"] = float(metrics.kabschRMSD(x[:, 1], atoms[:, 1]))
             except Exception as error:
                 row["error"] = str(error).splitlines()[0][:200]
@@ -601,8 +608,9 @@ def denoising(data, moltype="protein", sigmas=(0.3, 1.0), maxChains=4, maxLength
     bar.close()
     summary = {}
     for sigma in sigmas:
-        done = [r for r in rows if r["sigma_nm"] == float(sigma) and "error" not in r]
-        summary[str(sigma)] = {"runs": len([r for r in rows if r["sigma_nm"] == float(sigma)]), "completed": len(done),
+        runs = [r for r in rows if r["sigma_nm"] == float(sigma)]
+        done = [r for r in runs if "error" not in r]
+        summary[str(sigma)] = {"runs": len(runs), "completed": len(done),
                                "connected": float(np.mean([r["connected"] for r in done])) if done else None,
                                "rmsd_nm": float(np.mean([r["rmsd_nm"] for r in done])) if done else None}
     return {"moltype": moltype, "num_steps": numSteps, "sigma_min_nm": sigmaMin, "rows": rows, "sigmas": summary}
@@ -710,15 +718,14 @@ def markdown(report):
                   "| Rg / training Rg(L) | clashes /100 res | knotted "
                   "| crossings | diversity (1 - mean pairwise TM) | novelty (max TM to training) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        note = ("Raw: the samples as the flow left them (links connected within the chain-break thresholds); "
-                "the other columns after the frame repair and refinement.")
         for length, e in g["lengths"].items():
             lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 length, e["chains"], _fmt(e.get("raw_connected"), 2), _fmt(e.get("raw_link_median"), 3),
                 _fmt(e["valid"], 2), _fmt(e["ss_helix"], 2), _fmt(e["ss_strand"], 2),
                 _fmt(e["ss_coil"], 2), _fmt(e["rg_ratio"], 2), _fmt(e["clashes_per_100"], 2), _fmt(e["knotted"], 2),
                 _fmt(e["crossings"], 1), _fmt(e["diversity"], 2), _fmt(e["novelty"], 2)))
-        lines += ["", note]
+        lines += ["", "Raw: the samples as the flow left them (links connected within the chain-break thresholds); "
+                      "the other columns after the frame repair and refinement."]
         ref = report.get("training_reference", {}).get(moltype, {})
         if moltype == "rna":
             lines.append("")
