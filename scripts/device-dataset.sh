@@ -17,6 +17,9 @@ pack)
 unpack)
     [ -f "$PACKED" ] || { echo "no $PACKED: pack it here and carry .dataset" >&2; exit 1; }
     mkdir -p "$(dirname "$RAW")"
+    if [ -f "$RAW" ] && [ "$(sha256sum "$RAW" | cut -d' ' -f1)" = "$(cat .dataset/sha256)" ]; then
+        echo "$RAW is already unpacked"; exit 0
+    fi
     xz -d -c "$PACKED" > "$RAW.tmp"
     [ "$(sha256sum "$RAW.tmp" | cut -d' ' -f1)" = "$(cat .dataset/sha256)" ] || { echo "unpacked data set does not match its sha256" >&2; rm -f "$RAW.tmp"; exit 1; }
     mv "$RAW.tmp" "$RAW"; echo "unpacked $RAW";;

@@ -3,18 +3,26 @@
 # carried trainer in .trainbin, so no build waits for it) runs on the GPU while the project is built beside it
 # and the CUDA suites (CTest and the CUDA pytest files, scripts/device-check.sh's "cuda" step) run once the
 # build is done. Needs the carried .whl, .dataset and .trainbin; the chunk's environment (RUN, STEPS,
-# NEW_RUN, MINUTES) as device-train-chunk.sh. If the carried trainer does not run there, the chunk builds its
-# own and the suites run after it. Logs and the chunk's files land in $OUT.
+# NEW_RUN, MINUTES) as device-train-chunk.sh. ABLATION_RUN and ABLATION_NEW_RUN, when set, train a second
+# run of the same length beside the first on the same GPU (one step is bound by kernel launches, so two
+# processes share the GPU at little cost to each): an A/B comparison from one call. If the carried trainer
+# does not run there, the chunk builds its own and the suites run after it. Logs land in $OUT, each chunk's
+# files in $OUT/<run name>.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 check() { STEPS=cuda bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
+bash scripts/device-dataset.sh unpack || exit 1
 if bash scripts/device-train-chunk.sh probe; then
     check &
+    if [ -n "${ABLATION_RUN:-}" ]; then
+        RUN="$ABLATION_RUN" NEW_RUN="${ABLATION_NEW_RUN:-}" bash scripts/device-train-chunk.sh > "$OUT/ablation.log" 2>&1 &
+    fi
     bash scripts/device-train-chunk.sh 2>&1 | tail -25
     wait
+    [ -n "${ABLATION_RUN:-}" ] && { echo "== ablation $ABLATION_RUN"; tail -12 "$OUT/ablation.log"; }
 else
     echo "the carried trainer does not run here: the chunk builds first, the suites run after it"
     bash scripts/device-train-chunk.sh 2>&1 | tail -25

@@ -3,7 +3,7 @@
 #
 #   RUN=models/checkpoints/<name>  the run's folder in the repository: checkpoint.safetensors (the resumable
 #                                  state, one overwritten file) and training.csv travel in it; the chunk's
-#                                  outputs come back through $OUT and are committed there
+#                                  outputs come back through $OUT/<name> and are committed there
 #   STEPS=N                        total optimiser steps of the run
 #   NEW_RUN="--flag ..."           only when $RUN holds no checkpoint yet: flashipa-train's settings of a new run
 #   MINUTES=M                      training wall time of this chunk (default 8.5)
@@ -22,7 +22,8 @@ T=.trainbin/flashipa-train
 : "${RUN:?set RUN to the run folder}" "${STEPS:?set STEPS}"
 MINUTES="${MINUTES:-8.5}"
 bash scripts/device-dataset.sh unpack || exit 1
-W=/tmp/run; mkdir -p $W
+NAME="$(basename "$RUN")"
+W=/tmp/run-$NAME; mkdir -p $W "$OUT/$NAME"
 [ -f "$RUN/checkpoint.safetensors" ] && cp "$RUN/checkpoint.safetensors" "$RUN/training.csv" $W/
 if ! $T --help >/dev/null 2>&1; then
     echo "carried binary failed:"; $T --help 2>&1 | head -3
@@ -36,4 +37,4 @@ else
     # shellcheck disable=SC2086
     $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --device cuda --steps $STEPS --max-minutes $MINUTES ${NEW_RUN:-} --quiet 2>&1 | tail -20
 fi
-cp $W/* "$OUT/"; ls -la "$OUT"
+cp $W/* "$OUT/$NAME/"; ls -la "$OUT/$NAME"

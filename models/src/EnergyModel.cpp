@@ -161,7 +161,8 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
     torch::Tensor perResidue = energyOut(F::silu(energyHidden(s))).squeeze(-1) * mask.to(s.dtype()); // [B, L]
     torch::Tensor energy = perResidue.sum(1) / sig;
     if (geometryPriorStats.defined())
-        energy = energy + GeometryPrior::energy(atoms, batch.types, batch.chains, mask, sig, geometryPriorStats);
+        energy = energy + GeometryPrior::energy(atoms, batch.types, batch.chains, mask, sig, geometryPriorStats,
+                                               config_.geometryPrior);
     return energy;
 }
 

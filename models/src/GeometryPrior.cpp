@@ -1,6 +1,7 @@
 #include "flashipa/GeometryPrior.h"
 #include "flashipa/Dataset.h"
 #include "flashipa/ResidueTypes.h"
+#include <cmath>
 #include <stdexcept>
 
 namespace FlashIPAPlugin {
@@ -19,6 +20,8 @@ const std::vector<GeometryPairKind> Kinds = {
     {false, 0, 0, 1, "N-CA"}, {false, 0, 1, 2, "CA-C"}, {false, 1, 2, 0, "C-N+1"},
     {true, 0, 0, 1, "C3'-C4'"}, {true, 0, 1, 2, "C4'-O4'"},
 };
+// The crossover variance a of the chain weight in units of d0^2 (GeometryPrior.h; fitted, docs/MODEL.md).
+constexpr double ChainWeightCrossover = 4.0 / 3.0;
 // Distances below this (nm) are treated as this: log r and the exp term stay finite for coincident atoms.
 constexpr double SmallestDistance = 1e-6;
 } // namespace
@@ -71,8 +74,23 @@ torch::Tensor GeometryPrior::measure(const Dataset& data) {
     return stats;
 }
 
+torch::Tensor GeometryPrior::chainWeight(const torch::Tensor& sigma, const torch::Tensor& d0, bool rna) {
+    // The mode averages in closed form, in t = sigma^2 / a (no cancellation at small t, no host sync):
+    // a long chain's Laplacian eigenvalues lambda = 2 - 2 cos(theta), theta uniform on [0, pi], have
+    // <lambda^2> = 6 and <lambda^2 / (a + b lambda)> = 8 (s + 2) / (a s (s + 1)^2), s = sqrt(1 + 4 b / a);
+    // a path of three atoms (an RNA residue's O4'-C4'-C3') has the two non-zero eigenvalues 1 and 3.
+    torch::Tensor t = sigma.pow(2) / (ChainWeightCrossover * d0 * d0);
+    if (rna)
+        return (1.0 + 2.0 * t) / 10.0 * (1.0 / (1.0 + t) + 9.0 / (1.0 + 3.0 * t));
+    torch::Tensor s = torch::sqrt(1.0 + 4.0 * t);
+    return (4.0 / 3.0) * (1.0 + 2.0 * t) * (s + 2.0) / (s * (s + 1.0).pow(2));
+}
+
 torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
-                                    const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats) {
+                                    const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
+                                    int version) {
+    if (version != 1 && version != 2)
+        throw std::invalid_argument("geometry prior: version must be 1 or 2, got " + std::to_string(version));
     const int64_t B = atoms.size(0), L = atoms.size(1);
     torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
     torch::Tensor rna = types >= ResidueType::FirstNucleotide;
@@ -98,7 +116,10 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
         torch::Tensor v = s0 * s0 + variance2;
         torch::Tensor a = 2.0 * d * d0 / v;
         torch::Tensor e = torch::log(d) + (d - d0).pow(2) / (2.0 * v) - torch::log(-torch::expm1(-a));
-        total = total + (e * use.to(e.dtype())).sum(1);
+        torch::Tensor termSum = (e * use.to(e.dtype())).sum(1); // [B]
+        if (version == 2)
+            termSum = termSum * chainWeight(sigma.to(atoms.dtype()).view({B}), d0, kind.rna);
+        total = total + termSum;
     }
     return total;
 }

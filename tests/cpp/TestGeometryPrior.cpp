@@ -93,44 +93,110 @@ TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
 }
 
 TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
-    ModelConfig config;
-    config.geometryPrior = 1;
-    EnergyModel model(config);
-    randomizeParameters(*model, 5, 0.5);
-    model->to(torch::kFloat64);
-    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
-    // Not measured: NaN, never a plausible number.
-    StructureBatch batch = twoResidues();
-    torch::Tensor sigma = torch::full({1}, 0.05, torch::kFloat64);
-    EXPECT_TRUE(std::isnan(model->forward(batch, sigma, AttentionBackend::SDPA).item<double>()));
-    EXPECT_THROW(model->setGeometryPriorStats(torch::zeros({K, 2})), std::invalid_argument);
-    torch::Tensor stats = torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1).to(torch::kFloat64);
-    model->setGeometryPriorStats(stats);
-    // The energy is the network's plus the prior's: the same weights without the prior differ by exactly it.
-    ModelConfig plain = config;
-    plain.geometryPrior = 0;
-    EnergyModel without(plain);
-    {
-        torch::NoGradGuard noGrad;
-        auto source = model->named_parameters();
-        for (auto& item : without->named_parameters())
-            item.value().copy_(source[item.key()]);
+    for (int version : {1, 2}) {
+        SCOPED_TRACE("geometry prior version " + std::to_string(version));
+        ModelConfig config;
+        config.geometryPrior = version;
+        EnergyModel model(config);
+        randomizeParameters(*model, 5, 0.5);
+        model->to(torch::kFloat64);
+        const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+        // Not measured: NaN, never a plausible number.
+        StructureBatch batch = twoResidues();
+        torch::Tensor sigma = torch::full({1}, 0.05, torch::kFloat64);
+        EXPECT_TRUE(std::isnan(model->forward(batch, sigma, AttentionBackend::SDPA).item<double>()));
+        EXPECT_THROW(model->setGeometryPriorStats(torch::zeros({K, 2})), std::invalid_argument);
+        torch::Tensor stats = torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1).to(torch::kFloat64);
+        model->setGeometryPriorStats(stats);
+        // The energy is the network's plus the prior's: the same weights without the prior differ by exactly it.
+        ModelConfig plain = config;
+        plain.geometryPrior = 0;
+        EnergyModel without(plain);
+        {
+            torch::NoGradGuard noGrad;
+            auto source = model->named_parameters();
+            for (auto& item : without->named_parameters())
+                item.value().copy_(source[item.key()]);
+        }
+        without->to(torch::kFloat64);
+        const double difference = (model->forward(batch, sigma, AttentionBackend::SDPA) - without->forward(batch, sigma, AttentionBackend::SDPA)).item<double>();
+        const double prior = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats, version).item<double>();
+        EXPECT_NEAR(difference, prior, 1e-9 * std::abs(prior));
+        // Gradients against central differences.
+        torch::Tensor x = batch.atoms.clone().requires_grad_(true);
+        StructureBatch b = batch;
+        b.atoms = x;
+        torch::Tensor g = torch::autograd::grad({model->forward(b, sigma, AttentionBackend::SDPA).sum()}, {x})[0];
+        auto energy = [&](const torch::Tensor& atoms) {
+            StructureBatch moved = batch;
+            moved.atoms = atoms;
+            return model->forward(moved, sigma, AttentionBackend::SDPA).item<double>();
+        };
+        EXPECT_LT(relativeError(g, centralDifferences(energy, batch.atoms, 1e-6)), 1e-5);
     }
-    without->to(torch::kFloat64);
-    const double difference = (model->forward(batch, sigma, AttentionBackend::SDPA) - without->forward(batch, sigma, AttentionBackend::SDPA)).item<double>();
-    const double prior = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats).item<double>();
-    EXPECT_NEAR(difference, prior, 1e-9 * std::abs(prior));
-    // Gradients against central differences.
-    torch::Tensor x = batch.atoms.clone().requires_grad_(true);
-    StructureBatch b = batch;
-    b.atoms = x;
-    torch::Tensor g = torch::autograd::grad({model->forward(b, sigma, AttentionBackend::SDPA).sum()}, {x})[0];
-    auto energy = [&](const torch::Tensor& atoms) {
-        StructureBatch moved = batch;
-        moved.atoms = atoms;
-        return model->forward(moved, sigma, AttentionBackend::SDPA).item<double>();
-    };
-    EXPECT_LT(relativeError(g, centralDifferences(energy, batch.atoms, 1e-6)), 1e-5);
+}
+
+namespace {
+
+/**
+ * The chain weight's definition, evaluated without its closed form: (a + 2 b) sum lambda^2 / (a + lambda b)
+ * / sum lambda^2 over the non-zero eigenvalues of the graph Laplacian of a path of `atoms` atoms, from
+ * torch's symmetric eigensolver; a = 4 d0^2 / 3, b = sigma^2 (GeometryPrior.h).
+ */
+double chainWeightFromLaplacian(int atoms, double sigma, double d0) {
+    torch::Tensor laplacian = torch::zeros({atoms, atoms}, torch::kFloat64);
+    for (int i = 0; i + 1 < atoms; i++) {
+        laplacian[i][i] += 1.0, laplacian[i + 1][i + 1] += 1.0;
+        laplacian[i][i + 1] = -1.0, laplacian[i + 1][i] = -1.0;
+    }
+    torch::Tensor lambda = torch::linalg_eigvalsh(laplacian, "L");
+    lambda = lambda.index({lambda > 1e-9});
+    const double a = 4.0 / 3.0 * d0 * d0, b = sigma * sigma;
+    return ((a + 2 * b) * (lambda.pow(2) / (a + lambda * b)).sum() / lambda.pow(2).sum()).item<double>();
+}
+
+double chainWeightAt(double sigma, double d0, bool rna) {
+    return GeometryPrior::chainWeight(torch::full({1}, sigma, torch::kFloat64), torch::tensor(d0, torch::kFloat64), rna)
+        .item<double>();
+}
+
+} // namespace
+
+TEST(GeometryPrior, ChainWeightIsTheModeAverageOfAHarmonicChain) {
+    // The closed forms against the eigenvalues of the Laplacians they stand for: a long chain (protein
+    // backbone, 600 atoms: the finite chain's end effects are O(1/600)) and a path of three atoms (RNA).
+    for (double sigma : {0.005, 0.03, 0.1, 0.3, 1.0, 2.0}) {
+        EXPECT_NEAR(chainWeightAt(sigma, 0.146, false), chainWeightFromLaplacian(600, sigma, 0.146), 2e-3) << sigma;
+        EXPECT_NEAR(chainWeightAt(sigma, 0.145, true), chainWeightFromLaplacian(3, sigma, 0.145), 1e-12) << sigma;
+    }
+    // Its limits: the pair terms are exact for a single bond at small sigma; at large sigma a chain's mean
+    // bond pull is 3/2 of the exact one (weight 2/3) and a path of two bonds' 5/4 (weight 4/5).
+    EXPECT_NEAR(chainWeightAt(1e-5, 0.146, false), 1.0, 1e-6);
+    EXPECT_NEAR(chainWeightAt(1e-5, 0.145, true), 1.0, 1e-6);
+    EXPECT_NEAR(chainWeightAt(1e3, 0.146, false), 2.0 / 3.0, 1e-4);
+    EXPECT_NEAR(chainWeightAt(1e3, 0.145, true), 0.8, 1e-6);
+}
+
+TEST(GeometryPrior, VersionTwoScalesEachTermByItsChainWeight) {
+    // One protein residue (terms N-CA and CA-C) and one RNA residue (C3'-C4', C4'-O4'), each kind's pair at
+    // its own d0 but one d0 per molecule type, so version 2's energy is version 1's times one weight.
+    for (bool rna : {false, true}) {
+        StructureBatch batch;
+        batch.atoms = helixAtoms(1, 3);
+        batch.types = torch::full({1, 1}, rna ? (int64_t) ResidueType::FirstNucleotide : 0, torch::kInt64);
+        batch.chains = torch::zeros({1, 1}, torch::kInt64);
+        const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+        torch::Tensor stats = torch::stack({torch::full({K}, 0.15, torch::kFloat64), torch::full({K}, 0.004, torch::kFloat64)}, 1);
+        for (double sigma : {0.01, 0.1, 1.0}) {
+            torch::Tensor s = torch::full({1}, sigma, torch::kFloat64);
+            const double one = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), s, stats, 1).item<double>();
+            const double two = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), s, stats, 2).item<double>();
+            EXPECT_NEAR(two, chainWeightAt(sigma, 0.15, rna) * one, 1e-12 * std::abs(one)) << rna << " " << sigma;
+        }
+    }
+    EXPECT_THROW(GeometryPrior::energy(helixAtoms(1, 3), torch::zeros({1, 1}, torch::kInt64), torch::zeros({1, 1}, torch::kInt64),
+                                       torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64), 3),
+                 std::invalid_argument);
 }
 
 TEST(GeometryPrior, CheckpointsCarryItAndOlderOnesLoadWithout) {

@@ -324,8 +324,8 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
 
 
-@pytest.fixture(scope="module")
-def priorModelPath(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["prior1", "prior2"])
+def priorModelPath(request, tmp_path_factory):
     import subprocess
     import sys
     if not os.path.exists(os.path.join(SHARED, "manifest.tsv")) or not os.path.exists(TRAINER):
@@ -338,13 +338,14 @@ def priorModelPath(tmp_path_factory):
                     "--manifest-out", str(folder / "manifest.tsv"), "--files", *files], check=True)
     subprocess.run([TRAINER, "--data", data, "--out-dir", str(folder / "run"), "--steps", "2", "--batch-size", "2",
                     "--crop", "32", "--val-every", "0", "--val-batches", "1", "--checkpoint-every", "0", "--threads", "1",
-                    "--geometry-prior", "1", "--quiet"], check=True, capture_output=True)
-    return str(folder / "run" / "model.safetensors")
+                    "--geometry-prior", str(request.param), "--quiet"], check=True, capture_output=True)
+    return str(folder / "run" / "model.safetensors"), request.param
 
 
 def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
+    priorModelPath, version = priorModelPath
     model = torch_twin.load_energy_model(priorModelPath, dtype=torch.float64)
-    assert model.config.geometryPrior == 1
+    assert model.config.geometryPrior == version
     stats = model.geometryPriorStats.numpy()
     assert np.all(stats > 0) and 0.14 < stats[0, 0] < 0.15  # N-CA median of real proteins, nm
     for name in STRUCTURES + ["complex"]:

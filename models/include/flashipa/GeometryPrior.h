@@ -33,6 +33,10 @@ struct GeometryPairKind {
  * the exact score of that distance marginal at every sigma (bond-stiff at small sigma, flat at large sigma).
  * The network learns the rest. (d0, s0) per kind are measured on the training split (median and
  * 1.4826 x median absolute deviation) and stored in the model's checkpoint.
+ *
+ * Version 2 multiplies each pair's term by chainWeight(): a sum of independent pair marginals counts each
+ * atom's noise once per bond it is in, which over-pulls bonded atoms by up to 1.5x at large sigma
+ * (docs/MODEL.md, "Chain weight").
  */
 namespace GeometryPrior {
     /** The pair kinds, in the order of the stats rows. */
@@ -47,7 +51,23 @@ namespace GeometryPrior {
      * sigma [B], for stats [K, 2] (same device and dtype as atoms).
      */
     torch::Tensor energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
-                         const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats);
+                         const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
+                         int version = 1);
+    /**
+     * Version 2's weight of a bond's term [B] at noise levels sigma [B] (nm), for a bond of length d0 (nm, a
+     * scalar tensor on sigma's device) in
+     * a protein backbone (rna false: an unbranched chain of bonds) or an RNA residue's frame atoms (rna true:
+     * a path of two bonds). For a harmonic chain of bonds with per-component variance a, noised by sigma,
+     * the exact score of each normal mode (Laplacian eigenvalue lambda) is lambda / (a + lambda sigma^2)
+     * while the sum of pair marginals gives lambda / (a + 2 sigma^2); the weight makes their mean pull along
+     * the bonds (modes weighted by lambda^2) agree:
+     *
+     *     w = (a + 2 sigma^2) <lambda^2 / (a + lambda sigma^2)> / <lambda^2>,     a = 4 d0^2 / 3
+     *
+     * 1 at sigma -> 0; 2/3 (chain) and 4/5 (path of two bonds) at large sigma. a = 4 d0^2 / 3 is fitted to
+     * the least-squares optimal weight measured on validation chains (docs/MODEL.md).
+     */
+    torch::Tensor chainWeight(const torch::Tensor& sigma, const torch::Tensor& d0, bool rna);
 }
 
 } // namespace FlashIPAPlugin

@@ -22,8 +22,9 @@ struct ModelConfig {
     int numBlocks = 2;             ///< trunk blocks
     int transitionFactor = 2;      ///< hidden width of the transition MLP = transitionFactor * nodeDim
     int sigmaFeatures = 8;         ///< Fourier features of log(sigma)
-    int geometryPrior = 0;         ///< 1: add the analytic geometry prior (GeometryPrior.h) to the energy; absent
-                                   ///< from older checkpoints' metadata, which then read as 0
+    int geometryPrior = 0;         ///< 1: add the analytic geometry prior (GeometryPrior.h) to the energy; 2: the
+                                   ///< same with its chain weight; absent from older checkpoints' metadata
+                                   ///< (read as 0)
     double sigmaMin = 0.01;        ///< nm; smallest noise level the model is meant for
     double sigmaMax = 2.0;         ///< nm; largest noise level the model is meant for
 

@@ -246,6 +246,8 @@ class ModelConfig:
         for key, minimum in _INT_FIELDS.items():
             if getattr(self, key) < minimum:
                 raise ValueError("model configuration: %s = %d must be >= %d" % (key, getattr(self, key), minimum))
+        if self.geometryPrior not in (0, 1, 2):
+            raise ValueError("model configuration: geometryPrior = %d must be 0, 1 or 2" % self.geometryPrior)
         if not (self.sigmaMin > 0 and self.sigmaMax > self.sigmaMin):
             raise ValueError("model configuration: need 0 < sigmaMin < sigmaMax (nm)")
 
@@ -637,14 +639,26 @@ class EnergyModel(nn.Module):
         energy = per_residue.sum(1) / sig
         if self.geometryPriorStats is not None:
             energy = energy + geometry_prior(atoms, types, chains, real, sig, self.geometryPriorPairs,
-                                             self.geometryPriorStats)
+                                             self.geometryPriorStats, version=cfg.geometryPrior)
         return energy
 
 
-def geometry_prior(atoms, types, chains, real, sigma, pairs, stats):
+def chain_weight(sigma, d0, is_rna):
+    """Version 2's weight of a bond's term at noise levels sigma (GeometryPrior::chainWeight, docs/MODEL.md):
+    the mode-averaged ratio of a harmonic chain's exact score to the sum of its pair marginals, in closed form
+    in t = sigma^2 / a with the crossover a = 4 d0^2 / 3 (the same constant as GeometryPrior.cpp)."""
+    t = sigma.pow(2) / (4.0 / 3.0 * d0 * d0)
+    if is_rna:  # a path of three atoms: Laplacian eigenvalues 1 and 3
+        return (1.0 + 2.0 * t) / 10.0 * (1.0 / (1.0 + t) + 9.0 / (1.0 + 3.0 * t))
+    s = torch.sqrt(1.0 + 4.0 * t)  # a long chain: lambda = 2 - 2 cos(theta), theta uniform
+    return 4.0 / 3.0 * (1.0 + 2.0 * t) * (s + 2.0) / (s * (s + 1.0).pow(2))
+
+
+def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1):
     """The analytic geometry prior [B] in kT (GeometryPrior::energy, docs/MODEL.md): for each pair kind
     (rna, offset, atom i, atom j) with (d0, s0), minus the log-density of the pair's difference vector under
-    noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2."""
+    noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2; version 2
+    multiplies each kind's sum by chain_weight(sigma, d0)."""
     B, L = types.shape
     rna = types >= FIRST_NUCLEOTIDE
     two_sigma2 = 2.0 * sigma.to(atoms.dtype).pow(2).view(B, 1)
@@ -664,7 +678,10 @@ def geometry_prior(atoms, types, chains, real, sigma, pairs, stats):
         v = s0 * s0 + two_sigma2
         a = 2.0 * d * d0 / v
         e = torch.log(d) + (d - d0).pow(2) / (2.0 * v) - torch.log(-torch.expm1(-a))
-        total = total + (e * use.to(e.dtype)).sum(1)
+        term = (e * use.to(e.dtype)).sum(1)
+        if version == 2:
+            term = term * chain_weight(sigma.to(atoms.dtype).view(B), d0, is_rna)
+        total = total + term
     return total
 
 
