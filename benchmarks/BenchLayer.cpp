@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
         in.frames = FrameBuilder::build(atoms, false);
         in.frames.rotations = in.frames.rotations.to(dtype);
         in.frames.translations = in.frames.translations.to(dtype);
-        in.positions = torch::arange(L, opts).unsqueeze(0);
+        in.positions = torch::arange(L, opts.dtype(dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32)).unsqueeze(0);
         const int repeats = L <= 4096 ? 20 : (L <= 65536 ? 3 : 1);
         const bool warmUp = L <= 131072; // beyond, one run of minutes: the first call is the measurement
         for (const Backend& choice : backends) {

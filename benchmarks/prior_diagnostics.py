@@ -99,7 +99,7 @@ def main():
              "|---|---|" + "---:|" * len(SIGMAS)]
     for moltype, lengths in (("protein", (60, 150)), ("rna", (20, 200))):
         chains = data.chains(moltype, "val", minLength=lengths[0], maxLength=lengths[1], singleSegment=True)[:6]
-        for version in (1, 2):
+        for version in (1, 2, 3):
             scales = optimal_scales(data, moltype, pairs, stats, version, chains)
             lines.append("| %s | %d | %s |" % (moltype, version, " | ".join("%.3f" % c for c in scales)))
             print(lines[-1], flush=True)
@@ -107,7 +107,7 @@ def main():
               "matched start):", "",
               "| prior version | σ_max (nm) | links connected | C–N+1 median (nm; proteins 0.133) | N–CA median (nm; 0.146) |",
               "|---|---|---:|---:|---:|"]
-    for version in (1, 2):
+    for version in (1, 2, 3):
         for sigma_max in (1.0, 2.0):
             connected, link, bond = prior_flow(pairs, stats, version, sigma_max)
             lines.append("| %d | %.1f | %.2f | %.3f | %.3f |" % (version, sigma_max, connected, link, bond))

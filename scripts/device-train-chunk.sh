@@ -9,14 +9,15 @@
 #   MINUTES=M                      training wall time of this chunk (default 8.5)
 # `device-train-chunk.sh probe` only exits 0 when the carried trainer runs on this machine.
 #
-# The trainer is the carried .trainbin (flashipa-train + libFlashIPAModels.so built here against the same torch
-# wheel) or, if that does not run there, a build on the machine. The data set travels packed (.dataset,
+# The trainer is $TRAINER if set (e.g. one built on the machine), else the carried .trainbin (flashipa-train +
+# libFlashIPAModels.so built here against the same torch wheel) or, if that does not run there, a build on
+# the machine. The data set travels packed (.dataset,
 # scripts/device-dataset.sh) and is unpacked and checked against its sha256 first.
 set -u
 TORCH_DIR="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 # the CUDA runtime the torch wheel ships (nvidia/cu13/lib) serves the carried library too
 export LD_LIBRARY_PATH=$PWD/.trainbin:$TORCH_DIR/lib:$TORCH_DIR/../nvidia/cu13/lib:/usr/local/cuda/lib64
-T=.trainbin/flashipa-train
+T="${TRAINER:-.trainbin/flashipa-train}"
 # "probe": only say (exit status) whether the carried trainer runs on this machine.
 [ "${1:-}" = probe ] && { $T --help > /dev/null 2>&1; exit $?; }
 : "${RUN:?set RUN to the run folder}" "${STEPS:?set STEPS}"

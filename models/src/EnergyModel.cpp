@@ -146,7 +146,8 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
 
     IPAInputs inputs;
     inputs.frames = frames;
-    inputs.positions = sequencePositions(batch.chains).to(atoms.dtype());
+    // Sequence positions stay float32 or wider whatever the network's type (IPAInputs::positions).
+    inputs.positions = sequencePositions(batch.chains).to(atoms.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32);
     inputs.mask = batch.mask.defined() ? mask : torch::Tensor();
     if (cfg.pairRank > 0) {
         inputs.pairLeft = pairLeft(s).view({B, L, cfg.pairRank, cfg.pairDim});

@@ -105,9 +105,16 @@ FlashIPALayerImpl::Projected FlashIPALayerImpl::project(const IPAInputs& in, boo
     if (config.relPosFrequencies > 0) {
         // cos(w (i - j)) = cos(wi) cos(wj) + sin(wi) sin(wj): exact relative position, factorised.
         // omega_k = 2 pi / (4 * 2^k), made on the device (no host-to-device copy, so CUDA graphs can capture it).
-        torch::Tensor omega = torch::pow(2.0, -torch::arange(config.relPosFrequencies, s.options())) * (M_PI / 2.0);
-        torch::Tensor angles = in.positions.to(s.dtype()).unsqueeze(-1) * omega.view({1, 1, -1}); // [B, L, K]
-        torch::Tensor trig = torch::cat({torch::cos(angles), torch::sin(angles)}, -1);   // [B, L, 2K]
+        // The position is reduced modulo each frequency's period 4 * 2^k first (exact for integer values), so
+        // the angle stays below 2 pi at any chain length, and the trigonometry runs in the positions' float32
+        // or float64, never in a half-precision network's type: an fp16 position overflows at 65,504 residues.
+        const torch::Tensor& positions = in.positions;
+        if (positions.scalar_type() != torch::kFloat32 && positions.scalar_type() != torch::kFloat64)
+            throw std::invalid_argument("IPA sequence positions must be float32 or float64 (integer values), got " +
+                                        std::string(c10::toString(positions.scalar_type())));
+        torch::Tensor k = torch::arange(config.relPosFrequencies, positions.options()).view({1, 1, -1});
+        torch::Tensor angles = torch::remainder(positions.unsqueeze(-1), 4.0 * torch::pow(2.0, k)) * (M_PI / 2.0) * torch::pow(2.0, -k);
+        torch::Tensor trig = torch::cat({torch::cos(angles), torch::sin(angles)}, -1).to(s.dtype()); // [B, L, 2K]
         torch::Tensor alpha = torch::cat({relPosWeights, relPosWeights}, -1);            // [H, 2K]
         left.push_back(trig.unsqueeze(2) * alpha.view({1, 1, H, -1}));
         right.push_back(trig.unsqueeze(2).expand({B, L, H, trig.size(-1)}));

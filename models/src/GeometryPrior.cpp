@@ -89,8 +89,8 @@ torch::Tensor GeometryPrior::chainWeight(const torch::Tensor& sigma, const torch
 torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                     const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
                                     int version) {
-    if (version != 1 && version != 2)
-        throw std::invalid_argument("geometry prior: version must be 1 or 2, got " + std::to_string(version));
+    if (version < 1 || version > 3)
+        throw std::invalid_argument("geometry prior: version must be 1, 2 or 3, got " + std::to_string(version));
     const int64_t B = atoms.size(0), L = atoms.size(1);
     torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
     torch::Tensor rna = types >= ResidueType::FirstNucleotide;
@@ -121,7 +121,84 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
             termSum = termSum * chainWeight(sigma.to(atoms.dtype()).view({B}), d0, kind.rna);
         total = total + termSum;
     }
+    if (version == 3)
+        total = total + backboneChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), stats);
     return total;
+}
+
+torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,
+                                             const torch::Tensor& coupling) {
+    // Parallel cyclic reduction: at each level every row eliminates its neighbours at distance `stride`
+    // from its equation, doubling the stride; after ceil(log2 M) levels each row holds one unknown. Rows
+    // beyond the ends read as the identity (sub 0, diag 1, super 0, rhs 0). K is diagonally dominant
+    // (a + 2 sigma^2 > 2 sigma^2), so no pivoting is needed.
+    const int64_t M = bonds.size(1);
+    torch::Tensor on = present.to(bonds.dtype());                                             // [B, M]
+    torch::Tensor diag = on * diagonal.view({-1, 1}) + (1.0 - on);                             // [B, M]
+    torch::Tensor linked = torch::zeros_like(on);                                              // bond j-1 and j adjacent
+    if (M > 1)
+        linked.index_put_({Slice(), Slice(1, None)}, on.index({Slice(), Slice(None, -1)}) * on.index({Slice(), Slice(1, None)}));
+    torch::Tensor sub = -coupling.view({-1, 1}) * linked;                                      // K[j][j-1]
+    torch::Tensor sup = torch::zeros_like(sub);                                                // K[j][j+1]
+    if (M > 1)
+        sup.index_put_({Slice(), Slice(None, -1)}, sub.index({Slice(), Slice(1, None)}));
+    torch::Tensor rhs = bonds * on.unsqueeze(-1);                                              // [B, M, 3]
+    auto shifted = [](const torch::Tensor& t, int64_t stride, bool fromBefore, double fill) {
+        // t[:, j - stride] (fromBefore) or t[:, j + stride], `fill` outside the rows
+        const int64_t M = t.size(1);
+        if (stride >= M)
+            return torch::full_like(t, fill);
+        std::vector<int64_t> padding(2 * (t.dim() - 1), 0);
+        // pad works from the last dimension backwards; dimension 1 is the row
+        const size_t rowPad = 2 * (t.dim() - 2);
+        padding[rowPad + (fromBefore ? 0 : 1)] = stride;
+        torch::Tensor part = fromBefore ? t.narrow(1, 0, M - stride) : t.narrow(1, stride, M - stride);
+        return torch::constant_pad_nd(part, padding, fill);
+    };
+    for (int64_t stride = 1; stride < M; stride *= 2) {
+        torch::Tensor alpha = -sub / shifted(diag, stride, true, 1.0);
+        torch::Tensor gamma = -sup / shifted(diag, stride, false, 1.0);
+        torch::Tensor nextDiag = diag + alpha * shifted(sup, stride, true, 0.0) + gamma * shifted(sub, stride, false, 0.0);
+        torch::Tensor nextRhs = rhs + alpha.unsqueeze(-1) * shifted(rhs, stride, true, 0.0) +
+                                gamma.unsqueeze(-1) * shifted(rhs, stride, false, 0.0);
+        torch::Tensor nextSub = alpha * shifted(sub, stride, true, 0.0);
+        torch::Tensor nextSup = gamma * shifted(sup, stride, false, 0.0);
+        diag = nextDiag, rhs = nextRhs, sub = nextSub, sup = nextSup;
+    }
+    return rhs / diag.unsqueeze(-1) * on.unsqueeze(-1);
+}
+
+torch::Tensor GeometryPrior::backboneChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                                 const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& stats) {
+    const int64_t B = atoms.size(0), L = atoms.size(1);
+    // The backbone path N0 CA0 C0 N1 CA1 C1 ...: bond slot j joins flattened atoms j and j + 1 (3L - 1 slots).
+    torch::Tensor path = atoms.reshape({B, 3 * L, 3});
+    if (3 * L < 2)
+        return torch::zeros({B}, atoms.options());
+    torch::Tensor bonds = path.index({Slice(), Slice(1, None)}) - path.index({Slice(), Slice(None, -1)}); // [B, 3L-1, 3]
+    torch::Tensor protein = real & (types < ResidueType::FirstNucleotide);                             // [B, L]
+    // Slots inside a residue (N-CA, CA-C) exist with the residue; the link slot C(i)-N(i+1) with both residues
+    // in one chain (equal chain ids, the rule of the link kinds above).
+    torch::Tensor inside = protein.unsqueeze(-1).expand({B, L, 2});
+    torch::Tensor link = torch::zeros({B, L, 1}, protein.options());
+    if (L > 1)
+        link.index_put_({Slice(), Slice(None, -1), 0}, protein.index({Slice(), Slice(None, -1)}) & protein.index({Slice(), Slice(1, None)}) &
+                                                           (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
+    torch::Tensor present = torch::cat({inside, link}, 2).reshape({B, 3 * L}).narrow(1, 0, 3 * L - 1); // [B, 3L-1]
+    // Bond variance a per component: the protein bonds' mean d0^2 / 3 (a freely jointed chain of those bonds).
+    std::vector<int64_t> proteinKinds;
+    for (size_t k = 0; k < Kinds.size(); k++)
+        if (!Kinds[k].rna)
+            proteinKinds.push_back((int64_t) k);
+    torch::Tensor d0 = stats.index({torch::tensor(proteinKinds, torch::kInt64).to(stats.device()), 0});
+    torch::Tensor a = d0.pow(2).mean() / 3.0;
+    torch::Tensor sigma2 = sigma.pow(2);                                                  // [B]
+    torch::Tensor diagonal = a + 2.0 * sigma2;                                            // [B]
+    torch::Tensor y = solveBondSystem(bonds, present, diagonal, sigma2);                  // K^-1 b
+    torch::Tensor on = present.to(atoms.dtype()).unsqueeze(-1);
+    torch::Tensor exact = (y * bonds).sum({1, 2});                                        // b^T K^-1 b
+    torch::Tensor pairs = (bonds.pow(2) * on).sum({1, 2}) / diagonal;                     // b^T b / (a + 2 sigma^2)
+    return 0.5 * (exact - pairs);
 }
 
 } // namespace FlashIPAPlugin

@@ -19,7 +19,7 @@ IPAInputs randomInputs(const ModelConfig& config, int L, unsigned seed, torch::D
         in.pairRight = torch::randn({1, L, config.pairRank, config.pairDim}, dtype);
     }
     in.frames = FrameBuilder::build(helixAtoms(L, seed, dtype));
-    in.positions = torch::arange(L, dtype).unsqueeze(0);
+    in.positions = torch::arange(L, dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32).unsqueeze(0);
     return in;
 }
 

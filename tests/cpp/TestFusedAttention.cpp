@@ -81,7 +81,8 @@ IPAInputs cast(const IPAInputs& in, torch::Dtype dtype, torch::Device device, bo
     out.pairRight = c(in.pairRight);
     out.frames.rotations = c(in.frames.rotations);
     out.frames.translations = c(in.frames.translations);
-    out.positions = in.positions.to(device, dtype);
+    // Positions stay float32 or wider in every network type (IPAInputs::positions).
+    out.positions = in.positions.to(device, dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32);
     if (in.mask.defined())
         out.mask = in.mask.to(device);
     return out;
@@ -167,14 +168,17 @@ void compareWithMath(const ModelConfig& config, int64_t L, torch::Dtype dtype, d
     ASSERT_EQ(got.gradients.size(), want.gradients.size());
     // Some gradients are zero in exact arithmetic (the key projection's bias shifts every logit of a
     // row equally, and softmax ignores that); those are measured against the largest gradient's norm.
-    // What such a gradient holds is the rounding noise of the terms that cancel in it, so its floor scales
-    // with the precision under test: a tenth of the gradient tolerance (6e-3 of the largest gradient for
-    // bf16 operands, whose resolution is 2^-8 = 4e-3; on the H100 linearK.bias measured 0.0601 against
-    // a floor of 1e-3, i.e. 6e-5 of the largest gradient), never below 1e-3.
+    // What such a gradient holds is the rounding noise of the terms that cancel in it, which scales with
+    // the attention operands' unit roundoff u: measured, linearK.bias held 6e-5 of the largest gradient
+    // with bf16 operands (H100; u = 2^-8, so 0.015 u) and 1.04e-5 with fp16 operands (H200; u = 2^-11,
+    // 0.021 u). The bar for such a gradient is 0.1 u of the largest (five times the noise measured in
+    // either precision), i.e. a floor of 0.1 u / gradientTolerance, never below 1e-3.
+    const bool float16Operands = dtype == torch::kHalf || (backend && (*backend == AttentionBackend::Auto || *backend == AttentionBackend::Fused));
+    const double roundoff = float16Operands ? std::ldexp(1.0, -11) : dtype == torch::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
     double largest = 0.0;
     for (const auto& item : want.gradients)
         largest = std::max(largest, item.second.norm().item<double>());
-    const double zeroGradientFloor = std::max(1e-3, 0.1 * gradientTolerance) * largest;
+    const double zeroGradientFloor = std::max(1e-3, 0.1 * roundoff / gradientTolerance) * largest;
     for (const auto& [name, reference] : want.gradients) {
         ASSERT_TRUE(got.gradients.count(name) && got.gradients.at(name).defined()) << name;
         auto error = [&](const torch::Tensor& x) {

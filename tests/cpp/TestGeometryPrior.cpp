@@ -93,7 +93,7 @@ TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
 }
 
 TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
-    for (int version : {1, 2}) {
+    for (int version : {1, 2, 3}) {
         SCOPED_TRACE("geometry prior version " + std::to_string(version));
         ModelConfig config;
         config.geometryPrior = version;
@@ -195,8 +195,78 @@ TEST(GeometryPrior, VersionTwoScalesEachTermByItsChainWeight) {
         }
     }
     EXPECT_THROW(GeometryPrior::energy(helixAtoms(1, 3), torch::zeros({1, 1}, torch::kInt64), torch::zeros({1, 1}, torch::kInt64),
-                                       torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64), 3),
+                                       torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64), 4),
                  std::invalid_argument);
+}
+
+TEST(GeometryPrior, BondSystemSolveEqualsADenseSolve) {
+    // Rows of different segmentations (absent slots split a row into independent paths), sigma per row, and
+    // lengths that are and are not powers of two; the oracle is torch's dense solver on the same matrix.
+    torch::manual_seed(7);
+    for (int64_t M : {1, 2, 7, 16, 45}) {
+        const int64_t B = 3;
+        torch::Tensor bonds = torch::randn({B, M, 3}, torch::kFloat64);
+        torch::Tensor present = torch::rand({B, M}, torch::kFloat64) > 0.2;
+        present[0].fill_(true);
+        torch::Tensor sigma2 = torch::tensor({0.0001, 0.09, 4.0}, torch::kFloat64), a = torch::full({B}, 0.007, torch::kFloat64);
+        torch::Tensor y = GeometryPrior::solveBondSystem(bonds, present, a + 2 * sigma2, sigma2);
+        for (int64_t b = 0; b < B; b++) {
+            torch::Tensor K = torch::eye(M, torch::kFloat64);
+            for (int64_t j = 0; j < M; j++) {
+                if (!present[b][j].item<bool>())
+                    continue;
+                K[j][j] = a[b] + 2 * sigma2[b];
+                if (j > 0 && present[b][j - 1].item<bool>())
+                    K[j][j - 1] = -sigma2[b], K[j - 1][j] = -sigma2[b];
+            }
+            torch::Tensor rhs = bonds[b] * present[b].to(torch::kFloat64).unsqueeze(-1);
+            torch::Tensor want = torch::linalg_solve(K, rhs, true) * present[b].to(torch::kFloat64).unsqueeze(-1);
+            EXPECT_LT((y[b] - want).abs().max().item<double>(), 1e-10 * std::max(1.0, want.abs().max().item<double>()))
+                << "M " << M << " row " << b;
+        }
+    }
+}
+
+TEST(GeometryPrior, BackboneChainTermIsTheModeCorrectionOfAGaussianChain) {
+    // One protein chain of L residues (a path of 3L atoms): the chain term against its definition in normal
+    // modes, sum_k [lambda_k / (a + lambda_k sigma^2) - lambda_k / (a + 2 sigma^2)] |m_k|^2 / 2, with the
+    // modes m_k of the path from the Laplacian's eigenvectors (torch's eigensolver, not the bond solve).
+    const int L = 9, n = 3 * L;
+    torch::Tensor atoms = helixAtoms(L, 4);
+    StructureBatch batch;
+    batch.types = torch::zeros({1, L}, torch::kInt64);
+    batch.chains = torch::zeros({1, L}, torch::kInt64);
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    torch::Tensor stats = torch::stack({torch::tensor({0.146, 0.152, 0.133, 0.152, 0.145}, torch::kFloat64), torch::full({K}, 0.001, torch::kFloat64)}, 1);
+    const double a = (0.146 * 0.146 + 0.152 * 0.152 + 0.133 * 0.133) / 9.0;
+    torch::Tensor laplacian = torch::zeros({n, n}, torch::kFloat64);
+    for (int i = 0; i + 1 < n; i++) {
+        laplacian[i][i] += 1.0, laplacian[i + 1][i + 1] += 1.0;
+        laplacian[i][i + 1] = -1.0, laplacian[i + 1][i] = -1.0;
+    }
+    auto [lambda, vectors] = torch::linalg_eigh(laplacian, "L");
+    torch::Tensor modes = vectors.t().matmul(atoms.reshape({n, 3})); // [n, 3]
+    torch::Tensor real = torch::ones({1, L}, torch::kBool);
+    for (double sigma : {0.01, 0.1, 0.5, 2.0}) {
+        const double b = sigma * sigma;
+        const double want = 0.5 * ((lambda / (a + lambda * b) - lambda / (a + 2 * b)).unsqueeze(-1) * modes.pow(2)).sum().item<double>();
+        const double got = GeometryPrior::backboneChainEnergy(atoms, batch.types, batch.chains, real, torch::full({1}, sigma, torch::kFloat64), stats)
+                               .item<double>();
+        EXPECT_NEAR(got, want, 1e-9 * std::max(1.0, std::abs(want))) << "sigma " << sigma;
+    }
+    // Two chains (ids differ) are two paths: the term is the sum of each chain's own.
+    batch.chains = torch::tensor({0, 0, 0, 0, 1, 1, 1, 1, 1}, torch::kInt64).view({1, L});
+    torch::Tensor sigma = torch::full({1}, 0.7, torch::kFloat64);
+    const double both = GeometryPrior::backboneChainEnergy(atoms, batch.types, batch.chains, real, sigma, stats).item<double>();
+    auto part = [&](int64_t start, int64_t length) {
+        torch::Tensor zeros = torch::zeros({1, length}, torch::kInt64);
+        return GeometryPrior::backboneChainEnergy(atoms.narrow(1, start, length), zeros, zeros, torch::ones({1, length}, torch::kBool), sigma, stats)
+            .item<double>();
+    };
+    EXPECT_NEAR(both, part(0, 4) + part(4, 5), 1e-9 * std::abs(both));
+    // RNA residues take no part.
+    batch.types = torch::full({1, L}, (int64_t) ResidueType::FirstNucleotide, torch::kInt64);
+    EXPECT_EQ(GeometryPrior::backboneChainEnergy(atoms, batch.types, batch.chains, real, sigma, stats).item<double>(), 0.0);
 }
 
 TEST(GeometryPrior, CheckpointsCarryItAndOlderOnesLoadWithout) {

@@ -3,7 +3,6 @@ making: the oracles here read the structures with gemmi and use the documented r
 
 import os
 
-import gemmi
 import openmm
 import openmm.app as app
 import openmm.unit as unit
@@ -26,6 +25,7 @@ RNA_FRAME = ("C3'", "C4'", "O4'")
 def gemmiFrameResidues(path, frameNames):
     """(residue name, sequence number) of every residue of the file that has all three frame atoms, read
     with gemmi (independently of OpenMM's PDB reader)."""
+    import gemmi  # here, not at the top: the GPU machine's CUDA suites run these helpers without it
     structure = gemmi.read_structure(path)
     result = []
     for chain in structure[0]:

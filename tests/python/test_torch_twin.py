@@ -324,7 +324,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["prior1", "prior2"])
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["prior1", "prior2", "prior3"])
 def priorModelPath(request, tmp_path_factory):
     import subprocess
     import sys
@@ -348,11 +348,12 @@ def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
     assert model.config.geometryPrior == version
     stats = model.geometryPriorStats.numpy()
     assert np.all(stats > 0) and 0.14 < stats[0, 0] < 0.15  # N-CA median of real proteins, nm
-    for name in STRUCTURES + ["complex"]:
+    # At the force's default sigma and at a generation-level one, where versions 2 and 3 differ most from 1.
+    for name, sigma in [(name, 0.05) for name in STRUCTURES + ["complex"]] + [("protein.pdb", 0.8), ("complex", 0.8)]:
         topology, positions = loadStructure(name) if name != "complex" else complexStructure()
-        force = openmmflashipa.createForce(topology, modelPath=priorModelPath)
+        force = openmmflashipa.createForce(topology, modelPath=priorModelPath, sigma=sigma)
         residues = residuesOf(force)
         expectedEnergy, expectedForces = evaluate(systemFor(topology, force), positions)
-        energy, forces = twinEnergyAndForces(model, residues, positions)
+        energy, forces = twinEnergyAndForces(model, residues, positions, sigma=sigma)
         assert abs(energy - expectedEnergy) <= TOLERANCE * abs(expectedEnergy), name
         assert relativeError(forces, expectedForces) <= TOLERANCE, name

@@ -14,7 +14,8 @@ struct IPAInputs {
     torch::Tensor pairLeft;     ///< z1 [B, L, r, c_z]; undefined when r == 0
     torch::Tensor pairRight;    ///< z2 [B, L, r, c_z]; undefined when r == 0
     Frames frames;              ///< R [B, L, 3, 3], t [B, L, 3] in nm
-    torch::Tensor positions;    ///< sequence position of each residue [B, L] (floating point)
+    torch::Tensor positions;    ///< sequence position of each residue [B, L]: integer values in float32 or
+                                ///< float64 (fp16 holds integers exactly only up to 2048, and overflows at 65504)
     torch::Tensor mask;         ///< [B, L] bool, true = real residue; undefined = all real
 };
 

@@ -36,7 +36,8 @@ struct GeometryPairKind {
  *
  * Version 2 multiplies each pair's term by chainWeight(): a sum of independent pair marginals counts each
  * atom's noise once per bond it is in, which over-pulls bonded atoms by up to 1.5x at large sigma
- * (docs/MODEL.md, "Chain weight").
+ * (docs/MODEL.md, "Chain weight"). Version 3 keeps the pair terms unweighted and adds
+ * backboneChainEnergy(), the correction of every backbone mode rather than of their mean.
  */
 namespace GeometryPrior {
     /** The pair kinds, in the order of the stats rows. */
@@ -68,6 +69,29 @@ namespace GeometryPrior {
      * the least-squares optimal weight measured on validation chains (docs/MODEL.md).
      */
     torch::Tensor chainWeight(const torch::Tensor& sigma, const torch::Tensor& d0, bool rna);
+    /**
+     * Version 3's chain term [B] (kT): the exact score of a freely jointed Gaussian chain's backbone modes
+     * minus what the bond terms already give in the same harmonic picture (docs/MODEL.md, "The backbone
+     * chain term"). On the protein backbone path N CA C N+1 ... of each chain, with bond vectors b, bond
+     * variance a per component (the protein bonds' mean d0^2 / 3) and noise sigma per atom, the bonds'
+     * covariance is a I + sigma^2 T (T the path's bond-space Laplacian: 2 on the diagonal, -1 between
+     * adjacent bonds), so
+     *
+     *     E_chain = 1/2 [ b^T (a I + sigma^2 T)^-1 b - b^T b / (a + 2 sigma^2) ]     per coordinate, summed
+     *
+     * It vanishes as sigma -> 0 and adds the low-mode pull that bond terms lack at large sigma. real [B, L]
+     * (bool) marks real residues; RNA residues take no part.
+     */
+    torch::Tensor backboneChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                      const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& stats);
+    /**
+     * Solves (a I + sigma^2 T) y = b for the bond slots present [B, M] (bool) of each row, by parallel cyclic
+     * reduction (ceil(log2 M) vectorised levels, no host synchronisation): diagonal [B] = a + 2 sigma^2,
+     * coupling [B] = sigma^2 between adjacent present slots, bonds [B, M, 3]. Absent slots decouple their
+     * neighbours (segment ends) and return 0.
+     */
+    torch::Tensor solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,
+                                  const torch::Tensor& coupling);
 }
 
 } // namespace FlashIPAPlugin

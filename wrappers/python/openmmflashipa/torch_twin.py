@@ -246,8 +246,8 @@ class ModelConfig:
         for key, minimum in _INT_FIELDS.items():
             if getattr(self, key) < minimum:
                 raise ValueError("model configuration: %s = %d must be >= %d" % (key, getattr(self, key), minimum))
-        if self.geometryPrior not in (0, 1, 2):
-            raise ValueError("model configuration: geometryPrior = %d must be 0, 1 or 2" % self.geometryPrior)
+        if self.geometryPrior not in (0, 1, 2, 3):
+            raise ValueError("model configuration: geometryPrior = %d must be 0, 1, 2 or 3" % self.geometryPrior)
         if not (self.sigmaMin > 0 and self.sigmaMax > self.sigmaMin):
             raise ValueError("model configuration: need 0 < sigmaMin < sigmaMax (nm)")
 
@@ -414,9 +414,12 @@ class FlashIPALayer(nn.Module):
             p["pairLeft"] = self.linearPairDown(z1)  # [B, L, r, c_z/4]
             p["pairRight"] = self.linearPairDown(z2)
         if cfg.relPosFrequencies > 0:
-            # cos(w (i - j)) = cos(wi) cos(wj) + sin(wi) sin(wj)
-            angles = positions.to(s.dtype).unsqueeze(-1) * self.omega.to(s.dtype).view(1, 1, -1)  # [B, L, K]
-            trig = torch.cat([torch.cos(angles), torch.sin(angles)], -1)  # [B, L, 2K]
+            # cos(w (i - j)) = cos(wi) cos(wj) + sin(wi) sin(wj); the position reduced modulo each period
+            # 4 * 2^k first, in float32 or wider (FlashIPALayer.cpp)
+            wide = positions.to(torch.float64 if positions.dtype == torch.float64 else torch.float32)
+            period = 2.0 * math.pi / self.omega.to(wide.dtype)
+            angles = torch.remainder(wide.unsqueeze(-1), period.view(1, 1, -1)) * self.omega.to(wide.dtype).view(1, 1, -1)
+            trig = torch.cat([torch.cos(angles), torch.sin(angles)], -1).to(s.dtype)  # [B, L, 2K]
             alpha = torch.cat([self.relPosWeights, self.relPosWeights], -1)  # [H, 2K]
             left.append(trig.unsqueeze(2) * alpha.view(1, 1, H, -1))
             right.append(trig.unsqueeze(2).expand(B, L, H, trig.shape[-1]))
@@ -654,11 +657,69 @@ def chain_weight(sigma, d0, is_rna):
     return 4.0 / 3.0 * (1.0 + 2.0 * t) * (s + 2.0) / (s * (s + 1.0).pow(2))
 
 
+def solve_bond_system(bonds, present, diagonal, coupling):
+    """(a I + sigma^2 T) y = b by parallel cyclic reduction (GeometryPrior::solveBondSystem): bonds [B, M, 3],
+    present [B, M] bool, diagonal [B] = a + 2 sigma^2, coupling [B] = sigma^2 between adjacent present slots."""
+    B, M = present.shape
+    on = present.to(bonds.dtype)
+    diag = on * diagonal.view(-1, 1) + (1.0 - on)
+    linked = torch.zeros_like(on)
+    linked[:, 1:] = on[:, :-1] * on[:, 1:]
+    sub = -coupling.view(-1, 1) * linked
+    sup = torch.zeros_like(sub)
+    sup[:, :-1] = sub[:, 1:]
+    rhs = bonds * on.unsqueeze(-1)
+
+    def before(t, stride, fill):  # t[:, j - stride]
+        if stride >= M:
+            return torch.full_like(t, fill)
+        pad = torch.full_like(t[:, :stride], fill)
+        return torch.cat([pad, t[:, :M - stride]], 1)
+
+    def after(t, stride, fill):  # t[:, j + stride]
+        if stride >= M:
+            return torch.full_like(t, fill)
+        pad = torch.full_like(t[:, :stride], fill)
+        return torch.cat([t[:, stride:], pad], 1)
+
+    stride = 1
+    while stride < M:
+        alpha = -sub / before(diag, stride, 1.0)
+        gamma = -sup / after(diag, stride, 1.0)
+        diag, rhs, sub, sup = (diag + alpha * before(sup, stride, 0.0) + gamma * after(sub, stride, 0.0),
+                               rhs + alpha.unsqueeze(-1) * before(rhs, stride, 0.0)
+                               + gamma.unsqueeze(-1) * after(rhs, stride, 0.0),
+                               alpha * before(sub, stride, 0.0), gamma * after(sup, stride, 0.0))
+        stride *= 2
+    return rhs / diag.unsqueeze(-1) * on.unsqueeze(-1)
+
+
+def backbone_chain_energy(atoms, types, chains, real, sigma, pairs, stats):
+    """Version 3's chain term [B] (GeometryPrior::backboneChainEnergy, docs/MODEL.md): on each protein chain's
+    backbone path N CA C N+1 ..., 1/2 [b^T (a I + sigma^2 T)^-1 b - b^T b / (a + 2 sigma^2)] per coordinate,
+    with a the protein bonds' mean d0^2 / 3."""
+    B, L = types.shape
+    path = atoms.reshape(B, 3 * L, 3)
+    bonds = path[:, 1:] - path[:, :-1]
+    protein = real & (types < FIRST_NUCLEOTIDE)
+    inside = protein.unsqueeze(-1).expand(B, L, 2)
+    link = torch.zeros(B, L, 1, dtype=torch.bool, device=atoms.device)
+    link[:, :-1, 0] = protein[:, :-1] & protein[:, 1:] & (chains[:, :-1] == chains[:, 1:])
+    present = torch.cat([inside, link], 2).reshape(B, 3 * L)[:, :3 * L - 1]
+    protein_kinds = [k for k, row in enumerate(pairs.tolist()) if not row[0]]
+    a = stats[protein_kinds, 0].pow(2).mean() / 3.0
+    sigma2 = sigma.pow(2)
+    diagonal = a + 2.0 * sigma2
+    y = solve_bond_system(bonds, present, diagonal, sigma2)
+    on = present.to(atoms.dtype).unsqueeze(-1)
+    return 0.5 * ((y * bonds).sum((1, 2)) - (bonds.pow(2) * on).sum((1, 2)) / diagonal)
+
+
 def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1):
     """The analytic geometry prior [B] in kT (GeometryPrior::energy, docs/MODEL.md): for each pair kind
     (rna, offset, atom i, atom j) with (d0, s0), minus the log-density of the pair's difference vector under
     noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2; version 2
-    multiplies each kind's sum by chain_weight(sigma, d0)."""
+    multiplies each kind's sum by chain_weight(sigma, d0); version 3 adds backbone_chain_energy."""
     B, L = types.shape
     rna = types >= FIRST_NUCLEOTIDE
     two_sigma2 = 2.0 * sigma.to(atoms.dtype).pow(2).view(B, 1)
@@ -682,6 +743,8 @@ def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1):
         if version == 2:
             term = term * chain_weight(sigma.to(atoms.dtype).view(B), d0, is_rna)
         total = total + term
+    if version == 3:
+        total = total + backbone_chain_energy(atoms, types, chains, real, sigma.to(atoms.dtype).view(B), pairs, stats)
     return total
 
 
