@@ -31,7 +31,7 @@ else
     t0=$(date +%s)
     FLASHIPA_BUILD_PYTHON=ON bash scripts/device-build.sh > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
     echo "build: $(( $(date +%s) - t0 )) s"
-    MINUTES=$(python3 -c "print(max(1.0, ${MINUTES:-8.5} - ($(date +%s) - t0) / 60))")
+    MINUTES=$(python3 -c "print(max(1.0, ${MINUTES:-8.5} - $(( $(date +%s) - t0 )) / 60))")
     export TRAINER=/tmp/flashipa-build/bin/flashipa-train MINUTES
     check &
     bash scripts/device-train-chunk.sh 2>&1 | tail -25

@@ -72,6 +72,24 @@ def test_annealing_integrator_matches_twin_flow(twin):
     assert np.max(np.abs(np.asarray(after) - np.asarray(ours))) < 1e-9
 
 
+def test_frame_system_leaves_a_degenerate_residue_out_instead_of_stopping():
+    # The flow from noise can make a residue's frame atoms collinear for a step (docs/MODEL.md); the frame
+    # system must evaluate the other residues and count the skipped one, not raise.
+    length = 5
+    system, force = frameSystem("protein", length)
+    assert force.getDegenerateFramePolicy() == "skip"
+    atoms = native_like_chain(length, 2)
+    atoms[2, 2] = atoms[2, 1] + 2.0 * (atoms[2, 1] - atoms[2, 0])  # N, CA, C of residue 2 on one line
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(atoms.reshape(-1, 3))
+    state = context.getState(getEnergy=True, getForces=True)
+    forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoules_per_mole / unit.nanometer)
+    assert np.isfinite(state.getPotentialEnergy().value_in_unit(unit.kilojoules_per_mole))
+    assert np.all(np.isfinite(forces)) and np.all(forces[6:9] == 0.0)  # the skipped residue's atoms
+    assert np.any(forces[:6] != 0.0)
+    assert force.getNumSkippedResidues(context) == 1
+
+
 def test_sampler_matches_twin_flow_from_the_same_start(twin):
     length, samples, steps, sigma_max, sigma_min, seed = 5, 2, 4, 0.5, 0.05, 11
     raw = _sampleFrameAtoms("", [UNK_AA] * length, [0] * length, samples, steps, sigma_max, sigma_min, seed, "cpu")

@@ -1,0 +1,55 @@
+"""Are a model's generated samples chains, before any repair? (docs/MODEL.md, "Generated samples are not chains")
+
+For each model: 100-residue proteins from openmmflashipa.generate (the batched C++ sampler on the CPU, its
+matched start), at two sigma_max, and the raw frames' links: fraction connected (evaluation.connectedFraction:
+C(i)-N(i+1) <= 0.2 nm), median C-N+1 and Calpha-Calpha distances, Calpha radius of gyration against the
+training set's Rg(L) fit, and the fraction of residues with phi > 0 (training chains: 6 %).
+
+    python benchmarks/raw_samples.py --model A.safetensors --model B.safetensors [--samples 3] [--steps 60]
+"""
+import argparse
+
+import numpy as np
+
+from openmmflashipa import evaluation, metrics
+from openmmflashipa.generate import generate
+
+
+def dihedral(p0, p1, p2, p3):
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1 = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - np.sum(b0 * b1, -1, keepdims=True) * b1
+    w = b2 - np.sum(b2 * b1, -1, keepdims=True) * b1
+    return np.degrees(np.arctan2(np.sum(np.cross(b1, v) * w, -1), np.sum(v * w, -1)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", action="append", required=True, help="a model checkpoint (repeatable)")
+    p.add_argument("--length", type=int, default=100)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--sigma-max", type=float, action="append", help="nm (repeatable; default 1.2 and 2.0)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    sigmas = args.sigma_max or [1.2, 2.0]
+    training_rg = 0.362 * args.length ** 0.298  # the training set's Rg(L) fit (evaluation targets)
+    print("| model | σ_max (nm) | links connected | C–N+1 median (nm) | Cα–Cα median (nm; 0.38) | Rg (nm; training %.2f) | φ > 0 |"
+          % training_rg)
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for model in args.model:
+        for sigma_max in sigmas:
+            chains = generate("protein", args.length, numSamples=args.samples, seed=args.seed, numSteps=args.steps,
+                              sigmaMax=sigma_max, device="cpu", modelPath=model, progress=False)
+            frames = [c.frames for c in chains]
+            connected = np.mean([evaluation.connectedFraction(f, "protein") for f in frames])
+            link = np.median(np.concatenate([metrics.linkLengths(f, "protein") for f in frames]))
+            caca = np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames]))
+            rg = np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames])
+            phi = np.concatenate([dihedral(f[:-1, 2], f[1:, 0], f[1:, 1], f[1:, 2]) for f in frames])
+            print("| %s | %.1f | %.2f | %.3f | %.3f | %.2f | %.2f |" % (model, sigma_max, connected, link, caca, rg,
+                                                                       np.mean(phi > 0)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
