@@ -15,14 +15,6 @@ from openmmflashipa import evaluation, metrics
 from openmmflashipa.generate import generate
 
 
-def dihedral(p0, p1, p2, p3):
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1 = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
-    v = b0 - np.sum(b0 * b1, -1, keepdims=True) * b1
-    w = b2 - np.sum(b2 * b1, -1, keepdims=True) * b1
-    return np.degrees(np.arctan2(np.sum(np.cross(b1, v) * w, -1), np.sum(v * w, -1)))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", required=True, help="a model checkpoint (repeatable)")
@@ -46,9 +38,9 @@ def main():
             link = np.median(np.concatenate([metrics.linkLengths(f, "protein") for f in frames]))
             caca = np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames]))
             rg = np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames])
-            phi = np.concatenate([dihedral(f[:-1, 2], f[1:, 0], f[1:, 1], f[1:, 2]) for f in frames])
+            phi_positive = np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames])
             print("| %s | %.1f | %.2f | %.3f | %.3f | %.2f | %.2f |" % (model, sigma_max, connected, link, caca, rg,
-                                                                       np.mean(phi > 0)), flush=True)
+                                                                       phi_positive), flush=True)
 
 
 if __name__ == "__main__":

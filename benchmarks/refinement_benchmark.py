@@ -80,7 +80,11 @@ def main():
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "refinement_cpu"))
+    parser.add_argument("--model", help="the learned force's checkpoint (default: the shipped model)")
+    parser.add_argument("--routes", default="", help="only these routes, comma-separated (default: all)")
     args = parser.parse_args()
+    if args.model:  # the plugin and the package resolve the default model through this variable
+        os.environ["FLASHIPA_DEFAULT_MODEL"] = os.path.abspath(args.model)
     os.makedirs(args.out, exist_ok=True)
     plainIterations = _refine.PRERELAX_ITERATIONS + args.iterations
     routes = [("start", None),
@@ -96,8 +100,14 @@ def main():
                        lambda t, p, protocol=protocol: _result(_refine.refine(
                            (t, p), platform=args.platform, progress=False, protocol=protocol,
                            minimizeIterations=args.iterations))))
+    if args.routes:
+        wanted = ["start"] + [r.strip() for r in args.routes.split(",")]
+        unknown = [r for r in wanted if r not in [name for name, _ in routes]]
+        if unknown:
+            parser.error("unknown route(s) %s; the routes are %s" % (unknown, [name for name, _ in routes]))
+        routes = [(name, route) for name, route in routes if name in wanted]
     chosen = select(args.structures, args.min_length, args.max_length, args.data)
-    report = {"noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
+    report = {"model": args.model or "shipped", "noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
               "plain_iterations": plainIterations, "default_protocol": _refine.DEFAULT_PROTOCOL,
               "min_length": args.min_length, "max_length": args.max_length,
               "platform": choosePlatform(args.platform).getName(), "cpu_count": os.cpu_count(),

@@ -7,6 +7,9 @@
 #   STEPS=N                        total optimiser steps of the run
 #   NEW_RUN="--flag ..."           only when $RUN holds no checkpoint yet: flashipa-train's settings of a new run
 #   MINUTES=M                      training wall time of this chunk (default 8.5)
+#   RESUME_ARGS="--flag ..."       when resuming: the settings a resume takes from its own command line
+#                                  (--val-every, --checkpoint-every; default "--val-every 500
+#                                  --checkpoint-every 500", the v2 run's)
 # `device-train-chunk.sh probe` only exits 0 when the carried trainer runs on this machine.
 #
 # The trainer is $TRAINER if set (e.g. one built on the machine), else the carried .trainbin (flashipa-train +
@@ -33,7 +36,8 @@ if ! $T --help >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ -f $W/checkpoint.safetensors ]; then
-    $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --resume --device cuda --steps $STEPS --max-minutes $MINUTES --quiet 2>&1 | tail -20
+    # shellcheck disable=SC2086
+    $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --resume --device cuda --steps $STEPS --max-minutes $MINUTES ${RESUME_ARGS:---val-every 500 --checkpoint-every 500} --quiet 2>&1 | tail -20
 else
     # shellcheck disable=SC2086
     $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --device cuda --steps $STEPS --max-minutes $MINUTES ${NEW_RUN:-} --quiet 2>&1 | tail -20

@@ -1,4 +1,5 @@
 // FrameBuilder, the EnergyModel (invariance, backends, gradients) and its checkpoints.
+#include "TestEnergyGradients.h"
 #include "TestStructures.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/EnergyModel.h"
@@ -112,17 +113,7 @@ TEST(EnergyModel, BackendsAgreeAndSigmaMatters) {
 TEST(EnergyModel, GradientMatchesFiniteDifferences) {
     EnergyModel model = randomModel(6);
     StructureBatch batch = mixedBatch(12, 7);
-    torch::Tensor sigma = torch::full({1}, 0.1, torch::kFloat64);
-    torch::Tensor x = batch.atoms.clone().requires_grad_(true);
-    StructureBatch b = batch;
-    b.atoms = x;
-    torch::Tensor g = torch::autograd::grad({model->forward(b, sigma, AttentionBackend::SDPA).sum()}, {x})[0];
-    auto energy = [&](const torch::Tensor& atoms) {
-        StructureBatch moved = batch;
-        moved.atoms = atoms;
-        return model->forward(moved, sigma, AttentionBackend::SDPA).item<double>();
-    };
-    EXPECT_LT(relativeError(g, centralDifferences(energy, batch.atoms, 1e-5)), 1e-4);
+    EXPECT_LT(energyGradientError(model, batch, torch::full({1}, 0.1, torch::kFloat64), 1e-5), 1e-4);
 }
 
 TEST(EnergyModel, MathPathSupportsDoubleBackward) {

@@ -1,6 +1,7 @@
 // The energy model's analytic geometry prior (GeometryPrior.h, docs/MODEL.md "Geometry prior"): the closed
 // form against a numerical convolution, its limits, its place in the EnergyModel (gradients by finite
 // differences, checkpoints) and its statistics measured on a data set.
+#include "TestEnergyGradients.h"
 #include "TestStructures.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/Dataset.h"
@@ -123,16 +124,7 @@ TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
         const double prior = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats, version).item<double>();
         EXPECT_NEAR(difference, prior, 1e-9 * std::abs(prior));
         // Gradients against central differences.
-        torch::Tensor x = batch.atoms.clone().requires_grad_(true);
-        StructureBatch b = batch;
-        b.atoms = x;
-        torch::Tensor g = torch::autograd::grad({model->forward(b, sigma, AttentionBackend::SDPA).sum()}, {x})[0];
-        auto energy = [&](const torch::Tensor& atoms) {
-            StructureBatch moved = batch;
-            moved.atoms = atoms;
-            return model->forward(moved, sigma, AttentionBackend::SDPA).item<double>();
-        };
-        EXPECT_LT(relativeError(g, centralDifferences(energy, batch.atoms, 1e-6)), 1e-5);
+        EXPECT_LT(energyGradientError(model, batch, sigma, 1e-6), 1e-5);
     }
 }
 

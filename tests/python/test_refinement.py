@@ -331,6 +331,37 @@ def test_rna_with_a_modified_nucleotide_is_refined_as_its_parent(tmp_path, monke
     assert any("5MC 5 (chain A) refined as C" in note for note in result.notes)
 
 
+def test_rna_with_a_pseudouridine_is_refined_as_uridine_with_its_ring_mapped(tmp_path, monkeypatch):
+    # U 13 rewritten as pseudouridine (PSU): the same atoms, named as in PSU, whose ring is bound to C1' through
+    # C5 (the uridine's N1 position). A rename by names alone would put U's N1 where PSU's N1 is, 0.28 nm away.
+    u_to_psu = {"N1": "C5", "C2": "C4", "O2": "O4", "N3": "N3", "C4": "C2", "O4": "O2", "C5": "N1", "C6": "C6"}
+    atoms = _rna(11, 16)
+    original = {a[1]: a[5] for a in atoms if a[4] == 13}
+    atoms = [("HETATM", u_to_psu.get(n, n), "PSU", c, num, x) if num == 13 else (r, n, res, c, num, x)
+             for r, n, res, c, num, x in atoms]
+    with pytest.warns(UserWarning, match=r"PSU 13 \(chain A\)"):
+        result = refine(_write_pdb(tmp_path / "psu.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom" and result.topology.getNumChains() == 1
+    assert [r.name for r in result.topology.residues() if r.id == "13"] == ["U"]
+    assert any("pseudouridine" in note and "PSU 13 (chain A)" in note for note in result.notes), result.notes
+    xyz = np.asarray(result.positions.value_in_unit(unit.nanometer))
+    written = {a.name: xyz[a.index] for a in result.topology.atoms() if a.residue.id == "13"}
+    for name in ("N1", "C2", "O2", "N3", "C4", "O4", "C5", "C6"):
+        assert np.linalg.norm(written[name] - original[name] / 10.0) < 0.05, name  # a short minimisation
+
+
+def test_rna_with_an_unknown_modified_nucleotide_mid_chain_is_refined_around_it(tmp_path, monkeypatch):
+    # A nucleotide neither amber14 nor PDBFixer knows (here U 13 renamed ZZU) is set aside; the chain continues
+    # after it with a nucleotide whose 5' phosphate no amber14 template holds. Before: "No template found for
+    # residue ... (C)", no refinement.
+    atoms = [("HETATM", n, "ZZU", c, num, x) if num == 13 else (r, n, res, c, num, x)
+             for r, n, res, c, num, x in _rna(11, 16)]
+    result = refine(_write_pdb(tmp_path / "zzu.pdb", atoms), **_fast(monkeypatch))
+    assert result.level == "all-atom"
+    assert any("ZZU 13 (chain A)" in line for line in result.leftOut), result.leftOut
+    assert any("C 14 (chain A): 5' phosphate" in line for line in result.leftOut), result.leftOut
+
+
 def test_a_ligand_ion_and_waters_are_kept_fixed_or_removed_never_a_level_drop(tmp_path, monkeypatch):
     # Before: the protein's ligand (benzene) was dropped (or the whole protein went to backbone level) with only a
     # warning. Now the protein stays all-atom; the others are written back unchanged (default) or removed, and

@@ -341,9 +341,36 @@ _GENERATED_ATOMS = {"GLY": frozenset(["N", "CA", "C", "O", "OXT"]),
 #: Modified nucleotides refined as their parent (PDBFixer maps nucleotides only through MODRES records, which
 #: do not survive the way structures reach it): methylations and similar changes that keep the parent's atom
 #: names where the parent has them. PDBFixer then deletes the extra atoms and adds missing ones. Pseudouridine
-#: (PSU) is not here: its base is attached through C5, so U's atoms by name would be a different molecule.
+#: (PSU) is not here: its base is attached through C5, so U's atoms by name would be a different molecule
+#: (PSEUDOURIDINE_AS_URIDINE renames it instead).
 MODIFIED_NUCLEOTIDES = {"5MC": "C", "OMC": "C", "5MU": "U", "OMU": "U", "H2U": "U", "4SU": "U", "OMG": "G",
                         "2MG": "G", "M2G": "G", "7MG": "G", "1MG": "G", "1MA": "A", "A2M": "A", "6MA": "A"}
+
+#: Pseudouridine (PSU) is uridine's isomer with the ring attached to C1' through C5 instead of N1. Walking
+#: the ring from the glycosidic atom, PSU's C5-C4-N3-C2-N1-C6 is U's N1-C2-N3-C4-C5-C6, with O4 and O2 (and
+#: the hydrogen on N1) exchanging places likewise; so a PSU is refined as a U by renaming its ring atoms, with
+#: the two ring atoms whose element differs (PSU's C5 and N1) taking U's elements. Name -> (name, element).
+PSEUDOURIDINE_AS_URIDINE = {"C5": ("N1", "N"), "C4": ("C2", "C"), "O4": ("O2", "O"), "N3": ("N3", "N"),
+                            "C2": ("C4", "C"), "O2": ("O4", "O"), "N1": ("C5", "C"), "C6": ("C6", "C"),
+                            "H1": ("H5", "H"), "H3": ("H3", "H"), "H6": ("H6", "H")}
+
+
+def _pseudouridinesAsUridines(topology):
+    """Renames every PSU residue of `topology` (in place) as a U (PSEUDOURIDINE_AS_URIDINE); returns the
+    descriptions of the residues renamed."""
+    renamed = []
+    for residue in topology.residues():
+        if residue.name.strip().upper() != "PSU":
+            continue
+        renamed.append(_describeResidue(residue))
+        for atom in residue.atoms():
+            if atom.name in PSEUDOURIDINE_AS_URIDINE:
+                name, symbol = PSEUDOURIDINE_AS_URIDINE[atom.name]
+                atom.name, atom.element = name, app.Element.getBySymbol(symbol)
+        residue.name = "U"
+    return renamed
+
+
 #: Nucleoside triphosphates at a chain's 5' end: the nucleotide, with its triphosphate removed.
 TRIPHOSPHATES = {"ATP": "A", "CTP": "C", "GTP": "G", "UTP": "U"}
 #: 5' phosphate and triphosphate atoms of a first nucleotide (amber14's 5' templates have none).
@@ -365,8 +392,8 @@ def splitHetero(topology, positions):
     nm positions), list of descriptions of atoms removed from polymer residues). The rest: waters, ions,
     phosphates without their nucleotide (a 3' phosphate written as its own residue), and residues neither
     amber14 nor PDBFixer knows (ligands, caps, unmapped modified residues). In the polymer, the first nucleotide
-    of each chain loses its 5' phosphate or triphosphate (a nucleoside triphosphate there becomes its
-    nucleotide), as amber14's 5' templates have none. The polymer keeps chain ids, residue ids and bonds; it is
+    of each chain, and one after a residue set aside, loses its 5' phosphate or triphosphate (a nucleoside
+    triphosphate there becomes its nucleotide), as amber14's 5' templates have none. The polymer keeps chain ids, residue ids and bonds; it is
     split again at the holes the rest leaves (splitAtGaps)."""
     import openmm.app as app_
     xyz = positionsNm(positions)
@@ -384,19 +411,23 @@ def splitHetero(topology, positions):
                 others.append((residue, "a phosphate without its nucleotide (3' or 5' phosphate)"))
             elif name in TRIPHOSPHATES and len(nucleotides) > 1:
                 keep.append((residue, TRIPHOSPHATES[name]))
-            elif _pdbfixerKnows(name):
+            elif _pdbfixerKnows(name) or name == "PSU":  # PSU: renamed as U before PDBFixer (PSEUDOURIDINE_AS_URIDINE)
                 keep.append((residue, None))
             else:
                 others.append((residue, "no amber14 template (ligand, cap or unmapped modified residue)"))
     out = app_.Topology()
     atoms, chains, kept = {}, {}, []
+    # A nucleotide starts a chain in the polymer when it is its chain's first kept residue or follows a residue
+    # set aside (an unmapped modified nucleotide in mid-chain splits the chain there).
     firstNucleotide = set()
+    keptResidues = {residue for residue, _ in keep}
     for chain in topology.chains():
-        for residue, _ in keep:
-            if residue.chain is chain and (_polymerType(residue) == "rna" or
-                                           residue.name.strip().upper() in TRIPHOSPHATES):
+        previousKept = False
+        for residue in chain.residues():
+            isNucleotide = _polymerType(residue) == "rna" or residue.name.strip().upper() in TRIPHOSPHATES
+            if residue in keptResidues and isNucleotide and not previousKept:
                 firstNucleotide.add(residue)
-                break
+            previousKept = residue in keptResidues
     for residue, rename in keep:
         if residue.chain not in chains:
             chains[residue.chain] = out.addChain(residue.chain.id)
@@ -734,12 +765,20 @@ def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperatu
     topology, _ = splitAtGaps(topology, positions)
     fixer = _fixer(topology, positions)
     fixer.missingResidues = {}  # never invent missing residues; gaps stay gaps (findMissingResidues not called)
+    pseudouridines = _pseudouridinesAsUridines(fixer.topology)
+    if pseudouridines:
+        message = ("%d pseudouridine(s) refined as U, the ring renamed so that its glycosidic carbon stands as U's "
+                   "N1 (amber14 has no PSU template; written back as U): %s" % (len(pseudouridines),
+                                                                               "; ".join(pseudouridines)))
+        warnings.warn(message, stacklevel=2)
+        if notes is not None:
+            notes.append(message)
     fixer.findNonstandardResidues()
     mapped = {r for r, _ in fixer.nonstandardResidues}
     fixer.nonstandardResidues += [(r, MODIFIED_NUCLEOTIDES[r.name]) for r in fixer.topology.residues()
                                   if r.name in MODIFIED_NUCLEOTIDES and r not in mapped]
     if fixer.nonstandardResidues:
-        # Said, not silent: MSE becomes MET (Se -> S), PSU becomes U, and so on (PDBFixer's table).
+        # Said, not silent: MSE becomes MET (Se -> S) and so on (PDBFixer's table).
         replaced = "; ".join("%s refined as %s" % (_describeResidue(residue), replacement)
                              for residue, replacement in fixer.nonstandardResidues)
         message = ("%d nonstandard residue(s) replaced by their standard parents (PDBFixer), as amber14 has no "
