@@ -186,12 +186,18 @@ torch::Tensor GeometryPrior::backboneChainEnergy(const torch::Tensor& atoms, con
                                                            (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
     torch::Tensor present = torch::cat({inside, link}, 2).reshape({B, 3 * L}).narrow(1, 0, 3 * L - 1); // [B, 3L-1]
     // Bond variance a per component: the protein bonds' mean d0^2 / 3 (a freely jointed chain of those bonds).
-    std::vector<int64_t> proteinKinds;
-    for (size_t k = 0; k < Kinds.size(); k++)
-        if (!Kinds[k].rna)
-            proteinKinds.push_back((int64_t) k);
-    torch::Tensor d0 = stats.index({torch::tensor(proteinKinds, torch::kInt64).to(stats.device()), 0});
-    torch::Tensor a = d0.pow(2).mean() / 3.0;
+    // The protein kinds lead the table, so a narrow selects them: no index tensor to copy to the device inside
+    // a step (CUDA graphs capture this).
+    static const int64_t proteinKinds = [] {
+        int64_t count = 0;
+        while (count < (int64_t) Kinds.size() && !Kinds[count].rna)
+            count++;
+        for (size_t k = count; k < Kinds.size(); k++)
+            if (!Kinds[k].rna)
+                throw std::logic_error("GeometryPrior: the protein pair kinds must come first in the table");
+        return count;
+    }();
+    torch::Tensor a = stats.narrow(0, 0, proteinKinds).select(1, 0).pow(2).mean() / 3.0;
     torch::Tensor sigma2 = sigma.pow(2);                                                  // [B]
     torch::Tensor diagonal = a + 2.0 * sigma2;                                            // [B]
     torch::Tensor y = solveBondSystem(bonds, present, diagonal, sigma2);                  // K^-1 b
