@@ -23,6 +23,9 @@ import time
 import gemmi
 import numpy as np
 
+from openmmflashipa import ResidueType
+from openmmflashipa.topology import C4_BREAK, LINK_BREAK
+
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data")
 DEFAULT_OUT = os.path.join(ROOT, "build", "dataset", "flashipa-dataset.safetensors")
@@ -32,34 +35,26 @@ DEFAULT_MANIFEST_OUT = os.path.join(ROOT, "data", "manifest.tsv")
 FORMAT = "openmm-flashipa-dataset"
 VERSION = "1"
 
-# Residue vocabulary, identical to models/include ResidueTypes.h: 0-19 amino acids (alphabetical three-letter
-# names), 20 unknown amino acid, 21-24 A C G U, 25 unknown nucleotide.
-AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
-               "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")
-NUCLEOTIDES = ("A", "C", "G", "U")
-UNKNOWN_AMINO_ACID = 20
-FIRST_NUCLEOTIDE = 21
-UNKNOWN_NUCLEOTIDE = 25
-AA_INDEX = {name: i for i, name in enumerate(AMINO_ACIDS)}
-NT_INDEX = {name: FIRST_NUCLEOTIDE + i for i, name in enumerate(NUCLEOTIDES)}
-ONE_LETTER_AA = {"A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU",
-                 "G": "GLY", "H": "HIS", "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE",
-                 "P": "PRO", "S": "SER", "T": "THR", "W": "TRP", "Y": "TYR", "V": "VAL"}
-# The force-field/protonation names that ResidueTypes::fromName also accepts.
-ALIASES = {"HIE": "HIS", "HID": "HIS", "HIP": "HIS", "HSD": "HIS", "HSE": "HIS", "HSP": "HIS",
-           "CYX": "CYS", "CYM": "CYS", "ASH": "ASP", "GLH": "GLU", "LYN": "LYS", "MSE": "MET",
-           "RA": "A", "RC": "C", "RG": "G", "RU": "U", "RA5": "A", "RC5": "C", "RG5": "G", "RU5": "U",
-           "RA3": "A", "RC3": "C", "RG3": "G", "RU3": "U", "ADE": "A", "CYT": "C", "GUA": "G", "URA": "U",
-           "URI": "U"}
+# The residue vocabulary and its accepted variants are the plugin's (ResidueTypes.cpp, through the package):
+# 0-19 amino acids (alphabetical three-letter names), 20 unknown amino acid, 21-24 A C G U, 25 unknown
+# nucleotide. Names the plugin does not know go through gemmi's table of modified residues below.
+AMINO_ACIDS = tuple(ResidueType.name(i) for i in range(ResidueType.NumAminoAcids))
+NUCLEOTIDES = tuple(ResidueType.name(i) for i in range(ResidueType.FirstNucleotide, ResidueType.UnknownNucleotide))
+UNKNOWN_AMINO_ACID = ResidueType.UnknownAminoAcid
+FIRST_NUCLEOTIDE = ResidueType.FirstNucleotide
+UNKNOWN_NUCLEOTIDE = ResidueType.UnknownNucleotide
+# gemmi names a modified residue's parent by its one-letter code; the standard codes, from gemmi's own table.
+ONE_LETTER_AA = {gemmi.find_tabulated_residue(name).one_letter_code.upper(): name for name in AMINO_ACIDS}
 
 PROTEIN_FRAME = ("N", "CA", "C")
 RNA_FRAME = ("C3'", "C4'", "O4'")
 # Older files name the phosphate oxygens O1P/O2P; only P and O3' matter for the break test.
 RNA_NAME_ALIASES = {"O1P": "OP1", "O2P": "OP2"}
 
-PROTEIN_BREAK_A = 2.0        # C(i)-N(i+1), Angstrom (0.2 nm)
-RNA_BREAK_A = 2.0            # O3'(i)-P(i+1), Angstrom (0.2 nm)
-RNA_C4_BREAK_A = 8.0         # C4'(i)-C4'(i+1) when O3' or P is missing, Angstrom (0.8 nm)
+# Chain breaks: the package's rule (openmmflashipa.topology: LINK_BREAK, C4_BREAK), here in Angstrom.
+PROTEIN_BREAK_A = 10.0 * LINK_BREAK    # C(i)-N(i+1)
+RNA_BREAK_A = 10.0 * LINK_BREAK        # O3'(i)-P(i+1)
+RNA_C4_BREAK_A = 10.0 * C4_BREAK       # C4'(i)-C4'(i+1) when O3' or P is missing
 MIN_SEGMENT = 3
 VAL_FRACTION = 0.10
 FORCED_TRAIN_RNA = 3         # structures of the largest RNA chains (the ribosomal RNAs) stay in train
@@ -69,25 +64,25 @@ MIN_VAL_RNA = 15
 def residue_type(name, is_rna):
     """Vocabulary index of a residue name (standard, alias, or modified residue via gemmi's table)."""
     upper = name.strip().upper()
-    upper = ALIASES.get(upper, upper)
+    known = ResidueType.fromName(upper)
     if is_rna:
-        if upper in NT_INDEX:
-            return NT_INDEX[upper]
+        if FIRST_NUCLEOTIDE <= known < UNKNOWN_NUCLEOTIDE:
+            return known
         info = gemmi.find_tabulated_residue(upper)
         # gemmi's table gives a modified residue the lower-case one-letter code of its parent (PSU -> 'u');
         # DNA residues and anything else are the unknown nucleotide.
         if info is not None and info.found() and info.kind == gemmi.ResidueKind.RNA:
             code = info.one_letter_code
-            if code.islower() and code.upper() in NT_INDEX:
-                return NT_INDEX[code.upper()]
+            if code.islower() and code.upper() in NUCLEOTIDES:
+                return ResidueType.fromName(code.upper())
         return UNKNOWN_NUCLEOTIDE
-    if upper in AA_INDEX:
-        return AA_INDEX[upper]
+    if 0 <= known < UNKNOWN_AMINO_ACID:
+        return known
     info = gemmi.find_tabulated_residue(upper)
     if info is not None and info.found() and info.is_amino_acid():
         code = info.one_letter_code
         if code.islower() and code.upper() in ONE_LETTER_AA:
-            return AA_INDEX[ONE_LETTER_AA[code.upper()]]
+            return ResidueType.fromName(ONE_LETTER_AA[code.upper()])
     return UNKNOWN_AMINO_ACID
 
 

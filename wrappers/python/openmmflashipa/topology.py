@@ -199,7 +199,8 @@ def _toFloat(value, quantityUnit, what):
 
 
 # Chain breaks and gaps: every threshold in one place (nm).
-#: Position rule (the last resort of chainSegments), the training data set's rule (scripts/build_dataset.py):
+#: Position rule (the last resort of chainSegments), and the rule scripts/build_dataset.py splits the training
+#: data at (it reads these two constants):
 #: consecutive residues are not linked when C(i)-N(i+1) (protein) or O3'(i)-P(i+1) (RNA) is longer than
 #: LINK_BREAK, or, for nucleotides missing O3' or P, when their C4' atoms are farther apart than C4_BREAK.
 LINK_BREAK = 0.2
@@ -210,9 +211,6 @@ C4_BREAK = 0.8
 #: noisy input is not cut: Gaussian noise of 0.1 nm per coordinate on both atoms stretches a C-N bond past
 #: 0.5 nm in 2 % of links, past 0.8 nm in under 1e-5 (2 million samples).
 GAP_DISTANCE = 0.8
-#: Former names of the position thresholds.
-PROTEIN_BREAK = LINK_BREAK
-RNA_BREAK = C4_BREAK
 
 #: Atom names linking residue i to residue i+1: (atom of residue i, atom of residue i+1).
 LINK_ATOMS = {"protein": ("C", "N"), "rna": ("O3'", "P")}
