@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from .topology import DEFAULT_SIGMA
+
 DESCRIPTION = """\
 Protein and RNA backbones from the learned FlashIPA frame model, inside OpenMM.
 
@@ -87,8 +89,9 @@ def _parser():
     r.add_argument("--steps", type=_number(int, 0), default=None,
                    help="Langevin steps of the protocols with MD (default 1000; minimize runs none)")
     r.add_argument("--iterations", type=_number(int, 0), default=500, help="minimiser iterations (default 500)")
-    r.add_argument("--sigma", type=_number(float, 0.0, strictly=True), default=0.05,
-                   help="flashipaSigma, nm, above 0 (default 0.05; the model was trained on 0.01-2)")
+    r.add_argument("--sigma", type=_number(float, 0.0, strictly=True), default=DEFAULT_SIGMA,
+                   help="flashipaSigma, nm, above 0 (default %g, the force's; the model was trained on 0.01-2)"
+                   % DEFAULT_SIGMA)
     r.add_argument("--scale", type=_number(float, 0.0), default=1.0, help="flashipaScale; 0 = physics only (default 1)")
     r.add_argument("--level", choices=("auto", "all-atom", "backbone"), default="auto", help="refinement level")
     r.add_argument("--implicit", choices=("obc2", "gbn2"), default="obc2", help="implicit solvent model")

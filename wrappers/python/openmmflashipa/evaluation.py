@@ -39,7 +39,7 @@ from .generate import generate, choosePlatform, frameSystem
 from .refine import refine, withoutFlashIPA, allAtomSystem, repairGeometry, MINIMIZE_TOLERANCE
 from .selfconsistency import measure, designedBackbone, _frameIndices, _heavy
 from .structure import readStructure
-from .topology import LINK_BREAK, C4_BREAK
+from .topology import LINK_BREAK, C4_BREAK, DEFAULT_SIGMA
 
 # The model issue's targets (docs/MODEL.md, "Targets"); the report says which are met.
 HELIX_RANGE = (0.35, 0.60)
@@ -530,7 +530,7 @@ def decoys(atoms, types, rng, donors, noise=0.1):
     return out
 
 
-def discrimination(data, moltype="protein", maxChains=50, maxLength=300, sigma=0.05, seed=0, modelPath=None,
+def discrimination(data, moltype="protein", maxChains=50, maxLength=300, sigma=DEFAULT_SIGMA, seed=0, modelPath=None,
                    progress=True):
     """The learned energy E(x, sigma) of validation natives against their decoys (see :func:`decoys`).
 

@@ -22,17 +22,16 @@ import openmm.unit as unit
 import torch
 
 from . import torch_twin
+from .openmmflashipa import FlashIPAForce
+# The global parameters' defaults are FlashIPAForce's (docs/DESIGN-DECISIONS.md).
+from .topology import DEFAULT_SCALE, DEFAULT_SIGMA, DEFAULT_TEMPERATURE
 
 __all__ = ["createPythonForce", "TwinComputation", "DEFAULT_SCALE", "DEFAULT_SIGMA", "DEFAULT_TEMPERATURE"]
 
-#: Global parameter names, as FlashIPAForce::Scale(), Sigma(), Temperature().
-SCALE_PARAMETER = "flashipaScale"
-SIGMA_PARAMETER = "flashipaSigma"
-TEMPERATURE_PARAMETER = "flashipaTemperature"
-#: Defaults of the global parameters, as FlashIPAForce's (docs/DESIGN-DECISIONS.md).
-DEFAULT_SCALE = 1.0
-DEFAULT_SIGMA = 0.05
-DEFAULT_TEMPERATURE = 300.0
+#: Global parameter names: FlashIPAForce::Scale(), Sigma(), Temperature().
+SCALE_PARAMETER = FlashIPAForce.Scale()
+SIGMA_PARAMETER = FlashIPAForce.Sigma()
+TEMPERATURE_PARAMETER = FlashIPAForce.Temperature()
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "single": torch.float32, "double": torch.float64}
 

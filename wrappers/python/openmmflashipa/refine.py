@@ -43,9 +43,9 @@ from .generate import choosePlatform, FRAME_MASSES
 from .openmmflashipa import FlashIPAForce
 from .structure import Backbone, readStructure, writeOpenMM
 from .topology import (chainSegments, createForce, positionsNm, selectFrameResidues, reportUnusable,
-                       splitAtGaps, _isWaterOrIon, _polymerType)
-
-DEFAULT_SIGMA = 0.05       # nm: flashipaSigma during refinement (small: the structure is near the data)
+                       splitAtGaps, _isWaterOrIon, _polymerType, FIRST_NUCLEOTIDE)
+# flashipaSigma during refinement: the force's default, small because the structure is near the data.
+from .topology import DEFAULT_SIGMA
 REPULSION_DISTANCE = 0.3   # nm: frame atoms of different residues closer than this are pushed apart
 REPULSION_K = 10000.0      # kJ/mol/nm^2
 QUENCH_ITERATIONS = 100    # L-BFGS iterations of the final minimisation (bonds relax in a few dozen)
@@ -856,7 +856,7 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
     force.setDefaultScale(scale)
     force.setDefaultTemperature(temperature)
     for i, frame in enumerate(frames):
-        moltype = "rna" if frame.residueType >= 21 else "protein"
+        moltype = "rna" if frame.residueType >= FIRST_NUCLEOTIDE else "protein"
         for k, mass in enumerate(FRAME_MASSES[moltype]):
             system.addParticle(mass)
             start.append(xyz[frame.atoms[k]])
@@ -865,7 +865,7 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
         force.setForceGroup(1)
         system.addForce(force)
     for moltype in ("protein", "rna"):
-        chosen = [i for i, f in enumerate(frames) if (f.residueType >= 21) == (moltype == "rna")]
+        chosen = [i for i, f in enumerate(frames) if (f.residueType >= FIRST_NUCLEOTIDE) == (moltype == "rna")]
         if chosen:
             chosenFrames = [(3 * i, 3 * i + 1, 3 * i + 2) for i in chosen]
             chosenSegments = [segments[i] for i in chosen]
@@ -907,7 +907,7 @@ def backboneTopology(frames, frameXyz, segments):
     order = sorted(set(segments))
     for s in order:
         members = [i for i, seg in enumerate(segments) if seg == s]
-        moltype = "rna" if frames[members[0]].residueType >= 21 else "protein"
+        moltype = "rna" if frames[members[0]].residueType >= FIRST_NUCLEOTIDE else "protein"
         names = [frames[i].residue.name for i in members]
         chain_id = frames[members[0]].residue.chain.id or "A"
         sub_topology, sub_positions = Backbone(frameXyz[members], moltype, names, chain_id).toOpenMM()

@@ -198,6 +198,12 @@ def _toFloat(value, quantityUnit, what):
     return float(value)
 
 
+#: FlashIPAForce's defaults of its global parameters (scale, sigma in nm, temperature in K), read from the
+#: plugin, which holds them (FlashIPAForce.cpp); the package's workflows and CLI default to these.
+DEFAULT_SCALE = FlashIPAForce("").getDefaultScale()
+DEFAULT_SIGMA = FlashIPAForce("").getDefaultSigma()
+DEFAULT_TEMPERATURE = FlashIPAForce("").getDefaultTemperature()
+
 # Chain breaks and gaps: every threshold in one place (nm).
 #: Position rule (the last resort of chainSegments), and the rule scripts/build_dataset.py splits the training
 #: data at (it reads these two constants):
