@@ -380,9 +380,11 @@ PHOSPHATE_ATOMS = frozenset(["P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P", "O1"
 
 
 def _pdbfixerKnows(name):
+    """Whether a residue name reaches amber14 through PDBFixer: its own tables, or our mapping of modified
+    nucleotides to their parents (MODIFIED_NUCLEOTIDES by name, PSU by PSEUDOURIDINE_AS_URIDINE)."""
     from pdbfixer.pdbfixer import proteinResidues, rnaResidues, dnaResidues, substitutions
     return (name in proteinResidues or name in rnaResidues or name in dnaResidues or name in ("N", "UNK")
-            or name in substitutions or name in MODIFIED_NUCLEOTIDES)
+            or name in substitutions or name in MODIFIED_NUCLEOTIDES or name == "PSU")
 
 
 def splitHetero(topology, positions):
@@ -411,7 +413,7 @@ def splitHetero(topology, positions):
                 others.append((residue, "a phosphate without its nucleotide (3' or 5' phosphate)"))
             elif name in TRIPHOSPHATES and len(nucleotides) > 1:
                 keep.append((residue, TRIPHOSPHATES[name]))
-            elif _pdbfixerKnows(name) or name == "PSU":  # PSU: renamed as U before PDBFixer (PSEUDOURIDINE_AS_URIDINE)
+            elif _pdbfixerKnows(name):
                 keep.append((residue, None))
             else:
                 others.append((residue, "no amber14 template (ligand, cap or unmapped modified residue)"))

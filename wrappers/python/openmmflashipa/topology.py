@@ -200,9 +200,10 @@ def _toFloat(value, quantityUnit, what):
 
 #: FlashIPAForce's defaults of its global parameters (scale, sigma in nm, temperature in K), read from the
 #: plugin, which holds them (FlashIPAForce.cpp); the package's workflows and CLI default to these.
-DEFAULT_SCALE = FlashIPAForce("").getDefaultScale()
-DEFAULT_SIGMA = FlashIPAForce("").getDefaultSigma()
-DEFAULT_TEMPERATURE = FlashIPAForce("").getDefaultTemperature()
+_DEFAULTS = FlashIPAForce("")
+DEFAULT_SCALE = _DEFAULTS.getDefaultScale()
+DEFAULT_SIGMA = _DEFAULTS.getDefaultSigma()
+DEFAULT_TEMPERATURE = _DEFAULTS.getDefaultTemperature()
 
 # Chain breaks and gaps: every threshold in one place (nm).
 #: Position rule (the last resort of chainSegments), and the rule scripts/build_dataset.py splits the training
