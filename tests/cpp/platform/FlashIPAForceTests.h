@@ -4,6 +4,8 @@
 //   std::map<std::string, std::string> properties();  Context properties (e.g. double precision on CUDA)
 #include "FlashIPAForce.h"
 #include "TestStructures.h"
+#include "flashipa/EnergyModel.h"
+#include "flashipa/GeometryPrior.h"
 #include "flashipa/ResidueTypes.h"
 #include "openmm/Context.h"
 #include "openmm/CustomExternalForce.h"
@@ -106,6 +108,67 @@ TEST_F(FlashIPAForceTest, ParameterDerivativesMatchFiniteDifferences) {
         double fd = (plus - minus) / (2 * h);
         ASSERT_TRUE(derivatives.count(name)) << name;
         EXPECT_NEAR(derivatives[name], fd, 1e-4 * std::abs(fd) + 1e-10) << name;
+    }
+}
+
+/**
+ * A small model with random weights and the analytic geometry prior of the given version (GeometryPrior.h;
+ * version 3 adds the protein backbone chain term that the v2 model trains with), written to a temporary
+ * file whose path is returned. The prior's statistics are plausible bond lengths and widths, not fitted.
+ */
+std::string writeGeometryPriorModel(int version) {
+    ModelConfig config;
+    config.geometryPrior = version;
+    EnergyModel model(config);
+    randomizeParameters(*model, 11, 0.5);
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    model->setGeometryPriorStats(torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.01)}, 1));
+    const std::string path = (std::filesystem::temp_directory_path() /
+                              ("flashipa-prior" + std::to_string(version) + "-" + std::to_string(::getpid()) + ".safetensors")).string();
+    saveEnergyModel(model, path);
+    return path;
+}
+
+/** makeSystem's residues with a model of the given geometry-prior version instead of the shipped one. */
+std::unique_ptr<TestSystem> makePriorSystem(int L, int version) {
+    auto test = makeSystem(L);
+    FlashIPAForce* force = new FlashIPAForce(writeGeometryPriorModel(version));
+    for (int i = 0; i < test->force->getNumResidues(); i++) {
+        int n, ca, c, type, chain;
+        test->force->getResidueParameters(i, n, ca, c, type, chain);
+        force->addResidue(n, ca, c, type, chain);
+    }
+    test->system.removeForce(test->system.getNumForces() - 1);
+    test->system.addForce(force);
+    test->force = force;
+    return test;
+}
+
+// Models with the geometry prior (the v2 model's energy is network + prior; version 3's backbone chain term
+// solves a tridiagonal system per chain): forces are -dE/dx by central differences on this platform.
+TEST_F(FlashIPAForceTest, GeometryPriorModelForcesMatchFiniteDifferences) {
+    for (int version : {1, 3}) {
+        SCOPED_TRACE("geometry prior version " + std::to_string(version));
+        auto test = makePriorSystem(16, version);
+        VerletIntegrator integrator(0.001);
+        Context context(test->system, integrator, platform(), properties());
+        context.setPositions(test->positions);
+        State state = context.getState(State::Forces | State::Energy);
+        ASSERT_TRUE(std::isfinite(state.getPotentialEnergy()));
+        const double h = 1e-5;
+        double errorSquared = 0, normSquared = 0;
+        for (size_t i = 0; i < test->positions.size(); i += 2)
+            for (int d = 0; d < 3; d++) {
+                std::vector<Vec3> plus = test->positions, minus = test->positions;
+                plus[i][d] += h;
+                minus[i][d] -= h;
+                double fd = -(energyOf(context, plus) - energyOf(context, minus)) / (2 * h);
+                double analytic = state.getForces()[i][d];
+                errorSquared += (fd - analytic) * (fd - analytic);
+                normSquared += analytic * analytic;
+            }
+        ASSERT_GT(normSquared, 0.0);
+        EXPECT_LT(std::sqrt(errorSquared / normSquared), 1e-4);
     }
 }
 
