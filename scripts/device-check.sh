@@ -75,13 +75,13 @@ fi
 [[ " $STEPS " == *" tests "* ]] && STEPS="$STEPS cuda rest"
 if [[ " $STEPS " == *" cuda "* ]]; then
     echo "== CTest (CUDA suites)"
-    (cd $BUILD && ctest -j4 --timeout 300 --output-on-failure -R "Cuda|Fused|OperandPacking" 2>&1 | tee $OUT/ctest-cuda.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
+    (cd $BUILD && ctest -j4 --timeout 300 --output-on-failure -L cuda 2>&1 | tee $OUT/ctest-cuda.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (CUDA and Python-integration files)"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_platform.py tests/python/test_python_integration.py 2>&1 | tee $OUT/pytest-cuda.log | tail -15
 fi
 if [[ " $STEPS " == *" rest "* ]]; then
     echo "== CTest (the rest)"
-    (cd $BUILD && ctest -j8 --timeout 300 --output-on-failure -E "Cuda|Fused|OperandPacking" 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
+    (cd $BUILD && ctest -j8 --timeout 300 --output-on-failure -LE cuda 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (the rest)"
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/python --ignore=tests/python/test_cuda_platform.py --ignore=tests/python/test_python_integration.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/pytest.log | tail -15
 fi
