@@ -45,16 +45,11 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
     torch::Tensor batchTypes = typesCpu.to(device).view({1, L}).expand({numSamples, L}).contiguous();
     torch::Tensor batchChains = chains.to(longs).view({1, L}).expand({numSamples, L}).contiguous();
 
-    // Initial coordinates: the noised data's distribution at sigmaMax, a centred Gaussian whose spread per
-    // coordinate is sqrt(sigmaMax^2 + the spread of a real chain of this length) (ChainSpread.h; a chain is
-    // RNA when all its residues are nucleotides). Drawn on the CPU so that one seed gives the same start on
-    // every device.
-    const bool rna = (typesCpu >= ResidueType::FirstNucleotide).all().item<bool>();
-    const double startSpread = ChainSpread::noised(L, rna, sigmaMax);
+    // Initial coordinates: the noised data's distribution at sigmaMax in the Gaussian model of ChainSpread::start
+    // (the training chains' variance per cosine mode plus sigmaMax of isotropic noise). Drawn on the CPU so that
+    // one seed gives the same start on every device.
     torch::Generator generator = at::detail::createCPUGenerator(settings.seed);
-    torch::Tensor x = torch::randn({numSamples, L, 3, 3}, generator, torch::TensorOptions().dtype(torch::kFloat64));
-    x = x - x.mean({1, 2}, true);
-    x = (x * startSpread).to(device, dtype);
+    torch::Tensor x = ChainSpread::start(typesCpu, chains, sigmaMax, numSamples, generator).to(device, dtype);
 
     torch::NoGradGuard noGrad; // the flow itself is not differentiated
     auto sigmaAt = [&](int k) { return sigmaMax * std::pow(sigmaMin / sigmaMax, double(k) / settings.numSteps); };

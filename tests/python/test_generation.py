@@ -16,7 +16,7 @@ import openmmflashipa
 from openmmflashipa import torch_twin
 from openmmflashipa.annealing import AnnealingIntegrator
 from openmmflashipa.generate import frameSystem, generate
-from openmmflashipa.openmmflashipa import _sampleFrameAtoms
+from openmmflashipa.openmmflashipa import _chainStart, _sampleFrameAtoms
 
 UNK_AA = openmmflashipa.ResidueType.UnknownAminoAcid
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -94,11 +94,10 @@ def test_sampler_matches_twin_flow_from_the_same_start(twin):
     length, samples, steps, sigma_max, sigma_min, seed = 5, 2, 4, 0.5, 0.05, 11
     raw = _sampleFrameAtoms("", [UNK_AA] * length, [0] * length, samples, steps, sigma_max, sigma_min, seed, "cpu")
     ours = np.frombuffer(raw, dtype=np.float64).reshape(samples, length, 3, 3)
-    # The sampler documents its start: torch's CPU generator seeded with `seed`, N(0, 1) in float64,
-    # centred per sample, times the noised data's spread at sigma_max (checked against real chains below).
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn((samples, length, 3, 3), generator=generator, dtype=torch.float64)
-    start = (start - start.mean(dim=(1, 2), keepdim=True)) * openmmflashipa.noisedChainSpread(length, False, sigma_max)
+    # The sampler documents its start: ChainSpread::start with torch's CPU generator seeded with `seed` (its
+    # statistics are tested in tests/cpp/TestBackboneSampler.cpp).
+    start = torch.from_numpy(np.frombuffer(_chainStart([UNK_AA] * length, [0] * length, sigma_max, samples, seed),
+                                           dtype=np.float64).reshape(samples, length, 3, 3).copy())
     types = torch.full((samples, length), UNK_AA, dtype=torch.long)
     expected = oracle_flow(twin, start, types, sigma_max, sigma_min, steps).numpy()
     assert np.max(np.abs(ours - expected)) < TOLERANCE_NM
@@ -169,6 +168,22 @@ def test_chain_spread_matches_real_chains(moltype, count, tmp_path):
         ratios.append(np.log(spread_of(atoms) / openmmflashipa.chainSpread(len(atoms), moltype == "rna")))
     assert len(ratios) >= count - 2
     assert abs(np.median(ratios)) < 0.12, np.round(ratios, 2)
+    # The modes the start draws (ChainSpread::modesOfChain, the training split's table): the variance of the first
+    # cosine modes, measured here on these chains, summed over chains against the table's at each chain's length.
+    # Mean squares of a few dozen chains with heavy tails (elongated chains): within a factor 1.6 for the first
+    # mode and 1.4 for the first four together; an isotropic start (the old one) gives mode 1 a tenth of this.
+    measured, table = np.zeros(4), np.zeros(4)
+    for c in range(len(data)):
+        atoms = data.chain(c)[0]
+        x = atoms[np.isfinite(atoms).all((1, 2))].reshape(-1, 3)
+        n = len(x)
+        phi = np.sqrt(2.0 / n) * np.cos(np.pi * np.outer(np.arange(1, 5), np.arange(n) + 0.5) / n)
+        measured += ((phi @ (x - x.mean(0))) ** 2).mean(1)
+        table += np.array(openmmflashipa.chainModes(n // 3, moltype == "rna")[0][:4])
+    assert 1 / 1.6 < measured[0] / table[0] < 1.6, (measured, table)
+    assert 1 / 1.4 < measured.sum() / table.sum() < 1.4, (measured, table)
+    with pytest.raises(ValueError, match="at least one residue"):
+        openmmflashipa.chainModes(0, False)
     # The noised spread combines the two in quadrature.
     assert openmmflashipa.noisedChainSpread(100, False, 0.7) == pytest.approx(np.hypot(0.7, openmmflashipa.chainSpread(100, False)))
     with pytest.raises(ValueError, match="at least one residue"):

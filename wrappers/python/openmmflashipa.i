@@ -238,6 +238,21 @@ namespace ResidueType {
 double chainSpread(int length, bool rna) { return FlashIPAPlugin::ChainSpread::ofChain(length, rna); }
 double noisedChainSpread(int length, bool rna, double sigma) { return FlashIPAPlugin::ChainSpread::noised(length, rna, sigma); }
 %}
+%feature("docstring") chainModes "chainModes(length, rna) -> (variances, rest): the variance per coordinate (nm^2) of the first cosine modes of the frame atoms of a real chain of `length` residues (the training split's table, ChainSpread.h) and the rest of its variance per atom and coordinate";
+%inline %{
+PyObject* chainModes(int length, bool rna) {
+    try {
+        const FlashIPAPlugin::ChainSpread::Modes modes = FlashIPAPlugin::ChainSpread::modesOfChain(length, rna);
+        PyObject* variances = PyTuple_New((Py_ssize_t) modes.variances.size());
+        for (size_t k = 0; k < modes.variances.size(); k++)
+            PyTuple_SET_ITEM(variances, (Py_ssize_t) k, PyFloat_FromDouble(modes.variances[k]));
+        return Py_BuildValue("(Nd)", variances, modes.rest);
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+        return NULL;
+    }
+}
+%}
 
 /* The batched C++ sampler (models/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
    autograd engine refuses to run while a thread holds it, and sampling can take a while. Returns the frame
@@ -288,6 +303,30 @@ PyObject* _sampleFrameAtoms(const std::string& modelPath, PyObject* types, PyObj
         return NULL;
     }
     return PyBytes_FromStringAndSize((const char*) result.data(), (Py_ssize_t) (result.size() * sizeof(double)));
+}
+%}
+
+/* Where generation starts (ChainSpread::start), for the OpenMM route (AnnealingIntegrator) and for tests: float64
+   bytes [numSamples, L, 3, 3] in nm, drawn with torch's CPU generator seeded with `seed`. */
+%feature("docstring") _chainStart "_chainStart(types, chains, sigma, numSamples, seed) -> bytes";
+%inline %{
+PyObject* _chainStart(PyObject* types, PyObject* chains, double sigma, int numSamples, int seed) {
+    std::vector<int> t, c;
+    if (!flashipa_intList(types, "types must be a sequence of ints", t) ||
+        !flashipa_intList(chains, "chains must be a sequence of ints", c))
+        return NULL;
+    try {
+        torch::Generator generator = at::detail::createCPUGenerator(seed);
+        torch::Tensor x = FlashIPAPlugin::ChainSpread::start(torch::tensor(std::vector<int64_t>(t.begin(), t.end())),
+                                                             torch::tensor(std::vector<int64_t>(c.begin(), c.end())),
+                                                             sigma, numSamples, generator).contiguous();
+        return PyBytes_FromStringAndSize((const char*) x.data_ptr<double>(), (Py_ssize_t) (x.numel() * sizeof(double)));
+    } catch (const std::invalid_argument& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return NULL;
 }
 %}
 

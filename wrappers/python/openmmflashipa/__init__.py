@@ -54,6 +54,7 @@ from ._buildpaths import VERSION as __version__  # the repository's VERSION file
 
 from .openmmflashipa import (
     FlashIPAForce,
+    chainModes,
     chainSpread,
     noisedChainSpread,
     residueTypeName as _residueTypeName,
@@ -77,6 +78,7 @@ __all__ = [
     "pluginLoadFailures",
     "hasPlatformKernels",
     "defaultThreadCount",
+    "chainModes",
     "chainSpread",
     "noisedChainSpread",
 ]

@@ -13,8 +13,8 @@ was trained. That is the probability-flow ODE of the variance-exploding diffusio
 integrator step is one Heun (trapezoidal) step from sigma_k to sigma_{k+1} on a geometric schedule from
 ``sigmaMax`` to ``sigmaMin``; the last step also applies Tweedie's correction x + sigmaMin^2 * grad log p, the
 posterior mean at sigmaMin. Steps after the last one leave the positions unchanged. Generation starts from
-centred Gaussian coordinates with the noised data's spread at sigmaMax (``noisedChainSpread``: sigmaMax
-combined with the spread of a real chain of that length, docs/MODEL.md); denoising starts from the noisy structure with
+the noised data's distribution at sigmaMax in a Gaussian model (``_chainStart``, ChainSpread.h: the training
+chains' variance per cosine mode plus sigmaMax of isotropic noise, docs/MODEL.md); denoising starts from the noisy structure with
 sigmaMax set to its noise level.
 """
 

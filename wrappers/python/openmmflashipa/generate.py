@@ -18,7 +18,7 @@ import openmm.unit as unit
 
 from . import annealing
 from . import progress as _progress
-from .openmmflashipa import FlashIPAForce, _sampleFrameAtoms, noisedChainSpread, UNKNOWN_AMINO_ACID, UNKNOWN_NUCLEOTIDE
+from .openmmflashipa import FlashIPAForce, _chainStart, _sampleFrameAtoms, UNKNOWN_AMINO_ACID, UNKNOWN_NUCLEOTIDE
 from .structure import Backbone
 
 DEFAULT_STEPS = 100
@@ -169,17 +169,15 @@ def _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, 
     system, _ = frameSystem(moltype, length, modelPath)
     integrator = annealing.AnnealingIntegrator(sigmaMax, sigmaMin, numSteps)
     context = openmm.Context(system, integrator, choosePlatform(platform))
-    rng = np.random.default_rng(seed)
     results = []
     bar = _progress.bar(numSamples * numSteps, "generating %d %s backbone(s) of %d residues (OpenMM %s)"
                         % (numSamples, moltype, length, context.getPlatform().getName()), enabled=progress)
-    # The noised data's spread at sigmaMax, as the C++ sampler (ChainSpread.h).
-    spread = noisedChainSpread(length, moltype == "rna", sigmaMax)
+    # The noised data's distribution at sigmaMax, drawn as the C++ sampler draws it (ChainSpread::start).
+    starts = np.frombuffer(_chainStart([UNKNOWN_TYPE[moltype]] * length, [0] * length, sigmaMax, numSamples, seed),
+                           dtype=np.float64).reshape(numSamples, 3 * length, 3)
     try:
-        for _ in range(numSamples):
-            start = rng.standard_normal((3 * length, 3))
-            start -= start.mean(0)
-            context.setPositions(start * spread)
+        for start in starts:
+            context.setPositions(start)
             integrator.restart()
             for _ in range(numSteps):
                 integrator.step(1)
