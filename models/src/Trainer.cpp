@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <sys/stat.h>
@@ -141,6 +142,7 @@ struct Trainer::Noised {
     torch::Tensor sigma;    // [B]
     torch::Tensor weight;   // [B, L, 1, 1] 1 on real residues
     torch::Tensor count;    // [B] real coordinates (9 per residue)
+    torch::Tensor total;    // [] real coordinates of the whole batch, this process's shard and the others'
 };
 
 namespace {
@@ -160,9 +162,15 @@ torch::Tensor residualSums(EnergyModel& model, const StructureBatch& batch, cons
 }
 } // namespace
 
-Trainer::Trainer(const TrainerOptions& options) : options_(options), device_(torch::kCPU) {
+Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunicator> communicator)
+    : options_(options), device_(torch::kCPU), communicator_(std::move(communicator)) {
     if (options_.outDir.empty())
         throw std::invalid_argument("trainer: outDir is required");
+    if (communicator_ && (communicator_->worldSize() < 1 || communicator_->rank() < 0 || communicator_->rank() >= communicator_->worldSize()))
+        throw std::invalid_argument("trainer: rank " + std::to_string(communicator_->rank()) + " is not in [0, " +
+                                    std::to_string(communicator_->worldSize()) + ")");
+    if (rank() != 0)
+        options_.verbose = false; // rank 0 reports for the run
     commandLines_ = options_.commandLine;
     if (options_.resume) {
         loadCheckpoint(checkpointPath());
@@ -189,9 +197,13 @@ Trainer::Trainer(const TrainerOptions& options) : options_(options), device_(tor
         dataset_ = std::make_unique<Dataset>(options_.datasetPath);
         datasetSha256_ = sha256File(options_.datasetPath);
         // The initial weights come from LibTorch's default initialisation under a seed derived from the
-        // run's seed (the global generator is reseeded here, so construction order does not matter).
+        // run's seed (the global generator is reseeded here, so construction order does not matter; the
+        // lock keeps trainers constructed at once in several threads from drawing from each other's seed).
+        static std::mutex initialisation;
+        std::unique_lock<std::mutex> initialising(initialisation);
         torch::manual_seed(mixSeed(options_.seed, InitStream, 0));
         model_ = EnergyModel(options_.model);
+        initialising.unlock();
         if (options_.model.geometryPrior) {
             torch::Tensor stats = GeometryPrior::measure(*dataset_);
             model_->setGeometryPriorStats(stats);
@@ -218,7 +230,80 @@ Trainer::Trainer(const TrainerOptions& options) : options_(options), device_(tor
     for (auto& p : ema_->parameters())
         p.set_requires_grad(false);
     makeDirectories(options_.outDir);
+    if (rank() == 0) {
+        // A process killed while writing leaves the temporary file that Safetensors::write renames when
+        // complete; it was never the checkpoint (or the model), so it is removed here.
+        for (const std::string& path : {checkpointPath(), modelPath()})
+            if (fileExists(path + ".tmp"))
+                std::remove((path + ".tmp").c_str());
+    }
     buildValidationSet();
+    checkProcessesAgree();
+}
+
+namespace {
+// FNV-1a over a tensor's bytes (on the CPU): an exact fingerprint, independent of summation order.
+uint64_t hashBytes(uint64_t h, const torch::Tensor& tensor) {
+    torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
+    const unsigned char* bytes = static_cast<const unsigned char*>(t.data_ptr());
+    for (size_t i = 0, n = t.numel() * t.element_size(); i < n; i++)
+        h = (h ^ bytes[i]) * 0x100000001b3ULL;
+    return h;
+}
+} // namespace
+
+void Trainer::checkProcessesAgree() {
+    if (worldSize() == 1)
+        return;
+    // Each entry is exact in a double (integers below 2^53); the maximum and minimum over the processes
+    // (one all-reduce of [v, -v]) are equal when every process holds the same value.
+    uint64_t modelHash = 0xcbf29ce484222325ULL, emaHash = modelHash, adamHash = modelHash;
+    auto emaParams = ema_->parameters();
+    auto params = model_->parameters();
+    for (size_t i = 0; i < params.size(); i++) {
+        modelHash = hashBytes(modelHash, params[i]);
+        emaHash = hashBytes(emaHash, emaParams[i]);
+        adamHash = hashBytes(hashBytes(adamHash, adamM_[i]), adamV_[i]);
+    }
+    const uint64_t low = 0xffffffffULL;
+    const std::vector<std::pair<std::string, double>> entries = {
+        {"the step", (double) step_},
+        {"the run's length (steps)", (double) options_.steps},
+        {"the batch per process", (double) options_.batchSize},
+        {"the crop", (double) options_.crop},
+        {"the seed (high bits)", (double) (options_.seed >> 32)},
+        {"the seed (low bits)", (double) (options_.seed & low)},
+        {"the dtype", (double) (options_.dtype == torch::kFloat64)},
+        {"the dataset (sha256)", (double) std::stoull(datasetSha256_.substr(0, 12), nullptr, 16)},
+        {"the model's weights", (double) (modelHash >> 32)}, {"the model's weights", (double) (modelHash & low)},
+        {"the EMA weights", (double) (emaHash >> 32)}, {"the EMA weights", (double) (emaHash & low)},
+        {"the optimiser state", (double) (adamHash >> 32)}, {"the optimiser state", (double) (adamHash & low)},
+    };
+    const int64_t n = (int64_t) entries.size();
+    torch::Tensor values = torch::empty({2 * n}, torch::kFloat64);
+    for (int64_t i = 0; i < n; i++) {
+        values[i] = entries[i].second;
+        values[n + i] = -entries[i].second;
+    }
+    torch::Tensor reduced = values.to(device_);
+    communicator_->allReduceMax(reduced);
+    reduced = reduced.to(torch::kCPU);
+    for (int64_t i = 0; i < n; i++) {
+        const double high = reduced[i].item<double>(), lowest = -reduced[n + i].item<double>();
+        if (high != lowest)
+            throw std::runtime_error("trainer: the processes of the data-parallel run disagree on " + entries[i].first +
+                                     " (process " + std::to_string(rank()) + " of " + std::to_string(worldSize()) + " has " +
+                                     formatDouble(entries[i].second) + ", the processes range from " + formatDouble(lowest) + " to " +
+                                     formatDouble(high) + "); start every process with the same options, data and checkpoint");
+    }
+}
+
+bool Trainer::anyProcess(bool flag) {
+    if (worldSize() == 1)
+        return flag;
+    torch::Tensor value = torch::full({1}, flag ? 1.0 : 0.0, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+    communicator_->allReduceMax(value);
+    return value.item<double>() > 0;
 }
 
 std::string Trainer::checkpointPath() const { return options_.outDir + "/checkpoint.safetensors"; }
@@ -235,8 +320,9 @@ double Trainer::learningRate(int64_t step) const {
     return peak * (f + (1 - f) * 0.5 * (1 + std::cos(M_PI * progress)));
 }
 
-Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma) {
+Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard) {
     // Everything random is drawn on the CPU in double, then moved: the same numbers on every device.
+    // The draws are those of the whole batch on every process; keepShard then keeps this process's rows.
     const int64_t B = batch.atoms.size(0), L = batch.atoms.size(1);
     torch::Tensor weight = batch.mask.to(torch::kFloat64).view({B, L, 1, 1});
     torch::Tensor count = 9.0 * batch.mask.to(torch::kFloat64).sum(1); // [B] real coordinates
@@ -263,33 +349,69 @@ Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& gener
 
     auto options = torch::TensorOptions().device(device_).dtype(options_.dtype);
     Noised n;
-    n.sigma = sigma.to(options);
-    n.eps = eps.to(options);
-    n.weight = weight.to(options);
-    n.count = count.to(options);
-    n.batch.atoms = x.to(options) + n.sigma.view({B, 1, 1, 1}) * n.eps;
-    n.batch.types = batch.types.to(device_);
-    n.batch.chains = batch.chains.to(device_);
-    n.batch.mask = batch.mask.to(device_);
+    n.total = count.to(options).sum();
+    // The rows of this process (all of them on a single process); padding stays that of the whole batch.
+    int64_t first = 0, rows = B;
+    if (keepShard && worldSize() > 1) {
+        if (B % worldSize() != 0)
+            throw std::logic_error("trainer: a batch of " + std::to_string(B) + " does not split over " + std::to_string(worldSize()) + " processes");
+        rows = B / worldSize();
+        first = rows * rank();
+    }
+    auto shard = [&](const torch::Tensor& t) { return t.narrow(0, first, rows); };
+    n.sigma = shard(sigma).to(options);
+    n.eps = shard(eps).to(options);
+    n.weight = shard(weight).to(options);
+    n.count = shard(count).to(options);
+    n.batch.atoms = shard(x).to(options) + n.sigma.view({rows, 1, 1, 1}) * n.eps;
+    n.batch.types = shard(batch.types).to(device_);
+    n.batch.chains = shard(batch.chains).to(device_);
+    n.batch.mask = shard(batch.mask).to(device_);
     return n;
 }
 
 StepResult Trainer::trainStep() {
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, TrainStream, step_));
-    StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Train, options_.batchSize, options_.crop, generator, options_.rnaProbability);
-    Noised n = noise(batch, generator, nullptr);
+    StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Train, globalBatchSize(), options_.crop, generator, options_.rnaProbability);
+    Noised n = noise(batch, generator, nullptr, true);
 
     model_->train();
     for (auto& p : model_->parameters())
         p.mutable_grad().reset();
     torch::Tensor sums = residualSums(model_, n.batch, n.eps, n.sigma, n.weight, true);
-    torch::Tensor loss = sums.sum() / n.count.sum();
+    // Normalised by the whole batch's coordinates: the processes' losses and gradients add up to the batch's.
+    torch::Tensor loss = sums.sum() / n.total;
     loss.backward();
 
     StepResult result;
-    result.loss = loss.item<double>();
     result.learningRate = learningRate(step_);
     std::vector<torch::Tensor> params = model_->parameters();
+    if (worldSize() == 1) {
+        result.loss = loss.item<double>();
+    } else {
+        // One all-reduce of [every gradient, whether each is defined, the loss]: a gradient is defined for
+        // the batch when it is on some process, as autograd defines it on a single process.
+        std::vector<torch::Tensor> pieces;
+        std::vector<double> defined;
+        for (auto& p : params) {
+            defined.push_back(p.grad().defined() ? 1.0 : 0.0);
+            pieces.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(options_.dtype) : torch::zeros({p.numel()}, p.options().dtype(options_.dtype)));
+        }
+        pieces.push_back(torch::tensor(defined, torch::kFloat64).to(loss.options()));
+        pieces.push_back(loss.detach().reshape({1}));
+        torch::Tensor flat = torch::cat(pieces);
+        communicator_->allReduceSum(flat);
+        torch::Tensor flags = flat.narrow(0, flat.size(0) - 1 - (int64_t) params.size(), (int64_t) params.size()).to(torch::kCPU);
+        int64_t offset = 0;
+        for (size_t i = 0; i < params.size(); i++) {
+            if (flags[i].item<double>() > 0)
+                params[i].mutable_grad() = flat.narrow(0, offset, params[i].numel()).view_as(params[i]).to(params[i].dtype());
+            else
+                params[i].mutable_grad().reset();
+            offset += params[i].numel();
+        }
+        result.loss = flat[-1].item<double>();
+    }
     torch::Tensor squaredNorm = torch::zeros({}, torch::TensorOptions().device(device_).dtype(torch::kFloat64));
     for (auto& p : params)
         if (p.grad().defined())
@@ -342,16 +464,19 @@ void Trainer::buildValidationSet() {
         return;
     // A fixed set: its own generator, and sigma stratified log-uniformly over [sigmaMin, sigmaMax] so
     // that every band holds structures.
+    // Batches of the whole step's size, each split over the processes as in training, so the set does not
+    // depend on the number of processes.
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, ValidationStream, 0));
-    const int64_t total = (int64_t) options_.validationBatches * options_.batchSize;
+    const int64_t batchSize = globalBatchSize();
+    const int64_t total = (int64_t) options_.validationBatches * batchSize;
     torch::Tensor u = (torch::arange(total, torch::kFloat64) + torch::rand({total}, generator, torch::kFloat64)) / (double) total;
     const double logMin = std::log(options_.model.sigmaMin), logMax = std::log(options_.model.sigmaMax);
     torch::Tensor sigma = torch::exp(logMin + u * (logMax - logMin));
     for (int b = 0; b < options_.validationBatches; b++) {
-        StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Validation, options_.batchSize, options_.crop, generator,
+        StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Validation, (int) batchSize, options_.crop, generator,
                                                      options_.rnaProbability);
-        torch::Tensor s = sigma.narrow(0, (int64_t) b * options_.batchSize, options_.batchSize);
-        Noised n = noise(batch, generator, &s);
+        torch::Tensor s = sigma.narrow(0, (int64_t) b * batchSize, batchSize);
+        Noised n = noise(batch, generator, &s, true);
         validationBatches_.push_back(n.batch);
         validationSigma_.push_back(n.sigma);
         validationEps_.push_back(n.eps);
@@ -386,6 +511,26 @@ ValidationResult Trainer::validate() {
             baseline += zero[i].item<double>();
         }
     }
+    if (worldSize() > 1) {
+        // The sums of every process's share of the validation set, in one all-reduce.
+        std::vector<double> local = {total, totalCount, baseline};
+        for (size_t band = 0; band < bands; band++) {
+            local.push_back(sum[band]);
+            local.push_back(count[band]);
+            local.push_back((double) structures[band]);
+        }
+        torch::Tensor reduced = torch::tensor(local, torch::kFloat64).to(device_);
+        communicator_->allReduceSum(reduced);
+        reduced = reduced.to(torch::kCPU);
+        total = reduced[0].item<double>();
+        totalCount = reduced[1].item<double>();
+        baseline = reduced[2].item<double>();
+        for (size_t band = 0; band < bands; band++) {
+            sum[band] = reduced[3 + 3 * band].item<double>();
+            count[band] = reduced[4 + 3 * band].item<double>();
+            structures[band] = (int64_t) reduced[5 + 3 * band].item<double>();
+        }
+    }
     ValidationResult result;
     result.loss = totalCount > 0 ? total / totalCount : NAN;
     result.baseline = totalCount > 0 ? baseline / totalCount : NAN;
@@ -399,6 +544,8 @@ ValidationResult Trainer::validate() {
 }
 
 void Trainer::openLog(bool append) {
+    if (rank() != 0)
+        return;
     // On resume, drop rows past the checkpoint (logged by a chunk that stopped before saving).
     std::vector<std::string> kept;
     if (append && fileExists(logPath())) {
@@ -431,6 +578,8 @@ void Trainer::openLog(bool append) {
 }
 
 void Trainer::logRow(const StepResult* train, const ValidationResult* val) {
+    if (rank() != 0)
+        return;
     std::ofstream out(logPath(), std::ios::app);
     if (!out)
         throw std::runtime_error("cannot write the training log '" + logPath() + "'");
@@ -474,9 +623,10 @@ bool Trainer::run() {
         const bool validateNext = validation && ((options_.validateEvery > 0 && (step_ + 1) % options_.validateEvery == 0) ||
                                                  step_ + 1 == options_.steps);
         if (options_.maxMinutes > 0 && chunkSteps > 0) {
-            // Leave room for one more (slow) step, its validation and the final checkpoint.
+            // Leave room for one more (slow) step, its validation and the final checkpoint. The processes of
+            // a data-parallel run stop together, when any of them would.
             double needed = 2 * longestStep + (validateNext ? validationSeconds : 0) + 2 * checkpointSeconds;
-            if (now() - chunkStart_ + needed > options_.maxMinutes * 60)
+            if (anyProcess(now() - chunkStart_ + needed > options_.maxMinutes * 60))
                 break;
         }
         double t0 = now();
@@ -509,8 +659,12 @@ bool Trainer::run() {
     }
     updateWall();
     saveCheckpoint();
-    if (step_ >= options_.steps) {
+    const bool complete = step_ >= options_.steps;
+    if (complete)
         exportModel();
+    // No process returns before rank 0 has written: a failure to write then stops every process.
+    anyProcess(false);
+    if (complete) {
         if (options_.verbose)
             std::cout << "training complete: " << step_ << " steps, " << formatDouble(wallSeconds_, 4) << " s; EMA model written to "
                       << modelPath() << std::endl;
@@ -523,6 +677,9 @@ bool Trainer::run() {
 }
 
 void Trainer::saveCheckpoint(const std::string& pathIn) {
+    checkProcessesAgree();
+    if (rank() != 0)
+        return;
     const std::string path = pathIn.empty() ? checkpointPath() : pathIn;
     std::vector<std::pair<std::string, torch::Tensor>> tensors;
     auto named = model_->named_parameters();
@@ -542,7 +699,8 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     metadata["dataset.path"] = options_.datasetPath;
     metadata["dataset.sha256"] = datasetSha256_;
     metadata["trainer.dtype"] = dtypeName(options_.dtype);
-    metadata["trainer.batch_size"] = std::to_string(options_.batchSize);
+    metadata["trainer.batch_size"] = std::to_string(globalBatchSize()); // structures per step, all processes
+    metadata["trainer.processes"] = std::to_string(worldSize());         // of the chunk that wrote it (information)
     metadata["trainer.crop"] = std::to_string(options_.crop);
     metadata["trainer.steps"] = std::to_string(options_.steps);
     metadata["trainer.learning_rate"] = formatDouble(options_.learningRate);
@@ -588,7 +746,12 @@ void Trainer::loadCheckpoint(const std::string& path) {
     if (dtype != "float32" && dtype != "float64")
         fail("trainer.dtype '" + dtype + "' is not float32 or float64");
     o.dtype = dtype == "float64" ? torch::kFloat64 : torch::kFloat32;
-    o.batchSize = (int) meta.integer("trainer.batch_size");
+    // The step's batch is the run's; each process takes an equal share of it.
+    const int64_t stepBatch = meta.integer("trainer.batch_size");
+    if (stepBatch < 1 || stepBatch % worldSize() != 0)
+        fail("the run's batch of " + std::to_string(stepBatch) + " structures per step does not split evenly over " +
+             std::to_string(worldSize()) + " processes; resume with a number of processes that divides it");
+    o.batchSize = (int) (stepBatch / worldSize());
     o.crop = (int) meta.integer("trainer.crop");
     if (options_.steps <= 0)
         o.steps = meta.integer("trainer.steps");
@@ -664,6 +827,8 @@ void Trainer::loadCheckpoint(const std::string& path) {
 }
 
 void Trainer::exportModel(const std::string& pathIn) {
+    if (rank() != 0)
+        return;
     const std::string path = pathIn.empty() ? modelPath() : pathIn;
     std::map<std::string, std::string> metadata;
     metadata["provenance"] = "trained by flashipa-train (denoising score matching; EMA weights); command line(s):\n" + commandLines_;
@@ -675,7 +840,8 @@ void Trainer::exportModel(const std::string& pathIn) {
     metadata["training.steps"] = std::to_string(step_);
     metadata["training.wall_seconds"] = formatDouble(wallSeconds_, 6);
     metadata["training.seed"] = std::to_string(options_.seed);
-    metadata["training.batch_size"] = std::to_string(options_.batchSize);
+    metadata["training.batch_size"] = std::to_string(globalBatchSize());
+    metadata["training.processes"] = std::to_string(worldSize());
     metadata["training.crop"] = std::to_string(options_.crop);
     metadata["training.dtype"] = dtypeName(options_.dtype);
     metadata["training.ema_decay"] = formatDouble(options_.emaDecay);

@@ -1,5 +1,6 @@
 // The training dataset (loading, validation, sampling) and the denoising-score-matching Trainer
-// (loss decreases, determinism, exact resume), on a tiny synthetic dataset and a tiny model.
+// (loss decreases, determinism, exact resume, data parallel over threads standing in for processes), on a
+// tiny synthetic dataset and a tiny model.
 #include "TestStructures.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/Dataset.h"
@@ -7,13 +8,17 @@
 #include "flashipa/Trainer.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <gtest/gtest.h>
 #include <numeric>
+#include <mutex>
 #include <set>
 #include <sstream>
+#include <thread>
 #include <ftw.h>
 #include <unistd.h>
 
@@ -411,4 +416,186 @@ TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
     EnergyModel exported = loadEnergyModel(second.modelPath());
     EXPECT_EQ(exported->config().geometryPrior, 1);
     EXPECT_TRUE(torch::equal(exported->geometryPriorStats, measured.to(torch::kFloat32)));
+}
+
+namespace {
+
+// The processes of a data-parallel run played by threads of this process: an all-reduce that waits for
+// every rank (or fails after 120 s, so a broken test cannot hang). Two ranks add in either order with the
+// same result (IEEE addition commutes), so the sum does not depend on which thread arrives first.
+class ThreadGroup {
+public:
+    explicit ThreadGroup(int size) : size_(size) {}
+    torch::Tensor reduce(const torch::Tensor& tensor, bool maximum) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const int64_t generation = generation_;
+        torch::Tensor t = tensor.to(torch::kCPU);
+        accumulated_ = arrived_ == 0 ? t.clone() : (maximum ? torch::maximum(accumulated_, t) : accumulated_ + t);
+        if (++arrived_ == size_) {
+            result_ = accumulated_;
+            arrived_ = 0;
+            generation_++;
+            changed_.notify_all();
+        } else if (!changed_.wait_for(lock, std::chrono::seconds(120), [&]() { return generation_ != generation; })) {
+            throw std::runtime_error("thread group: a rank did not arrive");
+        }
+        return result_.clone();
+    }
+
+private:
+    int size_, arrived_ = 0;
+    int64_t generation_ = 0;
+    torch::Tensor accumulated_, result_;
+    std::mutex mutex_;
+    std::condition_variable changed_;
+};
+
+class ThreadCommunicator : public TrainingCommunicator {
+public:
+    ThreadCommunicator(std::shared_ptr<ThreadGroup> group, int rank, int size) : group_(std::move(group)), rank_(rank), size_(size) {}
+    int rank() const override { return rank_; }
+    int worldSize() const override { return size_; }
+    void allReduceSum(torch::Tensor& tensor) override { tensor.copy_(group_->reduce(tensor, false)); }
+    void allReduceMax(torch::Tensor& tensor) override { tensor.copy_(group_->reduce(tensor, true)); }
+
+private:
+    std::shared_ptr<ThreadGroup> group_;
+    int rank_, size_;
+};
+
+// Runs body(rank, communicator) in one thread per rank; rethrows the first rank's exception, if any.
+void runRanks(int size, const std::function<void(int, std::shared_ptr<TrainingCommunicator>)>& body,
+              std::vector<std::string>* errors = nullptr) {
+    auto group = std::make_shared<ThreadGroup>(size);
+    std::vector<std::thread> threads;
+    std::vector<std::string> messages(size);
+    for (int r = 0; r < size; r++)
+        threads.emplace_back([&, r]() {
+            try {
+                body(r, std::make_shared<ThreadCommunicator>(group, r, size));
+            } catch (const std::exception& e) {
+                messages[r] = e.what();
+            }
+        });
+    for (auto& t : threads)
+        t.join();
+    if (errors)
+        *errors = messages;
+    else
+        for (int r = 0; r < size; r++)
+            if (!messages[r].empty())
+                throw std::runtime_error("rank " + std::to_string(r) + ": " + messages[r]);
+}
+
+double maxDifference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        worst = std::max(worst, (a[i].to(torch::kFloat64) - b[i].to(torch::kFloat64)).abs().max().item<double>());
+    return worst;
+}
+
+} // namespace
+
+TEST(Trainer, DataParallelEqualsOneProcessWithTheWholeBatch) {
+    // Two ranks of batch 2 draw the same structures and noise as one process of batch 4 (each rank keeps
+    // its half), so their losses, validation and weights after 6 steps match the single process's. In
+    // float64 they differ only by the order of the gradient sums: 1e-10 in the weights bounds rounding
+    // (observed 6e-13: AdamW divides small gradients by their own size) and is 1e5 times smaller than one
+    // step's change, so a wrong shard, a missing average or a rank drawing other noise fails it.
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    auto options = [&](const std::string& out, int batch) {
+        TrainerOptions o = tinyOptions(data, dir + "/" + out, 6);
+        o.dtype = torch::kFloat64;
+        o.batchSize = batch;
+        o.validateEvery = 3;
+        return o;
+    };
+    Trainer single(options("single", 4));
+    ValidationResult singleStart = single.validate();
+    ASSERT_TRUE(single.run());
+
+    std::vector<std::vector<double>> losses(2);
+    std::vector<std::vector<torch::Tensor>> weights(2), emaWeights(2);
+    std::vector<ValidationResult> starts(2), ends(2);
+    runRanks(2, [&](int rank, std::shared_ptr<TrainingCommunicator> communicator) {
+        Trainer trainer(options("parallel", 2), communicator);
+        EXPECT_EQ(trainer.globalBatchSize(), 4);
+        starts[rank] = trainer.validate();
+        EXPECT_TRUE(trainer.run());
+        losses[rank] = trainer.losses();
+        weights[rank] = parameters(trainer.model());
+        emaWeights[rank] = parameters(trainer.ema());
+        ends[rank] = trainer.validate();
+    });
+    // The ranks hold identical weights (the same update everywhere).
+    EXPECT_EQ(maxDifference(weights[0], weights[1]), 0.0);
+    EXPECT_EQ(losses[0], losses[1]);
+    ASSERT_EQ(losses[0].size(), 6u);
+    for (int i = 0; i < 6; i++)
+        EXPECT_NEAR(losses[0][i], single.losses()[i], 1e-12 * std::abs(single.losses()[i])) << "step " << i;
+    double change = maxDifference(parameters(single.model()), weights[0]);
+    std::cout << "max |w(2 ranks) - w(1 process)| = " << change << ", EMA " << maxDifference(parameters(single.ema()), emaWeights[0]) << "\n";
+    EXPECT_LT(change, 1e-10);
+    EXPECT_LT(maxDifference(parameters(single.ema()), emaWeights[0]), 1e-10);
+    EXPECT_NEAR(starts[0].loss, singleStart.loss, 1e-12);
+    EXPECT_EQ(starts[0].bandCount, singleStart.bandCount);
+    EXPECT_NEAR(ends[1].loss, single.validate().loss, 1e-10);
+
+    // Rank 0 alone wrote: the checkpoint holds the step's batch (4), and the log one row per step.
+    SafetensorsContents checkpoint = Safetensors::read(dir + "/parallel/checkpoint.safetensors");
+    EXPECT_EQ(checkpoint.metadata.at("trainer.batch_size"), "4");
+    EXPECT_EQ(checkpoint.metadata.at("trainer.processes"), "2");
+    std::map<std::string, std::string> metadata;
+    loadEnergyModel(dir + "/parallel/model.safetensors", &metadata);
+    EXPECT_EQ(metadata.at("training.batch_size"), "4");
+}
+
+TEST(Trainer, DataParallelResumesOnAnyDivisorOfTheBatch) {
+    // A 2-rank run stopped after 3 of 6 steps continues on one process (batch 4) as the single-process
+    // oracle does; 3 processes cannot split a batch of 4; ranks given different runs refuse to start.
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    TrainerOptions oracle = tinyOptions(data, dir + "/oracle", 6);
+    oracle.dtype = torch::kFloat64;
+    Trainer single(oracle);
+    ASSERT_TRUE(single.run());
+
+    runRanks(2, [&](int, std::shared_ptr<TrainingCommunicator> communicator) {
+        TrainerOptions o = tinyOptions(data, dir + "/run", 6);
+        o.dtype = torch::kFloat64;
+        o.batchSize = 2;
+        o.stopAfterSteps = 3;
+        Trainer trainer(o, communicator);
+        EXPECT_FALSE(trainer.run());
+    });
+    TrainerOptions resume;
+    resume.outDir = dir + "/run";
+    resume.resume = true;
+    resume.steps = 0;
+    resume.verbose = false;
+    resume.checkpointEvery = 0;
+    resume.validateEvery = 10;
+    Trainer continued(resume);
+    EXPECT_EQ(continued.step(), 3);
+    EXPECT_EQ(continued.options().batchSize, 4);
+    ASSERT_TRUE(continued.run());
+    EXPECT_LT(maxDifference(parameters(single.model()), parameters(continued.model())), 1e-10);
+    for (int i = 0; i < 3; i++)
+        EXPECT_NEAR(continued.losses()[i], single.losses()[3 + i], 1e-12);
+
+    std::vector<std::string> errors;
+    runRanks(3, [&](int, std::shared_ptr<TrainingCommunicator> communicator) { Trainer t(resume, communicator); }, &errors);
+    for (const auto& e : errors)
+        EXPECT_NE(e.find("batch of 4 structures per step does not split evenly over 3 processes"), std::string::npos) << e;
+
+    runRanks(2, [&](int rank, std::shared_ptr<TrainingCommunicator> communicator) {
+        TrainerOptions o = tinyOptions(data, dir + "/mismatch", 6);
+        o.seed = rank == 0 ? 7 : 8;
+        Trainer t(o, communicator);
+    }, &errors);
+    for (const auto& e : errors)
+        EXPECT_NE(e.find("the processes of the data-parallel run disagree on the seed"), std::string::npos) << e;
 }

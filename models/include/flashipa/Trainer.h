@@ -19,7 +19,7 @@ struct TrainerOptions {
     ModelConfig model;                 ///< architecture; its sigmaMin/sigmaMax are the training noise range
     std::string device = "cpu";        ///< "cpu" or "cuda" (or "cuda:N")
     torch::Dtype dtype = torch::kFloat32;
-    int batchSize = 4;
+    int batchSize = 4;                 ///< structures per process and step; a step's batch is batchSize x processes
     int crop = 128;                    ///< longest crop, residues
     int64_t steps = 10000;             ///< total optimiser steps of the run (the learning-rate schedule spans them)
     uint64_t seed = 0;
@@ -39,6 +39,25 @@ struct TrainerOptions {
     bool resume = false;               ///< continue from outDir/checkpoint.safetensors
     bool verbose = true;               ///< progress lines on stdout
     std::string commandLine;           ///< recorded in the checkpoint and the exported model's provenance
+};
+
+/**
+ * The collective operations of a data-parallel run (docs/DESIGN-DECISIONS.md, "Data-parallel training").
+ * Every process of the run holds one and calls the same operations in the same order; an operation that
+ * cannot complete (a process exited or hangs past the run's timeout) throws instead of blocking forever.
+ */
+class TrainingCommunicator {
+public:
+    virtual ~TrainingCommunicator() = default;
+    /** This process's index in [0, worldSize()); rank 0 writes the checkpoint, the log and the model. */
+    virtual int rank() const = 0;
+    /** The number of processes of the run. */
+    virtual int worldSize() const = 0;
+    /** Replaces a contiguous tensor on the trainer's device by its elementwise sum over all processes; every
+     *  process receives the same values. */
+    virtual void allReduceSum(torch::Tensor& tensor) = 0;
+    /** Replaces a contiguous tensor on the trainer's device by its elementwise maximum over all processes. */
+    virtual void allReduceMax(torch::Tensor& tensor) = 0;
 };
 
 /** Upper edges (nm) of the noise bands that validation reports separately; the last band is open. */
@@ -71,12 +90,22 @@ struct StepResult {
  * Randomness: every step draws from its own CPU generator seeded from (seed, step), so a run is
  * reproducible on the CPU and a resumed run continues exactly as an uninterrupted one: the checkpoint
  * holds model, EMA, Adam moments and the step, and the seed is its RNG state.
+ *
+ * Data parallel (with a TrainingCommunicator of N processes): every process draws the step's whole batch
+ * of N x batchSize structures and its noise from the step's generator, keeps its own batchSize rows, and
+ * scales its loss by the whole batch's coordinate count; the gradients are summed over the processes
+ * before clipping and AdamW, so every process applies the same update, and N processes with batchSize B
+ * train as one process with batchSize N x B up to the order of floating-point sums. Rank 0 alone writes
+ * the checkpoint, the log and the model; the checkpoint holds the step's batch (N x B), so a run can
+ * resume on any number of processes that divides it.
  */
 class Trainer {
 public:
     /** A fresh run, or (options.resume) the run saved in options.outDir, keeping options' steps,
-     *  maxMinutes, stopAfterSteps, device, validateEvery, checkpointEvery and verbose. */
-    explicit Trainer(const TrainerOptions& options);
+     *  maxMinutes, stopAfterSteps, device, validateEvery, checkpointEvery and verbose. With a
+     *  communicator, one process of a data-parallel run (see the class comment): every process must be
+     *  given the same options, and construction fails on every process if their runs differ. */
+    explicit Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunicator> communicator = nullptr);
 
     /** Trains until the end of the run or of this chunk (maxMinutes, stopAfterSteps), validating,
      *  logging and checkpointing; at the end of the run, exports the EMA model. Returns true when the
@@ -92,24 +121,40 @@ public:
     /** Writes the EMA model with saveEnergyModel (default: outDir/model.safetensors) and provenance metadata. */
     void exportModel(const std::string& path = "");
 
+    /** Optimiser steps done so far (the checkpoint's step after a resume). */
     int64_t step() const { return step_; }
+    /** The run's settings (after a resume, those read from the checkpoint). */
     const TrainerOptions& options() const { return options_; }
+    /** This process's rank in a data-parallel run (0 without a communicator). */
+    int rank() const { return communicator_ ? communicator_->rank() : 0; }
+    /** The number of processes of the run (1 without a communicator). */
+    int worldSize() const { return communicator_ ? communicator_->worldSize() : 1; }
+    /** Structures per step over all processes: options().batchSize x worldSize(). */
+    int globalBatchSize() const { return options_.batchSize * worldSize(); }
+    /** The model being trained. */
     EnergyModel& model() { return model_; }
+    /** The exponential moving average of the weights (validated and exported). */
     EnergyModel& ema() { return ema_; }
+    /** The training data. */
     const Dataset& dataset() const { return *dataset_; }
-    /** Training losses of the steps this object ran. */
+    /** Training losses (of the whole step's batch) of the steps this object ran. */
     const std::vector<double>& losses() const { return losses_; }
     /** Learning rate at a step (warm-up, then cosine). */
     double learningRate(int64_t step) const;
 
+    /** outDir/checkpoint.safetensors. */
     std::string checkpointPath() const;
+    /** outDir/training.csv. */
     std::string logPath() const;
+    /** outDir/model.safetensors. */
     std::string modelPath() const;
 
 private:
     struct Noised;
-    Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma);
+    Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard);
     void loadCheckpoint(const std::string& path);
+    void checkProcessesAgree();
+    bool anyProcess(bool flag);
     void buildValidationSet();
     void openLog(bool append);
     void logRow(const StepResult* train, const ValidationResult* val);
@@ -130,6 +175,7 @@ private:
     bool haveValidation_ = false;
     StepResult lastStep_;
     std::string commandLines_;     // every chunk's command line, one per line
+    std::shared_ptr<TrainingCommunicator> communicator_; // null: a single process
 };
 
 } // namespace FlashIPAPlugin
