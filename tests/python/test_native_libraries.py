@@ -29,7 +29,8 @@ SHADOWED = [
 def ourLibraries():
     folder = _plugins.pluginDirectory()
     paths = sorted(glob.glob(os.path.join(folder, "lib*.so")))
-    paths += glob.glob(os.path.join(os.path.dirname(openmmflashipa.__file__), "_openmmflashipa*.so"))
+    for module in ("_openmmflashipa", "_training"):
+        paths += glob.glob(os.path.join(os.path.dirname(openmmflashipa.__file__), module + "*.so"))
     return paths
 
 
