@@ -10,6 +10,11 @@
 #   RESUME_ARGS="--flag ..."       when resuming: the settings a resume takes from its own command line
 #                                  (--val-every, --checkpoint-every; default "--val-every 500
 #                                  --checkpoint-every 500", the v2 run's)
+#   NPROC=N                        data parallel over the machine's first N GPUs (python -m openmmflashipa.train,
+#                                  docs/DESIGN-DECISIONS.md "Data-parallel training"; default 1: the C++ trainer
+#                                  alone). Needs the project built with its Python module (device-build.sh with
+#                                  FLASHIPA_BUILD_PYTHON=ON; built here if absent). --batch-size is per process, so
+#                                  a resumed run keeps its step's batch only if N divides it.
 # `device-train-chunk.sh probe` only exits 0 when the carried trainer runs on this machine.
 #
 # The trainer is $TRAINER if set (e.g. one built on the machine), else the carried .trainbin (flashipa-train +
@@ -35,7 +40,17 @@ if ! $T --help >/dev/null 2>&1; then
     MINUTES=$(python3 -c "print(max(1.0, $MINUTES - 2.5))")  # the build took part of the call
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
-if [ -f $W/checkpoint.safetensors ]; then
+if [ "${NPROC:-1}" -gt 1 ]; then
+    # NVLink multicast stays off on these machines (the device notes): set where NCCL starts, also here.
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    export PYTHONPATH=/tmp/site:/tmp/flashipa-build/python
+    python3 -c "import openmmflashipa._training" 2>/dev/null || FLASHIPA_BUILD_PYTHON=ON bash scripts/device-build.sh || exit 1
+    [ -f $W/checkpoint.safetensors ] || ARGS="${NEW_RUN:-}"
+    [ -f $W/checkpoint.safetensors ] && ARGS="--resume ${RESUME_ARGS:---val-every 500 --checkpoint-every 500}"
+    # shellcheck disable=SC2086
+    python3 -m openmmflashipa.train --nproc "$NPROC" --data build/dataset/flashipa-dataset.safetensors --out-dir $W \
+        --device cuda --steps $STEPS --max-minutes $MINUTES $ARGS --quiet 2>&1 | tail -20
+elif [ -f $W/checkpoint.safetensors ]; then
     # shellcheck disable=SC2086
     $T --data build/dataset/flashipa-dataset.safetensors --out-dir $W --resume --device cuda --steps $STEPS --max-minutes $MINUTES ${RESUME_ARGS:---val-every 500 --checkpoint-every 500} --quiet 2>&1 | tail -20
 else
