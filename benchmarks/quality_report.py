@@ -6,8 +6,8 @@ of gyration against the training set, drift in MD with and without the learned f
    of 25) and --rnas over --rna-lengths (40..150 in steps of 10), with the batched C++ sampler (one model batch
    per length), seeded.
 2. Refinement (openmmflashipa.refine: protein all-atom with amber14 + OBC2 + the force, RNA at backbone level;
-   since session 8 the repair holds protein peptide links at ideal trans geometry and refine ends with a
-   quench, so reports before and after that differ in this step), then per structure: geometrically valid = every frame bond (N-CA, CA-C, C-N(i+1); C3'-C4', C4'-O4')
+   the repair holds protein peptide links at ideal trans geometry and refine ends with a quench), then per
+   structure: geometrically valid = every frame bond (N-CA, CA-C, C-N(i+1); C3'-C4', C4'-O4')
    within 0.01 nm of ideal AND no clash (heavy atoms of residues >= 2 apart closer than 0.25 nm).
 3. Secondary structure (pydssp, proteins) and radius of gyration (CA / C4') vs length, against --train-chains
    train-split chains of the data set (build/dataset).
