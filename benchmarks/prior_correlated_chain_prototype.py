@@ -2,14 +2,15 @@
 neighbours. The backbone's bond vectors are modelled as a stationary Gaussian with per-component covariance
 c0 (a bond with itself), c1 (adjacent bonds) and c2 (bonds two apart), measured on 300 training chains, and the
 chain term becomes 1/2 b^T (C + sigma^2 T)^-1 b - 1/2 b^T b / (c0 + 2 sigma^2); version 3 is C = c0 I. Dense
-solves, 100-residue chains only: the prior alone as the sampler's flow (4 samples, 60 Heun steps, matched
-start), with the d0, s0 of a checkpoint with a prior (argument 1).
+solves, 100-residue chains only: the prior alone as the sampler's flow (4 samples, 60 Heun steps, the
+start, ChainSpread::start), with the d0, s0 of a checkpoint with a prior (argument 1).
 
     python benchmarks/prior_correlated_chain_prototype.py RUN/model.safetensors
 """
 import math, sys, torch, numpy as np
 from openmmflashipa import torch_twin as tt
 from openmmflashipa.evaluation import DataSet
+from openmmflashipa.openmmflashipa import _chainStart, UNKNOWN_AMINO_ACID
 torch.set_num_threads(1)
 d = DataSet('build/dataset/flashipa-dataset.safetensors')
 cs = d.chains('protein', 'train', minLength=60, maxLength=300, singleSegment=True)[:300]
@@ -41,8 +42,9 @@ def grad(x, s, C, a_sub):
 for name, C, a_sub in [("freely jointed (v3)", Cmat(False, False), c0), ("c1", Cmat(True, False), c0), ("c1+c2", Cmat(True, True), c0)]:
     if torch.linalg.eigvalsh(C).min() <= 0: print(name, "not positive definite"); continue
     for smax in (1.2, 2.0):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(S, L, 3, 3, generator=g, dtype=torch.float64) * math.sqrt(smax**2 + (0.2066 * L**0.3015)**2)
+        # Where the sampler starts (ChainSpread::start: the training chains' variance per cosine mode + smax).
+        x = torch.from_numpy(np.frombuffer(_chainStart([UNKNOWN_AMINO_ACID] * L, [0] * L, smax, S, 0),
+                                           dtype=np.float64).reshape(S, L, 3, 3).copy())
         lv = [smax * (0.01 / smax) ** (i / steps) for i in range(steps + 1)]
         for s, t in zip(lv[:-1], lv[1:]):
             d1 = s * grad(x, s, C, a_sub); d2 = t * grad(x + (t - s) * d1, t, C, a_sub)
