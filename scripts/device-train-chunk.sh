@@ -45,8 +45,7 @@ if [ "${NPROC:-1}" -gt 1 ]; then
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     export PYTHONPATH=/tmp/site:/tmp/flashipa-build/python
     python3 -c "import openmmflashipa._training" 2>/dev/null || FLASHIPA_BUILD_PYTHON=ON bash scripts/device-build.sh || exit 1
-    [ -f $W/checkpoint.safetensors ] || ARGS="${NEW_RUN:-}"
-    [ -f $W/checkpoint.safetensors ] && ARGS="--resume ${RESUME_ARGS:---val-every 500 --checkpoint-every 500}"
+    if [ -f $W/checkpoint.safetensors ]; then ARGS="--resume ${RESUME_ARGS:---val-every 500 --checkpoint-every 500}"; else ARGS="${NEW_RUN:-}"; fi
     # shellcheck disable=SC2086
     python3 -m openmmflashipa.train --nproc "$NPROC" --data build/dataset/flashipa-dataset.safetensors --out-dir $W \
         --device cuda --steps $STEPS --max-minutes $MINUTES $ARGS --quiet 2>&1 | tail -20
