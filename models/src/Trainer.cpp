@@ -74,6 +74,14 @@ bool fileExists(const std::string& path) {
     return stat(path.c_str(), &info) == 0;
 }
 
+// LibTorch initialises module weights from its global generator: whoever builds modules holds this lock, so
+// trainers constructed at once in several threads (the data-parallel tests' ranks) never draw from each
+// other's seeded stream.
+std::mutex& moduleConstruction() {
+    static std::mutex lock;
+    return lock;
+}
+
 // A random proper rotation per structure from normalised Gaussian quaternions (uniform on SO(3)).
 torch::Tensor randomRotations(int64_t B, at::Generator& generator) {
     torch::Tensor q = torch::randn({B, 4}, generator, torch::kFloat64);
@@ -197,12 +205,14 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
         dataset_ = std::make_unique<Dataset>(options_.datasetPath);
         datasetSha256_ = sha256File(options_.datasetPath);
         // The initial weights come from LibTorch's default initialisation under a seed derived from the
-        // run's seed (the global generator is reseeded here, so construction order does not matter; the
-        // lock keeps trainers constructed at once in several threads from drawing from each other's seed).
-        static std::mutex initialisation;
-        std::unique_lock<std::mutex> initialising(initialisation);
+        // run's seed (the global generator is reseeded here, so construction order does not matter). Every
+        // module construction, the EMA copy's included, holds the lock: a module built in another thread
+        // while this one draws would take numbers from this trainer's seeded stream (the data-parallel
+        // ranks of one test process then started with different weights).
+        std::unique_lock<std::mutex> initialising(moduleConstruction());
         torch::manual_seed(mixSeed(options_.seed, InitStream, 0));
         model_ = EnergyModel(options_.model);
+        ema_ = EnergyModel(options_.model);
         initialising.unlock();
         if (options_.model.geometryPrior) {
             torch::Tensor stats = GeometryPrior::measure(*dataset_);
@@ -216,7 +226,6 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
             }
         }
         model_->to(device_, options_.dtype);
-        ema_ = EnergyModel(options_.model);
         ema_->to(device_, options_.dtype);
         torch::NoGradGuard noGrad;
         auto source = model_->parameters();
@@ -797,9 +806,14 @@ void Trainer::loadCheckpoint(const std::string& path) {
         stored.erase(it);
         return value.to(device_);
     };
-    model_ = EnergyModel(options_.model);
+    {
+        // Built under the lock although every weight is overwritten below: construction draws from the
+        // global generator, which a trainer starting afresh in another thread has seeded for itself.
+        std::lock_guard<std::mutex> constructing(moduleConstruction());
+        model_ = EnergyModel(options_.model);
+        ema_ = EnergyModel(options_.model);
+    }
     model_->to(device_, options_.dtype);
-    ema_ = EnergyModel(options_.model);
     ema_->to(device_, options_.dtype);
     torch::NoGradGuard noGrad;
     auto named = model_->named_parameters();
