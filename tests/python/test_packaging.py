@@ -1,6 +1,6 @@
-"""The package as scripts/bootstrap.sh installs it (pip install -e ., pyproject.toml): the version comes from
-VERSION, the pure-Python modules are the source files themselves (no copies that could go stale), and the built
-parts (plugin libraries, default model) come from the installed package's lib folder."""
+"""The package as scripts/bootstrap.sh installs it (pip install -e ., pyproject.toml): the pure-Python modules
+are the source files themselves (no copies that could go stale), and the built parts (plugin libraries, default
+model) come from the installed package's lib folder. (test_force_wrapper.py checks the version.)"""
 
 import os
 
@@ -10,11 +10,6 @@ from openmmflashipa import _plugins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE_PACKAGE = os.path.join(ROOT, "wrappers", "python", "openmmflashipa")
-
-
-def test_version_is_the_version_file():
-    with open(os.path.join(ROOT, "VERSION")) as f:
-        assert openmmflashipa.__version__ == f.readline().strip()
 
 
 def test_pure_python_modules_are_served_from_the_source_tree():
