@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent set-up shared by the README's two commands: Debian packages, a virtual environment
-# inside the repo (.venv) with the pinned wheels, then CMake configure + build (build/).
+# inside the repo (.venv) with the pinned wheels, then the package built and installed into it
+# (pip install -e ., with the CMake build in build/).
 # A second run downloads nothing (it compares the requirements with a stamp) and rebuilds only what changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,31 +40,29 @@ if ! cmp -s scripts/requirements.txt .venv/.requirements.stamp; then
 fi
 PY="$ROOT/.venv/bin/python"
 
-# 3. Configure and build.
-OPENMM_DIR="$("$PY" -c 'import os, openmm.version as v; print(os.path.dirname(v.openmm_library_path))')"
-TORCH_PREFIX="$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
-if [ ! -f build/CMakeCache.txt ]; then
-    log "configuring build/"
-    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DOPENMM_DIR="$OPENMM_DIR" \
-        -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython3_EXECUTABLE="$PY" \
-        -DSWIG_EXECUTABLE="$ROOT/.venv/bin/swig" ${FLASHIPA_CMAKE_ARGS:-} >/dev/null
+# 3. Build and install the package into .venv as a developer install (pip install -e ., pyproject.toml):
+#    scikit-build-core runs CMake with build/ as its build folder, with the GoogleTest suite and the benchmarks
+#    on, and installs the built parts (plugin libraries, SWIG and extension modules, default model) into
+#    .venv; the pure-Python files are served from wrappers/python/openmmflashipa, so an edit is seen at once.
+#    After a change to C++ sources, run this script again (it rebuilds only what changed).
+mkdir -p build
+if [ -f build/CMakeCache.txt ]; then
+    # Keep the generator an earlier configure of build/ chose (CMake refuses to switch).
+    CMAKE_GENERATOR="$(sed -n 's/^CMAKE_GENERATOR:INTERNAL=//p' build/CMakeCache.txt)"
+    export CMAKE_GENERATOR
 fi
-log "building (incremental)"
-if ! cmake --build build -j"$(nproc)" > build/build.log 2>&1; then
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+cmake_args=(-C build-dir=build -C cmake.define.FLASHIPA_BUILD_TESTS=ON -C cmake.define.FLASHIPA_BUILD_BENCHMARKS=ON)
+# FLASHIPA_CMAKE_ARGS: extra CMake arguments (e.g. "-DFLASHIPA_BUILD_CUDA=OFF"), space-separated.
+if [ -n "${FLASHIPA_CMAKE_ARGS:-}" ]; then
+    cmake_args+=(-C "cmake.args=$(echo "$FLASHIPA_CMAKE_ARGS" | tr -s ' ' ';')")
+fi
+# The .pth file of earlier set-ups pointed at a copy of the package in build/python; the install replaces it.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -f "$SITE/openmmflashipa-build.pth"
+log "building and installing (pip install -e ., incremental)"
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps -e . "${cmake_args[@]}" > build/build.log 2>&1; then
     grep -E -A5 'error|Error' build/build.log | head -80 >&2
     log "build failed (full log: build/build.log)"
     exit 1
 fi
-
-# 4. Make the Python package importable from the venv (a .pth file pointing at build/python).
-SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$ROOT/build/python" > "$SITE/openmmflashipa-build.pth"
-
-# 5. The `flashipa` command in the venv (the package's CLI, openmmflashipa/cli.py).
-cat > .venv/bin/flashipa <<LAUNCHER
-#!$PY
-import sys
-from openmmflashipa.cli import main
-sys.exit(main())
-LAUNCHER
-chmod +x .venv/bin/flashipa

@@ -9,6 +9,7 @@ CMakeLists.txt puts libstdc++ first; these tests fail if that is lost (docs/KNOW
 import ctypes
 import ctypes.util
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -29,8 +30,10 @@ SHADOWED = [
 def ourLibraries():
     folder = _plugins.pluginDirectory()
     paths = sorted(glob.glob(os.path.join(folder, "lib*.so")))
-    for module in ("_openmmflashipa", "_training"):
-        paths += glob.glob(os.path.join(os.path.dirname(openmmflashipa.__file__), module + "*.so"))
+    # The extension modules sit in the installed package (an editable install serves only the .py files from
+    # the source tree), so ask the import system where they are.
+    for module in ("openmmflashipa._openmmflashipa", "openmmflashipa._training"):
+        paths.append(importlib.util.find_spec(module).origin)
     return paths
 
 
