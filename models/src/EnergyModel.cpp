@@ -68,7 +68,23 @@ EnergyModelImpl::EnergyModelImpl(const ModelConfig& config) : config_(config) {
         // Not measured yet: NaN, so that a model used before setGeometryPriorStats() gives NaN energies
         // (which every caller reports) rather than a plausible wrong number.
         geometryPriorStats = register_parameter("geometryPriorStats", torch::full({K, 2}, NAN, torch::kFloat32), false);
+        if (config.geometryPrior >= 4)
+            geometryPriorBondCovariance = register_parameter("geometryPriorBondCovariance", torch::full({3}, NAN, torch::kFloat32), false);
     }
+}
+
+void EnergyModelImpl::setGeometryPriorBondCovariance(const torch::Tensor& covariance) {
+    if (!geometryPriorBondCovariance.defined())
+        throw std::invalid_argument("this model's geometry prior has no bond covariance (config.geometryPrior < 4)");
+    if (covariance.numel() != 3 || !torch::isfinite(covariance).all().item<bool>())
+        throw std::invalid_argument("the bond covariance must be three finite numbers (c0, c1, c2)");
+    torch::Tensor c = covariance.to(torch::kFloat64).reshape({3});
+    const double c0 = c[0].item<double>(), c1 = c[1].item<double>(), c2 = c[2].item<double>();
+    if (!(c0 > 0) || !(GeometryPrior::bondSpectrumMinimum(c0, c1, c2) > 0))
+        throw std::invalid_argument("the bond covariance (" + std::to_string(c0) + ", " + std::to_string(c1) + ", " + std::to_string(c2) +
+                                    ") does not define a positive definite chain covariance");
+    torch::NoGradGuard noGrad;
+    geometryPriorBondCovariance.copy_(c);
 }
 
 void EnergyModelImpl::setGeometryPriorStats(const torch::Tensor& stats) {
@@ -163,7 +179,7 @@ torch::Tensor EnergyModelImpl::forward(const StructureBatch& batch, const torch:
     torch::Tensor energy = perResidue.sum(1) / sig;
     if (geometryPriorStats.defined())
         energy = energy + GeometryPrior::energy(atoms, batch.types, batch.chains, mask, sig, geometryPriorStats,
-                                               config_.geometryPrior);
+                                               config_.geometryPrior, geometryPriorBondCovariance);
     return energy;
 }
 
@@ -185,6 +201,8 @@ int64_t EnergyModelImpl::parameterCount(const ModelConfig& config) {
         total += 2 * linear(cs, r * pd);
     if (config.geometryPrior)
         total += 6 * (int64_t) GeometryPrior::pairKinds().size(); // pairs [K, 4] and stats [K, 2]
+    if (config.geometryPrior >= 4)
+        total += 3; // bond covariances
     return total;
 }
 

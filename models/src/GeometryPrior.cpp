@@ -1,6 +1,7 @@
 #include "flashipa/GeometryPrior.h"
 #include "flashipa/Dataset.h"
 #include "flashipa/ResidueTypes.h"
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -88,9 +89,11 @@ torch::Tensor GeometryPrior::chainWeight(const torch::Tensor& sigma, const torch
 
 torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                     const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
-                                    int version) {
-    if (version < 1 || version > 3)
-        throw std::invalid_argument("geometry prior: version must be 1, 2 or 3, got " + std::to_string(version));
+                                    int version, const torch::Tensor& bondCovariance) {
+    if (version < 1 || version > 4)
+        throw std::invalid_argument("geometry prior: version must be 1, 2, 3 or 4, got " + std::to_string(version));
+    if (version == 4 && !(bondCovariance.defined() && bondCovariance.numel() == 3))
+        throw std::invalid_argument("geometry prior: version 4 needs the bond covariances (c0, c1, c2)");
     const int64_t B = atoms.size(0), L = atoms.size(1);
     torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
     torch::Tensor rna = types >= ResidueType::FirstNucleotide;
@@ -123,6 +126,8 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
     }
     if (version == 3)
         total = total + backboneChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), stats);
+    if (version == 4)
+        total = total + correlatedChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), bondCovariance);
     return total;
 }
 
@@ -204,6 +209,168 @@ torch::Tensor GeometryPrior::backboneChainEnergy(const torch::Tensor& atoms, con
     torch::Tensor on = present.to(atoms.dtype()).unsqueeze(-1);
     torch::Tensor exact = (y * bonds).sum({1, 2});                                        // b^T K^-1 b
     torch::Tensor pairs = (bonds.pow(2) * on).sum({1, 2}) / diagonal;                     // b^T b / (a + 2 sigma^2)
+    return 0.5 * (exact - pairs);
+}
+
+double GeometryPrior::bondSpectrumMinimum(double c0, double c1, double c2) {
+    // c0 + 2 c1 x + 2 c2 (2 x^2 - 1) with x = cos t in [-1, 1]: a quadratic in x, smallest at an end or at
+    // its vertex.
+    auto symbol = [&](double x) { return c0 + 2.0 * c1 * x + 2.0 * c2 * (2.0 * x * x - 1.0); };
+    double smallest = std::min(symbol(-1.0), symbol(1.0));
+    if (c2 > 0) {
+        const double vertex = -c1 / (4.0 * c2);
+        if (vertex > -1.0 && vertex < 1.0)
+            smallest = std::min(smallest, symbol(vertex));
+    }
+    return smallest;
+}
+
+torch::Tensor GeometryPrior::measureBondCovariance(const Dataset& data) {
+    const torch::Tensor& atoms = data.atoms();      // [N, 3, 3]
+    const torch::Tensor& types = data.types();      // [N]
+    const torch::Tensor& segment = data.segments(); // [N]
+    const int64_t N = atoms.size(0);
+    std::vector<int64_t> chainOf(N, -1);
+    for (int64_t c : data.chains(DatasetSplit::Train))
+        for (int64_t n = data.chainOffset(c); n < data.chainOffset(c + 1); n++)
+            chainOf[n] = c;
+    torch::Tensor chain = torch::tensor(chainOf, torch::kInt64);
+    torch::Tensor protein = (chain >= 0) & (types < ResidueType::FirstNucleotide); // [N]
+    // The path N0 CA0 C0 N1 ... over the whole file; slot j joins flattened atoms j and j + 1. Slots inside a
+    // residue count for training protein residues, the link slot where the next residue continues the same
+    // chain and segment (as the trainer's batches link them).
+    torch::Tensor path = atoms.to(torch::kFloat64).reshape({3 * N, 3});
+    torch::Tensor bonds = path.index({Slice(1, None)}) - path.index({Slice(None, -1)}); // [3N-1, 3]
+    torch::Tensor link = torch::zeros({N}, torch::kBool);
+    if (N > 1)
+        link.index_put_({Slice(None, -1)}, protein.index({Slice(None, -1)}) & protein.index({Slice(1, None)}) &
+                                               (chain.index({Slice(None, -1)}) == chain.index({Slice(1, None)})) &
+                                               (segment.index({Slice(None, -1)}) == segment.index({Slice(1, None)})));
+    torch::Tensor present = torch::stack({protein, protein, link}, 1).reshape({3 * N}).narrow(0, 0, 3 * N - 1);
+    double c[3];
+    for (int lag = 0; lag < 3; lag++) {
+        const int64_t M = 3 * N - 1 - lag;
+        torch::Tensor use = present.narrow(0, 0, M).clone();
+        for (int k = 1; k <= lag; k++)
+            use &= present.narrow(0, k, M); // every slot between the two present: one unbroken segment
+        torch::Tensor products = (bonds.narrow(0, 0, M) * bonds.narrow(0, lag, M)).sum(1).index({use});
+        if (products.numel() < 10)
+            throw std::runtime_error("geometry prior: the training split of '" + data.path() +
+                                     "' holds fewer than 10 protein backbone bonds for the bond covariance");
+        c[lag] = products.mean().item<double>() / 3.0;
+    }
+    // Shrink the correlations together until the symbol's minimum reaches the floor (bisection on a factor in
+    // [0, 1]: the minimum of functions linear in the factor is concave in it, positive at 0).
+    if (bondSpectrumMinimum(c[0], c[1], c[2]) < MinimumBondSpectrum * c[0]) {
+        double low = 0.0, high = 1.0;
+        for (int i = 0; i < 60; i++) {
+            const double mid = 0.5 * (low + high);
+            (bondSpectrumMinimum(c[0], mid * c[1], mid * c[2]) >= MinimumBondSpectrum * c[0] ? low : high) = mid;
+        }
+        c[1] *= low, c[2] *= low;
+    }
+    return torch::tensor({c[0], c[1], c[2]}, torch::kFloat64);
+}
+
+namespace {
+// The inverse of every 3 x 3 matrix of m [..., 3, 3] from its cofactors: elementwise operations only, so it
+// runs inside CUDA graphs and differentiates twice (the trainer's loss is a derivative of the energy).
+torch::Tensor inverse3(const torch::Tensor& m) {
+    auto e = [&](int i, int j) { return m.select(-2, i).select(-1, j); };
+    torch::Tensor c00 = e(1, 1) * e(2, 2) - e(1, 2) * e(2, 1);
+    torch::Tensor c01 = e(1, 2) * e(2, 0) - e(1, 0) * e(2, 2);
+    torch::Tensor c02 = e(1, 0) * e(2, 1) - e(1, 1) * e(2, 0);
+    torch::Tensor det = e(0, 0) * c00 + e(0, 1) * c01 + e(0, 2) * c02;
+    torch::Tensor c10 = e(0, 2) * e(2, 1) - e(0, 1) * e(2, 2);
+    torch::Tensor c11 = e(0, 0) * e(2, 2) - e(0, 2) * e(2, 0);
+    torch::Tensor c12 = e(0, 1) * e(2, 0) - e(0, 0) * e(2, 1);
+    torch::Tensor c20 = e(0, 1) * e(1, 2) - e(0, 2) * e(1, 1);
+    torch::Tensor c21 = e(0, 2) * e(1, 0) - e(0, 0) * e(1, 2);
+    torch::Tensor c22 = e(0, 0) * e(1, 1) - e(0, 1) * e(1, 0);
+    // inverse[i][j] = cofactor[j][i] / det
+    torch::Tensor adjugate = torch::stack({torch::stack({c00, c10, c20}, -1), torch::stack({c01, c11, c21}, -1),
+                                           torch::stack({c02, c12, c22}, -1)}, -2);
+    return adjugate / det.unsqueeze(-1).unsqueeze(-1);
+}
+
+// t[:, i - stride] (fromBefore) or t[:, i + stride], with `fill` (a tensor of one block) outside the rows.
+torch::Tensor shiftedBlocks(const torch::Tensor& t, int64_t stride, bool fromBefore, const torch::Tensor& fill) {
+    const int64_t L = t.size(1);
+    std::vector<int64_t> shape = t.sizes().vec();
+    shape[1] = std::min(stride, L);
+    torch::Tensor padding = fill.expand(shape);
+    if (stride >= L)
+        return padding.clone();
+    return fromBefore ? torch::cat({padding, t.narrow(1, 0, L - stride)}, 1) : torch::cat({t.narrow(1, stride, L - stride), padding}, 1);
+}
+} // namespace
+
+torch::Tensor GeometryPrior::solveBlockTridiagonal(const torch::Tensor& diagonal, const torch::Tensor& upper, const torch::Tensor& rhs) {
+    // Block parallel cyclic reduction: block row i reads A_i y_{i-s} + D_i y_i + U_i y_{i+s} = r_i; eliminating
+    // its neighbours at distance s with alpha = -A_i D_{i-s}^-1 and gamma = -U_i D_{i+s}^-1 leaves the same
+    // form at distance 2s. Blocks beyond the ends read as the identity with zero coupling and right-hand side.
+    // K is symmetric positive definite, so every D stays so (a Schur complement) and no pivoting is needed.
+    const int64_t L = diagonal.size(1);
+    torch::Tensor zeroBlock = torch::zeros({3, 3}, diagonal.options());
+    torch::Tensor identity = torch::eye(3, diagonal.options());
+    torch::Tensor zeroRhs = torch::zeros({3, rhs.size(-1)}, rhs.options());
+    torch::Tensor D = diagonal, U = upper.clone(), r = rhs;
+    if (L > 0)
+        U.select(1, L - 1).zero_();
+    torch::Tensor A = shiftedBlocks(U.transpose(-1, -2), 1, true, zeroBlock); // A_i = U_{i-1}^T
+    for (int64_t stride = 1; stride < L; stride *= 2) {
+        torch::Tensor alpha = -torch::matmul(A, inverse3(shiftedBlocks(D, stride, true, identity)));
+        torch::Tensor gamma = -torch::matmul(U, inverse3(shiftedBlocks(D, stride, false, identity)));
+        torch::Tensor nextD = D + torch::matmul(alpha, shiftedBlocks(U, stride, true, zeroBlock)) +
+                              torch::matmul(gamma, shiftedBlocks(A, stride, false, zeroBlock));
+        torch::Tensor nextR = r + torch::matmul(alpha, shiftedBlocks(r, stride, true, zeroRhs)) +
+                              torch::matmul(gamma, shiftedBlocks(r, stride, false, zeroRhs));
+        torch::Tensor nextA = torch::matmul(alpha, shiftedBlocks(A, stride, true, zeroBlock));
+        torch::Tensor nextU = torch::matmul(gamma, shiftedBlocks(U, stride, false, zeroBlock));
+        D = nextD, r = nextR, A = nextA, U = nextU;
+    }
+    return torch::matmul(inverse3(D), r);
+}
+
+torch::Tensor GeometryPrior::correlatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                                   const torch::Tensor& real, const torch::Tensor& sigma,
+                                                   const torch::Tensor& bondCovariance) {
+    const int64_t B = atoms.size(0), L = atoms.size(1);
+    if (L == 0)
+        return torch::zeros({B}, atoms.options());
+    // Slots 3i + p (p = 0: N-CA, 1: CA-C, 2: C(i)-N(i+1)) grouped per residue: with correlations reaching two
+    // bonds the matrix is block-tridiagonal in 3 x 3 blocks. Slot 3L - 1 (past the last residue) is absent.
+    torch::Tensor path = atoms.reshape({B, 3 * L, 3});
+    torch::Tensor bonds = torch::cat({path.index({Slice(), Slice(1, None)}) - path.index({Slice(), Slice(None, -1)}),
+                                      torch::zeros({B, 1, 3}, atoms.options())}, 1); // [B, 3L, 3]
+    torch::Tensor protein = real & (types < ResidueType::FirstNucleotide);
+    torch::Tensor link = torch::zeros({B, L}, protein.options());
+    if (L > 1)
+        link.index_put_({Slice(), Slice(None, -1)}, protein.index({Slice(), Slice(None, -1)}) & protein.index({Slice(), Slice(1, None)}) &
+                                                        (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
+    torch::Tensor on = torch::stack({protein, protein, link}, 2).reshape({B, 3 * L}).to(atoms.dtype()); // [B, 3L]
+    // P_j P_{j+1} and P_j P_{j+1} P_{j+2}: the couplings exist only inside one unbroken stretch of present slots.
+    torch::Tensor padded = torch::cat({on, torch::zeros({B, 2}, on.options())}, 1);
+    torch::Tensor next1 = on * padded.narrow(1, 1, 3 * L);
+    torch::Tensor next2 = next1 * padded.narrow(1, 2, 3 * L);
+    torch::Tensor sigma2 = sigma.pow(2).view({B, 1});
+    torch::Tensor c0 = bondCovariance[0], c1 = bondCovariance[1], c2 = bondCovariance[2];
+    torch::Tensor diag = on * (c0 + 2.0 * sigma2) + (1.0 - on); // absent slots: identity rows
+    torch::Tensor e1 = next1 * (c1 - sigma2);                   // K[j][j+1]
+    torch::Tensor e2 = next2 * c2;                              // K[j][j+2]
+    auto slot = [&](const torch::Tensor& t, int p) { return t.view({B, L, 3}).select(2, p); }; // [B, L]
+    torch::Tensor zero = torch::zeros({B, L}, atoms.options());
+    torch::Tensor d0 = slot(diag, 0), d1 = slot(diag, 1), d2 = slot(diag, 2);
+    torch::Tensor a0 = slot(e1, 0), a1 = slot(e1, 1), a2 = slot(e1, 2);
+    torch::Tensor b0 = slot(e2, 0), b1 = slot(e2, 1), b2 = slot(e2, 2);
+    torch::Tensor D = torch::stack({torch::stack({d0, a0, b0}, -1), torch::stack({a0, d1, a1}, -1), torch::stack({b0, a1, d2}, -1)}, -2);
+    // U_i[p][q] = K[3i + p][3i + 3 + q]: slot 3i+1 reaches 3i+3 (two apart), slot 3i+2 reaches 3i+3 and 3i+4.
+    torch::Tensor U = torch::stack({torch::stack({zero, zero, zero}, -1), torch::stack({b1, zero, zero}, -1),
+                                    torch::stack({a2, b2, zero}, -1)}, -2);
+    torch::Tensor rhs = (bonds * on.unsqueeze(-1)).view({B, L, 3, 3});
+    torch::Tensor y = solveBlockTridiagonal(D, U, rhs);
+    torch::Tensor exact = (y * rhs).sum({1, 2, 3});                                      // b^T K^-1 b
+    torch::Tensor pairs = (rhs.pow(2)).sum({1, 2, 3}) / (c0 + 2.0 * sigma2.view({B})); // b^T b / (c0 + 2 sigma^2)
     return 0.5 * (exact - pairs);
 }
 

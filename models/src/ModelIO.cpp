@@ -79,6 +79,12 @@ EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::
             fail("tensor 'geometryPriorPairs' lists other atom pairs than this build's geometry prior (GeometryPrior.cpp)");
         if (!(model->geometryPriorStats > 0).all().item<bool>())
             fail("tensor 'geometryPriorStats' must be positive (d0, s0 in nm)");
+        if (model->geometryPriorBondCovariance.defined()) {
+            torch::Tensor c = model->geometryPriorBondCovariance.to(torch::kFloat64);
+            if (!(c[0].item<double>() > 0) ||
+                !(GeometryPrior::bondSpectrumMinimum(c[0].item<double>(), c[1].item<double>(), c[2].item<double>()) > 0))
+                fail("tensor 'geometryPriorBondCovariance' does not define a positive definite chain covariance");
+        }
     }
     if (metadataOut)
         *metadataOut = contents.metadata;

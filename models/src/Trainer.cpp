@@ -224,6 +224,13 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
                               << stats[k][1].item<double>() << ";";
                 std::cout << std::endl;
             }
+            if (options_.model.geometryPrior >= 4) {
+                torch::Tensor covariance = GeometryPrior::measureBondCovariance(*dataset_);
+                model_->setGeometryPriorBondCovariance(covariance);
+                if (options_.verbose)
+                    std::cout << "geometry prior bond covariance (nm^2 per component, training split): c0 " << covariance[0].item<double>()
+                              << ", c1 " << covariance[1].item<double>() << ", c2 " << covariance[2].item<double>() << std::endl;
+            }
         }
         model_->to(device_, options_.dtype);
         ema_->to(device_, options_.dtype);

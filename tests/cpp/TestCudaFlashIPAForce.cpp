@@ -162,23 +162,27 @@ TEST_F(FlashIPAForceTest, GraphReplayEqualsEagerOver100Steps) {
     }
 }
 
-// A version-3 geometry-prior model (the v2 model's energy) in mixed precision, eager and replayed from a
-// CUDA graph over MD steps, against the Reference platform in double at the same positions: the prior's
-// tridiagonal solve runs inside the captured graph. Tolerance 1e-4 relative, as the SDPA path in mixed precision.
+// Geometry-prior models of versions 3 (the v2 model's energy) and 4 in mixed precision, eager and replayed from
+// a CUDA graph over MD steps, against the Reference platform in double at the same positions: the prior's
+// tridiagonal (version 3) and block-tridiagonal (version 4) solves run inside the captured graph. Tolerance
+// 1e-4 relative, as the SDPA path in mixed precision.
 TEST_F(FlashIPAForceTest, GeometryPriorModelInGraphsMatchesReference) {
-    auto test = makePriorSystem(40, 3);
-    test->force->setAttentionBackend("sdpa");
-    for (const std::string graphs : {"true", "false"}) {
-        test->force->setProperty("useCUDAGraphs", graphs);
-        VerletIntegrator integrator(0.0002);
-        Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
-        context.setPositions(test->positions);
-        for (int round = 0; round < 3; round++) {
-            integrator.step(5);
-            State state = context.getState(State::Positions | State::Energy | State::Forces);
-            Evaluation reference = evaluate(test->system, state.getPositions(), "Reference");
-            EXPECT_NEAR(state.getPotentialEnergy(), reference.energy, 1e-4 * std::abs(reference.energy)) << "graphs=" << graphs;
-            EXPECT_LT(relativeForceError(state.getForces(), reference.forces), 1e-4) << "graphs=" << graphs;
+    for (int version : {3, 4}) {
+        SCOPED_TRACE("geometry prior version " + std::to_string(version));
+        auto test = makePriorSystem(40, version);
+        test->force->setAttentionBackend("sdpa");
+        for (const std::string graphs : {"true", "false"}) {
+            test->force->setProperty("useCUDAGraphs", graphs);
+            VerletIntegrator integrator(0.0002);
+            Context context(test->system, integrator, platform(), {{"Precision", "mixed"}});
+            context.setPositions(test->positions);
+            for (int round = 0; round < 3; round++) {
+                integrator.step(5);
+                State state = context.getState(State::Positions | State::Energy | State::Forces);
+                Evaluation reference = evaluate(test->system, state.getPositions(), "Reference");
+                EXPECT_NEAR(state.getPotentialEnergy(), reference.energy, 1e-4 * std::abs(reference.energy)) << "graphs=" << graphs;
+                EXPECT_LT(relativeForceError(state.getForces(), reference.forces), 1e-4) << "graphs=" << graphs;
+            }
         }
     }
 }

@@ -94,7 +94,7 @@ TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
 }
 
 TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
-    for (int version : {1, 2, 3}) {
+    for (int version : {1, 2, 3, 4}) {
         SCOPED_TRACE("geometry prior version " + std::to_string(version));
         ModelConfig config;
         config.geometryPrior = version;
@@ -109,6 +109,14 @@ TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
         EXPECT_THROW(model->setGeometryPriorStats(torch::zeros({K, 2})), std::invalid_argument);
         torch::Tensor stats = torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1).to(torch::kFloat64);
         model->setGeometryPriorStats(stats);
+        torch::Tensor covariance;
+        if (version == 4) {
+            EXPECT_THROW(model->setGeometryPriorBondCovariance(torch::tensor({0.007, 0.007, 0.007}, torch::kFloat64)), std::invalid_argument);
+            covariance = torch::tensor({0.00692, 0.436 * 0.00692, 0.442 * 0.00692}, torch::kFloat64);
+            model->setGeometryPriorBondCovariance(covariance);
+        } else {
+            EXPECT_THROW(model->setGeometryPriorBondCovariance(torch::tensor({0.007, 0.0, 0.0})), std::invalid_argument);
+        }
         // The energy is the network's plus the prior's: the same weights without the prior differ by exactly it.
         ModelConfig plain = config;
         plain.geometryPrior = 0;
@@ -121,7 +129,8 @@ TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
         }
         without->to(torch::kFloat64);
         const double difference = (model->forward(batch, sigma, AttentionBackend::SDPA) - without->forward(batch, sigma, AttentionBackend::SDPA)).item<double>();
-        const double prior = GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats, version).item<double>();
+        const double prior =
+            GeometryPrior::energy(batch.atoms, batch.types, batch.chains, torch::Tensor(), sigma, stats, version, covariance).item<double>();
         EXPECT_NEAR(difference, prior, 1e-9 * std::abs(prior));
         // Gradients against central differences.
         EXPECT_LT(energyGradientError(model, batch, sigma, 1e-6), 1e-5);
@@ -186,9 +195,11 @@ TEST(GeometryPrior, VersionTwoScalesEachTermByItsChainWeight) {
             EXPECT_NEAR(two, chainWeightAt(sigma, 0.15, rna) * one, 1e-12 * std::abs(one)) << rna << " " << sigma;
         }
     }
-    EXPECT_THROW(GeometryPrior::energy(helixAtoms(1, 3), torch::zeros({1, 1}, torch::kInt64), torch::zeros({1, 1}, torch::kInt64),
-                                       torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64), 4),
-                 std::invalid_argument);
+    for (int version : {4, 5}) // 4 without its bond covariances, 5 unknown
+        EXPECT_THROW(GeometryPrior::energy(helixAtoms(1, 3), torch::zeros({1, 1}, torch::kInt64), torch::zeros({1, 1}, torch::kInt64),
+                                           torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64),
+                                           version),
+                     std::invalid_argument);
 }
 
 TEST(GeometryPrior, BondSystemSolveEqualsADenseSolve) {
@@ -261,6 +272,154 @@ TEST(GeometryPrior, BackboneChainTermIsTheModeCorrectionOfAGaussianChain) {
     EXPECT_EQ(GeometryPrior::backboneChainEnergy(atoms, batch.types, batch.chains, real, sigma, stats).item<double>(), 0.0);
 }
 
+namespace {
+
+/** A random symmetric positive definite block-tridiagonal system: diagonal and upper blocks [B, L, 3, 3]. */
+std::pair<torch::Tensor, torch::Tensor> randomBlockSystem(int64_t B, int64_t L) {
+    torch::Tensor m = torch::randn({B, L, 3, 3}, torch::kFloat64);
+    torch::Tensor upper = 0.4 * torch::randn({B, L, 3, 3}, torch::kFloat64);
+    // Diagonal dominance by more than the two coupling blocks' row sums makes the whole matrix positive definite.
+    torch::Tensor diagonal = torch::matmul(m, m.transpose(-1, -2)) + 4.0 * torch::eye(3, torch::kFloat64);
+    return {diagonal, upper};
+}
+
+/** The dense [3L, 3L] matrix of a block-tridiagonal system (row b of the batch). */
+torch::Tensor denseBlockMatrix(const torch::Tensor& diagonal, const torch::Tensor& upper, int64_t b) {
+    const int64_t L = diagonal.size(1);
+    torch::Tensor K = torch::zeros({3 * L, 3 * L}, torch::kFloat64);
+    for (int64_t i = 0; i < L; i++) {
+        K.narrow(0, 3 * i, 3).narrow(1, 3 * i, 3).copy_(diagonal[b][i]);
+        if (i + 1 < L) {
+            K.narrow(0, 3 * i, 3).narrow(1, 3 * i + 3, 3).copy_(upper[b][i]);
+            K.narrow(0, 3 * i + 3, 3).narrow(1, 3 * i, 3).copy_(upper[b][i].t());
+        }
+    }
+    return K;
+}
+
+/**
+ * Version 4's chain term of row b from its definition with dense matrices: the present bond slots of the
+ * backbone path (protein residues, links inside a chain), C + sigma^2 T over them with couplings only inside
+ * unbroken stretches, torch's dense solver.
+ */
+double denseCorrelatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                  const torch::Tensor& real, double sigma, double c0, double c1, double c2) {
+    const int64_t L = atoms.size(1), M = 3 * L - 1;
+    torch::Tensor path = atoms[0].reshape({3 * L, 3});
+    std::vector<bool> present(M + 2, false);
+    for (int64_t i = 0; i < L; i++) {
+        const bool protein = real[0][i].item<bool>() && types[0][i].item<int64_t>() < ResidueType::FirstNucleotide;
+        present[3 * i] = present[3 * i + 1] = protein;
+        if (i + 1 < L)
+            present[3 * i + 2] = protein && real[0][i + 1].item<bool>() && types[0][i + 1].item<int64_t>() < ResidueType::FirstNucleotide &&
+                                 chains[0][i].item<int64_t>() == chains[0][i + 1].item<int64_t>();
+    }
+    std::vector<int64_t> slots;
+    for (int64_t j = 0; j < M; j++)
+        if (present[j])
+            slots.push_back(j);
+    const int64_t n = (int64_t) slots.size();
+    if (n == 0)
+        return 0.0;
+    torch::Tensor K = torch::zeros({n, n}, torch::kFloat64), b = torch::zeros({n, 3}, torch::kFloat64);
+    const double s2 = sigma * sigma;
+    for (int64_t u = 0; u < n; u++) {
+        const int64_t j = slots[u];
+        b[u] = path[j + 1] - path[j];
+        for (int64_t v = 0; v < n; v++) {
+            const int64_t k = slots[v], lag = std::abs(k - j);
+            bool unbroken = true;
+            for (int64_t m = std::min(j, k); m <= std::max(j, k); m++)
+                unbroken = unbroken && present[m];
+            if (!unbroken)
+                continue;
+            const double value = lag == 0 ? c0 + 2 * s2 : lag == 1 ? c1 - s2 : lag == 2 ? c2 : 0.0;
+            K[u][v] = value;
+        }
+    }
+    torch::Tensor y = torch::linalg_solve(K, b, true);
+    return 0.5 * ((y * b).sum().item<double>() - b.pow(2).sum().item<double>() / (c0 + 2 * s2));
+}
+
+} // namespace
+
+TEST(GeometryPrior, BlockTridiagonalSolveEqualsADenseSolve) {
+    // Lengths that are and are not powers of two, several right-hand-side columns; the oracle is torch's
+    // dense solver on the assembled matrix. The last upper block is ignored (nothing follows it).
+    torch::manual_seed(11);
+    for (int64_t L : {1, 2, 3, 7, 16, 33}) {
+        const int64_t B = 2;
+        auto [diagonal, upper] = randomBlockSystem(B, L);
+        torch::Tensor rhs = torch::randn({B, L, 3, 2}, torch::kFloat64);
+        torch::Tensor y = GeometryPrior::solveBlockTridiagonal(diagonal, upper, rhs);
+        for (int64_t b = 0; b < B; b++) {
+            torch::Tensor want = torch::linalg_solve(denseBlockMatrix(diagonal, upper, b), rhs[b].reshape({3 * L, 2}), true);
+            EXPECT_LT((y[b].reshape({3 * L, 2}) - want).abs().max().item<double>(), 1e-10 * std::max(1.0, want.abs().max().item<double>()))
+                << "L " << L << " row " << b;
+        }
+    }
+}
+
+TEST(GeometryPrior, CorrelatedChainTermIsTheDenseGaussianEnergy) {
+    // A protein chain with a break (chain ids), an RNA residue and a padding residue inside it: the block solve
+    // against the dense definition at small and large sigma, with the covariances measured on the training
+    // split (docs/MODEL.md) and with stronger ones near the positive-definite limit.
+    const int L = 14;
+    torch::Tensor atoms = helixAtoms(L, 5);
+    torch::Tensor types = torch::zeros({1, L}, torch::kInt64), chains = torch::zeros({1, L}, torch::kInt64);
+    torch::Tensor real = torch::ones({1, L}, torch::kBool);
+    for (int i = 6; i < L; i++)
+        chains[0][i] = 1;
+    types[0][9] = ResidueType::FirstNucleotide;
+    real[0][12] = false;
+    const double c0 = 0.00692;
+    for (auto [r1, r2] : std::vector<std::pair<double, double>>{{0.436, 0.442}, {0.6, 0.2}, {0.0, 0.0}}) {
+        const double c1 = r1 * c0, c2 = r2 * c0;
+        ASSERT_GT(GeometryPrior::bondSpectrumMinimum(c0, c1, c2), 0.0);
+        torch::Tensor covariance = torch::tensor({c0, c1, c2}, torch::kFloat64);
+        for (double sigma : {0.0, 0.01, 0.1, 0.5, 2.0}) {
+            const double want = denseCorrelatedChainEnergy(atoms, types, chains, real, sigma, c0, c1, c2);
+            const double got =
+                GeometryPrior::correlatedChainEnergy(atoms, types, chains, real, torch::full({1}, sigma, torch::kFloat64), covariance).item<double>();
+            EXPECT_NEAR(got, want, 1e-9 * std::max(1.0, std::abs(want))) << "c1/c0 " << r1 << " sigma " << sigma;
+        }
+    }
+    // Without correlations it is version 3's term with a = c0 (an independent implementation: the scalar solve).
+    const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
+    torch::Tensor stats = torch::stack({torch::full({K}, std::sqrt(3.0 * c0), torch::kFloat64), torch::full({K}, 0.004, torch::kFloat64)}, 1);
+    for (double sigma : {0.05, 0.8}) {
+        torch::Tensor s = torch::full({1}, sigma, torch::kFloat64);
+        const double three = GeometryPrior::backboneChainEnergy(atoms, types, chains, real, s, stats).item<double>();
+        const double four = GeometryPrior::correlatedChainEnergy(atoms, types, chains, real, s, torch::tensor({c0, 0.0, 0.0}, torch::kFloat64))
+                                .item<double>();
+        EXPECT_NEAR(four, three, 1e-9 * std::max(1.0, std::abs(three))) << sigma;
+    }
+    // A batch of two rows equals each row alone; with sigma per row.
+    torch::Tensor covariance = torch::tensor({c0, 0.436 * c0, 0.442 * c0}, torch::kFloat64);
+    torch::Tensor two = GeometryPrior::correlatedChainEnergy(torch::cat({atoms, helixAtoms(L, 6)}), types.repeat({2, 1}), chains.repeat({2, 1}),
+                                                             real.repeat({2, 1}), torch::tensor({0.05, 1.0}, torch::kFloat64), covariance);
+    EXPECT_NEAR(two[0].item<double>(), denseCorrelatedChainEnergy(atoms, types, chains, real, 0.05, c0, 0.436 * c0, 0.442 * c0), 1e-9);
+    EXPECT_NEAR(two[1].item<double>(), denseCorrelatedChainEnergy(helixAtoms(L, 6), types, chains, real, 1.0, c0, 0.436 * c0, 0.442 * c0),
+                1e-9 * std::max(1.0, std::abs(two[1].item<double>())));
+}
+
+TEST(GeometryPrior, BondSpectrumMinimumOfTheBandedCovariance) {
+    // Against the smallest eigenvalue of a long chain's banded matrix (torch's eigensolver): finite sections
+    // lie above the symbol's minimum and approach it.
+    const int64_t M = 600;
+    for (auto [c1, c2] : std::vector<std::pair<double, double>>{{0.436, 0.442}, {0.3, -0.1}, {-0.45, 0.0}, {0.2, 0.3}}) {
+        torch::Tensor C = torch::eye(M, torch::kFloat64);
+        for (int64_t j = 0; j + 1 < M; j++)
+            C[j][j + 1] = C[j + 1][j] = c1;
+        for (int64_t j = 0; j + 2 < M; j++)
+            C[j][j + 2] = C[j + 2][j] = c2;
+        const double smallest = std::get<0>(torch::linalg_eigh(C, "L"))[0].item<double>();
+        const double symbol = GeometryPrior::bondSpectrumMinimum(1.0, c1, c2);
+        EXPECT_GE(smallest, symbol - 1e-12) << c1 << " " << c2;
+        EXPECT_NEAR(smallest, symbol, 2e-3) << c1 << " " << c2;
+    }
+}
+
 TEST(GeometryPrior, CheckpointsCarryItAndOlderOnesLoadWithout) {
     ModelConfig config;
     config.geometryPrior = 1;
@@ -289,5 +448,26 @@ TEST(GeometryPrior, CheckpointsCarryItAndOlderOnesLoadWithout) {
     std::map<std::string, std::string> old = ModelConfig().toMetadata();
     old.erase("config.geometryPrior");
     EXPECT_EQ(ModelConfig::fromMetadata(old).geometryPrior, 0);
+    // Version 4 carries its bond covariances; a file whose covariances are not positive definite is refused.
+    config.geometryPrior = 4;
+    EnergyModel four(config);
+    four->setGeometryPriorStats(torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1));
+    four->setGeometryPriorBondCovariance(torch::tensor({0.00692, 0.003, 0.003}, torch::kFloat64));
+    saveEnergyModel(four, path);
+    EnergyModel fourLoaded = loadEnergyModel(path);
+    EXPECT_EQ(fourLoaded->config().geometryPrior, 4);
+    EXPECT_TRUE(torch::equal(fourLoaded->geometryPriorBondCovariance, four->geometryPriorBondCovariance));
+    contents = Safetensors::read(path);
+    tensors.assign(contents.tensors.begin(), contents.tensors.end());
+    for (auto& [name, value] : tensors)
+        if (name == "geometryPriorBondCovariance")
+            value = torch::tensor({0.007f, 0.007f, 0.007f});
+    Safetensors::write(path, tensors, contents.metadata);
+    try {
+        loadEnergyModel(path);
+        ADD_FAILURE() << "a covariance that is not positive definite was accepted";
+    } catch (const std::runtime_error& e) {
+        EXPECT_NE(std::string(e.what()).find("geometryPriorBondCovariance"), std::string::npos) << e.what();
+    }
     unlink(path.c_str());
 }

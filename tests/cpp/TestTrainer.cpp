@@ -4,6 +4,7 @@
 #include "TestStructures.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/Dataset.h"
+#include "flashipa/GeometryPrior.h"
 #include "flashipa/ResidueTypes.h"
 #include "flashipa/Trainer.h"
 #include <ATen/CPUGeneratorImpl.h>
@@ -373,20 +374,22 @@ TEST(Trainer, ResumeEqualsStraightRun) {
 }
 
 TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
-    // The prior's statistics come from the training split (median, 1.4826 MAD), are exported with the
-    // model, and stay exactly as measured through steps, the EMA and a resume.
+    // The prior's statistics come from the training split (median, 1.4826 MAD; version 4's bond covariances),
+    // are exported with the model, and stay exactly as measured through steps, the EMA and a resume.
     TempDir tmp;
     const std::string& dir = tmp.path;
     std::string data = writeDataset(dir, "data.safetensors");
     TrainerOptions options = tinyOptions(data, dir + "/prior", 8);
-    options.model.geometryPrior = 1;
+    options.model.geometryPrior = 4;
     options.stopAfterSteps = 4;
-    torch::Tensor measured;
+    torch::Tensor measured, covariance;
     {
         Trainer first(options);
         ASSERT_FALSE(first.run());
         measured = first.model()->geometryPriorStats.detach().clone();
+        covariance = first.model()->geometryPriorBondCovariance.detach().clone();
         EXPECT_TRUE(torch::equal(measured, first.ema()->geometryPriorStats));
+        EXPECT_TRUE(torch::equal(covariance, first.ema()->geometryPriorBondCovariance));
     }
     // The oracle: the N-CA distances of the training chains' protein residues, straight from the file.
     SafetensorsContents contents = Safetensors::read(data);
@@ -403,6 +406,45 @@ TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
     const double median = distances[(distances.size() - 1) / 2]; // torch's median: the lower middle value
     EXPECT_NEAR(measured[0][0].item<double>(), median, 1e-6);
     EXPECT_GT(measured[0][1].item<double>(), 0.0);
+    // The bond covariances, by loops over each training protein chain's unbroken backbone path: the mean of
+    // b_j . b_{j+lag} / 3 over pairs in one segment. Where those would not be positive definite enough, the
+    // trainer shrinks c1 and c2 together to the floor: their ratio and c0 stay, the symbol sits on the floor.
+    auto segment = t["segment"];
+    double sums[3] = {0, 0, 0};
+    int64_t counts[3] = {0, 0, 0};
+    for (int64_t c = 0; c + 1 < offsets.numel(); c++) {
+        if (isRna[c].item<int>() || split[c].item<int>())
+            continue;
+        std::vector<torch::Tensor> bonds; // one unbroken stretch at a time
+        auto flush = [&]() {
+            for (size_t j = 0; j < bonds.size(); j++)
+                for (int lag = 0; lag < 3 && j + lag < bonds.size(); lag++)
+                    sums[lag] += bonds[j].dot(bonds[j + lag]).item<double>(), counts[lag]++;
+            bonds.clear();
+        };
+        for (int64_t n = offsets[c].item<int64_t>(); n < offsets[c + 1].item<int64_t>(); n++) {
+            if (n > offsets[c].item<int64_t>()) {
+                if (segment[n].item<int64_t>() != segment[n - 1].item<int64_t>())
+                    flush();
+                else
+                    bonds.push_back(atoms[n][0] - atoms[n - 1][2]);
+            }
+            bonds.push_back(atoms[n][1] - atoms[n][0]);
+            bonds.push_back(atoms[n][2] - atoms[n][1]);
+        }
+        flush();
+    }
+    const double c0 = sums[0] / counts[0] / 3, c1 = sums[1] / counts[1] / 3, c2 = sums[2] / counts[2] / 3;
+    EXPECT_NEAR(covariance[0].item<double>(), c0, 1e-6 * c0);
+    if (GeometryPrior::bondSpectrumMinimum(c0, c1, c2) >= GeometryPrior::MinimumBondSpectrum * c0) {
+        EXPECT_NEAR(covariance[1].item<double>(), c1, 1e-6 * c0);
+        EXPECT_NEAR(covariance[2].item<double>(), c2, 1e-6 * c0);
+    } else {
+        EXPECT_NEAR(covariance[2].item<double>() / covariance[1].item<double>(), c2 / c1, 1e-5 * std::abs(c2 / c1));
+        EXPECT_LT(std::abs(covariance[1].item<double>()), std::abs(c1));
+        EXPECT_NEAR(GeometryPrior::bondSpectrumMinimum(covariance[0].item<double>(), covariance[1].item<double>(), covariance[2].item<double>()),
+                    GeometryPrior::MinimumBondSpectrum * c0, 1e-4 * c0);
+    }
     TrainerOptions resume;
     resume.outDir = dir + "/prior";
     resume.resume = true;
@@ -413,9 +455,11 @@ TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
     ASSERT_TRUE(second.run());
     EXPECT_TRUE(torch::equal(second.model()->geometryPriorStats, measured));
     EXPECT_TRUE(torch::equal(second.ema()->geometryPriorStats, measured));
+    EXPECT_TRUE(torch::equal(second.model()->geometryPriorBondCovariance, covariance));
     EnergyModel exported = loadEnergyModel(second.modelPath());
-    EXPECT_EQ(exported->config().geometryPrior, 1);
+    EXPECT_EQ(exported->config().geometryPrior, 4);
     EXPECT_TRUE(torch::equal(exported->geometryPriorStats, measured.to(torch::kFloat32)));
+    EXPECT_TRUE(torch::equal(exported->geometryPriorBondCovariance, covariance.to(torch::kFloat32)));
 }
 
 namespace {

@@ -324,7 +324,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=["prior1", "prior2", "prior3"])
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=["prior1", "prior2", "prior3", "prior4"])
 def priorModelPath(request, tmp_path_factory):
     import subprocess
     import sys
@@ -348,6 +348,9 @@ def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
     assert model.config.geometryPrior == version
     stats = model.geometryPriorStats.numpy()
     assert np.all(stats > 0) and 0.14 < stats[0, 0] < 0.15  # N-CA median of real proteins, nm
+    if version == 4:  # backbone bonds' covariances (nm^2 per component): c0 ~ (0.144 nm)^2 / 3, correlated
+        c0, c1, c2 = model.geometryPriorBondCovariance.tolist()
+        assert 0.006 < c0 < 0.008 and 0 < c1 < c0 and 0 < c2 < c0
     # At the force's default sigma and at a generation-level one, where versions 2 and 3 differ most from 1.
     for name, sigma in [(name, 0.05) for name in STRUCTURES + ["complex"]] + [("protein.pdb", 0.8), ("complex", 0.8)]:
         topology, positions = loadStructure(name) if name != "complex" else complexStructure()
@@ -357,3 +360,40 @@ def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
         energy, forces = twinEnergyAndForces(model, residues, positions, sigma=sigma)
         assert abs(energy - expectedEnergy) <= TOLERANCE * abs(expectedEnergy), name
         assert relativeError(forces, expectedForces) <= TOLERANCE, name
+
+
+def test_correlated_chain_energy_equals_dense_gaussian_energy():
+    # Version 4's chain term (block cyclic reduction) against its definition with a dense matrix: two rows,
+    # a chain break, an RNA residue and a padding residue, sigma per row; c0, c1, c2 as measured on the
+    # training split (docs/MODEL.md).
+    torch.manual_seed(3)
+    B, L = 2, 11
+    atoms = torch.cumsum(torch.randn(B, L * 3, 3, dtype=torch.float64) * 0.09, 1).reshape(B, L, 3, 3)
+    types = torch.zeros(B, L, dtype=torch.int64)
+    types[1, 4] = torch_twin.FIRST_NUCLEOTIDE
+    chains = torch.zeros(B, L, dtype=torch.int64)
+    chains[:, 7:] = 1
+    real = torch.ones(B, L, dtype=torch.bool)
+    real[0, 9] = False
+    c0 = 0.00692
+    covariance = torch.tensor([c0, 0.437 * c0, 0.443 * c0], dtype=torch.float64)
+    sigma = torch.tensor([0.03, 1.1], dtype=torch.float64)
+    got = torch_twin.correlated_chain_energy(atoms, types, chains, real, sigma, covariance)
+    for b in range(B):
+        present = []
+        for i in range(L):
+            protein = bool(real[b, i]) and int(types[b, i]) < torch_twin.FIRST_NUCLEOTIDE
+            following = i + 1 < L and bool(real[b, i + 1]) and int(types[b, i + 1]) < torch_twin.FIRST_NUCLEOTIDE \
+                and int(chains[b, i]) == int(chains[b, i + 1])
+            present += [protein, protein, protein and following]
+        path = atoms[b].reshape(-1, 3)
+        slots = [j for j in range(3 * L - 1) if present[j]]
+        s2 = float(sigma[b]) ** 2
+        K = np.zeros((len(slots), len(slots)))
+        for u, j in enumerate(slots):
+            for v, k in enumerate(slots):
+                if all(present[m] for m in range(min(j, k), max(j, k) + 1)):
+                    K[u, v] = {0: c0 + 2 * s2, 1: float(covariance[1]) - s2, 2: float(covariance[2])}.get(abs(j - k), 0.0)
+        bonds = np.array([(path[j + 1] - path[j]).numpy() for j in slots])
+        want = 0.5 * (np.sum(np.linalg.solve(K, bonds) * bonds) - np.sum(bonds ** 2) / (c0 + 2 * s2))
+        assert abs(float(got[b]) - want) <= 1e-9 * max(1.0, abs(want)), b

@@ -64,8 +64,14 @@ public:
     /** With config.geometryPrior: the prior's pair kinds [K, 4] and their (d0, s0) [K, 2] (GeometryPrior.h),
      *  parameters that never train (requires_grad false), so checkpoints carry them; undefined otherwise. */
     torch::Tensor geometryPriorPairs, geometryPriorStats;
+    /** With config.geometryPrior = 4: the bond covariances (c0, c1, c2) [3] (nm^2) of the correlated chain term,
+     *  a parameter that never trains; undefined otherwise. */
+    torch::Tensor geometryPriorBondCovariance;
     /** Sets the prior's (d0, s0) per pair kind ([K, 2], nm), e.g. from GeometryPrior::measure(). */
     void setGeometryPriorStats(const torch::Tensor& stats);
+    /** Sets version 4's bond covariances ([3], nm^2), e.g. from GeometryPrior::measureBondCovariance(); they must
+     *  define a positive definite chain covariance (GeometryPrior::bondSpectrumMinimum() > 0). */
+    void setGeometryPriorBondCovariance(const torch::Tensor& covariance);
 
 private:
     ModelConfig config_;

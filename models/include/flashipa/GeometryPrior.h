@@ -37,7 +37,9 @@ struct GeometryPairKind {
  * Version 2 multiplies each pair's term by chainWeight(): a sum of independent pair marginals counts each
  * atom's noise once per bond it is in, which over-pulls bonded atoms by up to 1.5x at large sigma
  * (docs/MODEL.md, "Chain weight"). Version 3 keeps the pair terms unweighted and adds
- * backboneChainEnergy(), the correction of every backbone mode rather than of their mean.
+ * backboneChainEnergy(), the correction of every backbone mode rather than of their mean. Version 4 adds
+ * correlatedChainEnergy() instead: the same correction for a chain whose neighbouring bonds are correlated
+ * as in the data (bond angles), with the covariances measureBondCovariance() finds on the training split.
  */
 namespace GeometryPrior {
     /** The pair kinds, in the order of the stats rows. */
@@ -53,7 +55,7 @@ namespace GeometryPrior {
      */
     torch::Tensor energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                          const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
-                         int version = 1);
+                         int version = 1, const torch::Tensor& bondCovariance = {});
     /**
      * Version 2's weight of a bond's term [B] at noise levels sigma [B] (nm), for a bond of length d0 (nm, a
      * scalar tensor on sigma's device) in
@@ -84,6 +86,44 @@ namespace GeometryPrior {
      */
     torch::Tensor backboneChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                       const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& stats);
+    /**
+     * Version 4's bond covariances (c0, c1, c2) [3] (nm^2 per component, float64, CPU): the mean dot product,
+     * divided by 3, of a protein backbone bond (N-CA, CA-C, C-N+1) with itself, with the next bond along the
+     * path and with the one after, over the unbroken chain segments of a data set's training split. Where
+     * the banded covariance these define would be nearly singular (its symbol c0 + 2 c1 cos t + 2 c2 cos 2t
+     * below MinimumBondSpectrum c0 at some t, as a small data set can give), c1 and c2 are shrunk together
+     * until it is not, so that every chain's covariance stays positive definite (docs/MODEL.md).
+     */
+    torch::Tensor measureBondCovariance(const Dataset& data);
+    /** The smallest value of the bond covariance's symbol, in units of c0, that measureBondCovariance() allows. */
+    constexpr double MinimumBondSpectrum = 0.005;
+    /**
+     * The smallest value over t of c0 + 2 c1 cos t + 2 c2 cos 2t for covariances (c0, c1, c2): the
+     * smallest eigenvalue a long chain's banded bond covariance approaches (finite chains stay above it).
+     */
+    double bondSpectrumMinimum(double c0, double c1, double c2);
+    /**
+     * Version 4's chain term [B] (kT): version 3's with bonds correlated as in the data. On the protein
+     * backbone path of each chain the bond vectors b are modelled per component as a stationary Gaussian
+     * with covariance C (c0 on the diagonal, c1 between adjacent bonds, c2 between bonds two apart; zero
+     * across chain breaks); noised by sigma per atom their covariance is C + sigma^2 T, so
+     *
+     *     E_chain = 1/2 [ b^T (C + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2) ]     per coordinate, summed
+     *
+     * the bonds' exact Gaussian energy minus what the bond terms give in the same picture. Unlike version 3
+     * it does not vanish as sigma -> 0: it keeps 1/2 b^T (C^-1 - I / c0) b, a Gaussian bond-angle energy.
+     * bondCovariance [3] = (c0, c1, c2), same device and dtype as atoms; real [B, L] (bool).
+     */
+    torch::Tensor correlatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
+                                        const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& bondCovariance);
+    /**
+     * Solves K y = b for a symmetric positive definite block-tridiagonal K by block parallel cyclic
+     * reduction (ceil(log2 L) vectorised levels of 3 x 3 block products and closed-form inverses, no host
+     * synchronisation, differentiable twice): diagonal blocks [B, L, 3, 3], upper blocks [B, L, 3, 3]
+     * (block i couples rows of block i to those of block i + 1; the last is ignored), right-hand sides
+     * [B, L, 3, C]. Returns y [B, L, 3, C].
+     */
+    torch::Tensor solveBlockTridiagonal(const torch::Tensor& diagonal, const torch::Tensor& upper, const torch::Tensor& rhs);
     /**
      * Solves (a I + sigma^2 T) y = b for the bond slots present [B, M] (bool) of each row, by parallel cyclic
      * reduction (ceil(log2 M) vectorised levels, no host synchronisation): diagonal [B] = a + 2 sigma^2,

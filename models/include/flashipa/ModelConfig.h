@@ -23,7 +23,8 @@ struct ModelConfig {
     int transitionFactor = 2;      ///< hidden width of the transition MLP = transitionFactor * nodeDim
     int sigmaFeatures = 8;         ///< Fourier features of log(sigma)
     int geometryPrior = 0;         ///< 1: add the analytic geometry prior (GeometryPrior.h) to the energy; 2: the
-                                   ///< same with its chain weight; 3: with the backbone chain term; absent from older checkpoints' metadata
+                                   ///< same with its chain weight; 3: with the backbone chain term; 4: with the
+                                   ///< correlated (bond-angle) chain term instead; absent from older checkpoints' metadata
                                    ///< (read as 0)
     double sigmaMin = 0.01;        ///< nm; smallest noise level the model is meant for
     double sigmaMax = 2.0;         ///< nm; largest noise level the model is meant for

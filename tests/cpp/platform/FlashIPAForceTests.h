@@ -121,7 +121,8 @@ TEST_F(FlashIPAForceTest, ParameterDerivativesMatchFiniteDifferences) {
 
 /**
  * A small model with random weights and the analytic geometry prior of the given version (GeometryPrior.h;
- * version 3 adds the protein backbone chain term that the v2 model trains with), written to a temporary
+ * version 3 adds the protein backbone chain term that the v2 model trains with, version 4 its bond-correlated
+ * form), written to a temporary
  * file whose path is returned. The prior's statistics are plausible bond lengths and widths, not fitted.
  */
 std::string writeGeometryPriorModel(int version) {
@@ -131,6 +132,8 @@ std::string writeGeometryPriorModel(int version) {
     randomizeParameters(*model, 11, 0.5);
     const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
     model->setGeometryPriorStats(torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.01)}, 1));
+    if (version >= 4) // the training split's bond covariances (docs/MODEL.md)
+        model->setGeometryPriorBondCovariance(torch::tensor({0.00692, 0.00302, 0.00307}, torch::kFloat64));
     const std::string path = (std::filesystem::temp_directory_path() /
                               ("flashipa-prior" + std::to_string(version) + "-" + std::to_string(::getpid()) + ".safetensors")).string();
     saveEnergyModel(model, path);
@@ -152,10 +155,10 @@ std::unique_ptr<TestSystem> makePriorSystem(int L, int version) {
     return test;
 }
 
-// Models with the geometry prior (the v2 model's energy is network + prior; version 3's backbone chain term
-// solves a tridiagonal system per chain): forces are -dE/dx by central differences on this platform.
+// Models with the geometry prior (the v2 model's energy is network + prior; versions 3 and 4 solve a
+// (block-)tridiagonal system per chain): forces are -dE/dx by central differences on this platform.
 TEST_F(FlashIPAForceTest, GeometryPriorModelForcesMatchFiniteDifferences) {
-    for (int version : {1, 3}) {
+    for (int version : {1, 3, 4}) {
         auto test = makePriorSystem(16, version);
         EXPECT_LT(finiteDifferenceForceError(*test, 2), 1e-4) << "geometry prior version " << version;
     }

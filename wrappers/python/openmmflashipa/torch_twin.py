@@ -246,8 +246,8 @@ class ModelConfig:
         for key, minimum in _INT_FIELDS.items():
             if getattr(self, key) < minimum:
                 raise ValueError("model configuration: %s = %d must be >= %d" % (key, getattr(self, key), minimum))
-        if self.geometryPrior not in (0, 1, 2, 3):
-            raise ValueError("model configuration: geometryPrior = %d must be 0, 1, 2 or 3" % self.geometryPrior)
+        if self.geometryPrior not in (0, 1, 2, 3, 4):
+            raise ValueError("model configuration: geometryPrior = %d must be 0, 1, 2, 3 or 4" % self.geometryPrior)
         if not (self.sigmaMin > 0 and self.sigmaMax > self.sigmaMin):
             raise ValueError("model configuration: need 0 < sigmaMin < sigmaMax (nm)")
 
@@ -563,6 +563,10 @@ class EnergyModel(nn.Module):
             self.geometryPriorStats = nn.Parameter(torch.full((priorKinds, 2), float("nan")), requires_grad=False)
         else:
             self.geometryPriorPairs = self.geometryPriorStats = None
+        if config.geometryPrior >= 4:
+            self.geometryPriorBondCovariance = nn.Parameter(torch.full((3,), float("nan")), requires_grad=False)
+        else:
+            self.geometryPriorBondCovariance = None
         self.typeEmbedding = nn.Embedding(RESIDUE_TYPE_COUNT, cs)
         self.sigmaEmbedding = nn.Linear(config.sigmaFeatures + 1, cs)
         self.geometryIn = nn.Linear(_GEOMETRY_FEATURES, cs)
@@ -642,7 +646,8 @@ class EnergyModel(nn.Module):
         energy = per_residue.sum(1) / sig
         if self.geometryPriorStats is not None:
             energy = energy + geometry_prior(atoms, types, chains, real, sig, self.geometryPriorPairs,
-                                             self.geometryPriorStats, version=cfg.geometryPrior)
+                                             self.geometryPriorStats, version=cfg.geometryPrior,
+                                             bond_covariance=self.geometryPriorBondCovariance)
         return energy
 
 
@@ -715,11 +720,86 @@ def backbone_chain_energy(atoms, types, chains, real, sigma, pairs, stats):
     return 0.5 * ((y * bonds).sum((1, 2)) - (bonds.pow(2) * on).sum((1, 2)) / diagonal)
 
 
-def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1):
+def _inverse3(m):
+    """The inverse of each 3 x 3 matrix of m [..., 3, 3] from its cofactors (as GeometryPrior.cpp)."""
+    e = lambda i, j: m[..., i, j]
+    c = [[e(1, 1) * e(2, 2) - e(1, 2) * e(2, 1), e(1, 2) * e(2, 0) - e(1, 0) * e(2, 2), e(1, 0) * e(2, 1) - e(1, 1) * e(2, 0)],
+         [e(0, 2) * e(2, 1) - e(0, 1) * e(2, 2), e(0, 0) * e(2, 2) - e(0, 2) * e(2, 0), e(0, 1) * e(2, 0) - e(0, 0) * e(2, 1)],
+         [e(0, 1) * e(1, 2) - e(0, 2) * e(1, 1), e(0, 2) * e(1, 0) - e(0, 0) * e(1, 2), e(0, 0) * e(1, 1) - e(0, 1) * e(1, 0)]]
+    det = e(0, 0) * c[0][0] + e(0, 1) * c[0][1] + e(0, 2) * c[0][2]
+    adjugate = torch.stack([torch.stack([c[j][i] for j in range(3)], -1) for i in range(3)], -2)
+    return adjugate / det[..., None, None]
+
+
+def solve_block_tridiagonal(diagonal, upper, rhs):
+    """K y = r for a symmetric positive definite block-tridiagonal K by block parallel cyclic reduction
+    (GeometryPrior::solveBlockTridiagonal): diagonal and upper blocks [B, L, 3, 3] (the last upper block is
+    ignored), right-hand sides [B, L, 3, C]."""
+    L = diagonal.shape[1]
+    eye = torch.eye(3, dtype=diagonal.dtype, device=diagonal.device)
+
+    def shifted(t, stride, before, fill):  # t[:, i - stride] (before) or t[:, i + stride]
+        shape = list(t.shape)
+        shape[1] = min(stride, L)
+        pad = fill.expand(shape)
+        if stride >= L:
+            return pad.clone()
+        return torch.cat([pad, t[:, :L - stride]], 1) if before else torch.cat([t[:, stride:], pad], 1)
+
+    zero = torch.zeros(3, 3, dtype=diagonal.dtype, device=diagonal.device)
+    zero_rhs = torch.zeros(3, rhs.shape[-1], dtype=rhs.dtype, device=rhs.device)
+    D, U, r = diagonal, upper.clone(), rhs
+    U[:, L - 1] = 0.0
+    A = shifted(U.transpose(-1, -2), 1, True, zero)
+    stride = 1
+    while stride < L:
+        alpha = -A @ _inverse3(shifted(D, stride, True, eye))
+        gamma = -U @ _inverse3(shifted(D, stride, False, eye))
+        D, r, A, U = (D + alpha @ shifted(U, stride, True, zero) + gamma @ shifted(A, stride, False, zero),
+                      r + alpha @ shifted(r, stride, True, zero_rhs) + gamma @ shifted(r, stride, False, zero_rhs),
+                      alpha @ shifted(A, stride, True, zero), gamma @ shifted(U, stride, False, zero))
+        stride *= 2
+    return _inverse3(D) @ r
+
+
+def correlated_chain_energy(atoms, types, chains, real, sigma, covariance):
+    """Version 4's chain term [B] (GeometryPrior::correlatedChainEnergy, docs/MODEL.md): on each protein
+    chain's backbone path, 1/2 [b^T (C + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2)] per coordinate, C the
+    banded bond covariance (c0, c1, c2) = covariance, zero across chain breaks."""
+    B, L = types.shape
+    path = atoms.reshape(B, 3 * L, 3)
+    bonds = torch.cat([path[:, 1:] - path[:, :-1], torch.zeros_like(path[:, :1])], 1)
+    protein = real & (types < FIRST_NUCLEOTIDE)
+    link = torch.zeros(B, L, dtype=torch.bool, device=atoms.device)
+    link[:, :-1] = protein[:, :-1] & protein[:, 1:] & (chains[:, :-1] == chains[:, 1:])
+    on = torch.stack([protein, protein, link], 2).reshape(B, 3 * L).to(atoms.dtype)
+    padded = torch.cat([on, torch.zeros_like(on[:, :2])], 1)
+    next1 = on * padded[:, 1:3 * L + 1]
+    next2 = next1 * padded[:, 2:3 * L + 2]
+    sigma2 = sigma.pow(2).view(B, 1)
+    c0, c1, c2 = covariance[0], covariance[1], covariance[2]
+    diag = (on * (c0 + 2.0 * sigma2) + (1.0 - on)).view(B, L, 3)
+    e1 = (next1 * (c1 - sigma2)).view(B, L, 3)
+    e2 = (next2 * c2).view(B, L, 3)
+    zero = torch.zeros_like(diag[..., 0])
+    D = torch.stack([torch.stack([diag[..., 0], e1[..., 0], e2[..., 0]], -1),
+                     torch.stack([e1[..., 0], diag[..., 1], e1[..., 1]], -1),
+                     torch.stack([e2[..., 0], e1[..., 1], diag[..., 2]], -1)], -2)
+    U = torch.stack([torch.stack([zero, zero, zero], -1), torch.stack([e2[..., 1], zero, zero], -1),
+                     torch.stack([e1[..., 2], e2[..., 2], zero], -1)], -2)
+    rhs = (bonds * on.unsqueeze(-1)).view(B, L, 3, 3)
+    y = solve_block_tridiagonal(D, U, rhs)
+    return 0.5 * ((y * rhs).sum((1, 2, 3)) - rhs.pow(2).sum((1, 2, 3)) / (c0 + 2.0 * sigma2.view(B)))
+
+
+def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1, bond_covariance=None):
     """The analytic geometry prior [B] in kT (GeometryPrior::energy, docs/MODEL.md): for each pair kind
     (rna, offset, atom i, atom j) with (d0, s0), minus the log-density of the pair's difference vector under
     noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2; version 2
-    multiplies each kind's sum by chain_weight(sigma, d0); version 3 adds backbone_chain_energy."""
+    multiplies each kind's sum by chain_weight(sigma, d0); version 3 adds backbone_chain_energy, version 4
+    correlated_chain_energy with the bond covariances (c0, c1, c2)."""
+    if version == 4 and bond_covariance is None:
+        raise ValueError("geometry prior version 4 needs the bond covariances (c0, c1, c2)")
     B, L = types.shape
     rna = types >= FIRST_NUCLEOTIDE
     two_sigma2 = 2.0 * sigma.to(atoms.dtype).pow(2).view(B, 1)
@@ -745,6 +825,9 @@ def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1):
         total = total + term
     if version == 3:
         total = total + backbone_chain_energy(atoms, types, chains, real, sigma.to(atoms.dtype).view(B), pairs, stats)
+    if version == 4:
+        total = total + correlated_chain_energy(atoms, types, chains, real, sigma.to(atoms.dtype).view(B),
+                                                bond_covariance.to(atoms.dtype))
     return total
 
 
