@@ -356,8 +356,10 @@ torch::Tensor GeometryPrior::correlatedChainEnergy(const torch::Tensor& atoms, c
     torch::Tensor sigma2 = sigma.pow(2).view({B, 1});
     torch::Tensor c0 = bondCovariance[0], c1 = bondCovariance[1], c2 = bondCovariance[2];
     torch::Tensor diag = on * (c0 + 2.0 * sigma2) + (1.0 - on); // absent slots: identity rows
-    torch::Tensor e1 = next1 * (c1 - sigma2);                   // K[j][j+1]
-    torch::Tensor e2 = next2 * c2;                              // K[j][j+2]
+    // The correlations fade in with sigma (GeometryPrior.h): g c1 and g c2 with g = sigma^2 / (sigma^2 + fade^2).
+    torch::Tensor g = sigma2 / (sigma2 + CorrelationFadeSigma * CorrelationFadeSigma);
+    torch::Tensor e1 = next1 * (g * c1 - sigma2);               // K[j][j+1]
+    torch::Tensor e2 = next2 * (g * c2);                        // K[j][j+2]
     auto slot = [&](const torch::Tensor& t, int p) { return t.view({B, L, 3}).select(2, p); }; // [B, L]
     torch::Tensor zero = torch::zeros({B, L}, atoms.options());
     torch::Tensor d0 = slot(diag, 0), d1 = slot(diag, 1), d2 = slot(diag, 2);

@@ -299,7 +299,7 @@ torch::Tensor denseBlockMatrix(const torch::Tensor& diagonal, const torch::Tenso
 
 /**
  * Version 4's chain term of row b from its definition with dense matrices: the present bond slots of the
- * backbone path (protein residues, links inside a chain), C + sigma^2 T over them with couplings only inside
+ * backbone path (protein residues, links inside a chain), C_g + sigma^2 T over them with couplings only inside
  * unbroken stretches, torch's dense solver.
  */
 double denseCorrelatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
@@ -323,6 +323,7 @@ double denseCorrelatedChainEnergy(const torch::Tensor& atoms, const torch::Tenso
         return 0.0;
     torch::Tensor K = torch::zeros({n, n}, torch::kFloat64), b = torch::zeros({n, 3}, torch::kFloat64);
     const double s2 = sigma * sigma;
+    const double g = s2 / (s2 + 0.05 * 0.05); // the correlations' fade-in (CorrelationFadeSigma = 0.05 nm)
     for (int64_t u = 0; u < n; u++) {
         const int64_t j = slots[u];
         b[u] = path[j + 1] - path[j];
@@ -333,7 +334,7 @@ double denseCorrelatedChainEnergy(const torch::Tensor& atoms, const torch::Tenso
                 unbroken = unbroken && present[m];
             if (!unbroken)
                 continue;
-            const double value = lag == 0 ? c0 + 2 * s2 : lag == 1 ? c1 - s2 : lag == 2 ? c2 : 0.0;
+            const double value = lag == 0 ? c0 + 2 * s2 : lag == 1 ? g * c1 - s2 : lag == 2 ? g * c2 : 0.0;
             K[u][v] = value;
         }
     }

@@ -389,11 +389,12 @@ def test_correlated_chain_energy_equals_dense_gaussian_energy():
         path = atoms[b].reshape(-1, 3)
         slots = [j for j in range(3 * L - 1) if present[j]]
         s2 = float(sigma[b]) ** 2
+        g = s2 / (s2 + 0.05 ** 2)  # the correlations' fade-in, GeometryPrior::CorrelationFadeSigma = 0.05 nm
         K = np.zeros((len(slots), len(slots)))
         for u, j in enumerate(slots):
             for v, k in enumerate(slots):
                 if all(present[m] for m in range(min(j, k), max(j, k) + 1)):
-                    K[u, v] = {0: c0 + 2 * s2, 1: float(covariance[1]) - s2, 2: float(covariance[2])}.get(abs(j - k), 0.0)
+                    K[u, v] = {0: c0 + 2 * s2, 1: g * float(covariance[1]) - s2, 2: g * float(covariance[2])}.get(abs(j - k), 0.0)
         bonds = np.array([(path[j + 1] - path[j]).numpy() for j in slots])
         want = 0.5 * (np.sum(np.linalg.solve(K, bonds) * bonds) - np.sum(bonds ** 2) / (c0 + 2 * s2))
         assert abs(float(got[b]) - want) <= 1e-9 * max(1.0, abs(want)), b

@@ -102,16 +102,22 @@ namespace GeometryPrior {
      * smallest eigenvalue a long chain's banded bond covariance approaches (finite chains stay above it).
      */
     double bondSpectrumMinimum(double c0, double c1, double c2);
+    /** Version 4's fade-in noise level (nm) of the bond correlations (correlatedChainEnergy()). */
+    constexpr double CorrelationFadeSigma = 0.05;
     /**
      * Version 4's chain term [B] (kT): version 3's with bonds correlated as in the data. On the protein
      * backbone path of each chain the bond vectors b are modelled per component as a stationary Gaussian
      * with covariance C (c0 on the diagonal, c1 between adjacent bonds, c2 between bonds two apart; zero
      * across chain breaks); noised by sigma per atom their covariance is C + sigma^2 T, so
      *
-     *     E_chain = 1/2 [ b^T (C + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2) ]     per coordinate, summed
+     *     E_chain = 1/2 [ b^T (C_g + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2) ]     per coordinate, summed
      *
-     * the bonds' exact Gaussian energy minus what the bond terms give in the same picture. Unlike version 3
-     * it does not vanish as sigma -> 0: it keeps 1/2 b^T (C^-1 - I / c0) b, a Gaussian bond-angle energy.
+     * the bonds' Gaussian energy minus what the bond terms give in the same picture. C_g = c0 I + g (C - c0 I)
+     * fades the correlations in with the noise, g = sigma^2 / (sigma^2 + CorrelationFadeSigma^2): at large
+     * sigma the chain has the data's bond angles, and as sigma -> 0 the term vanishes as version 3's does,
+     * leaving local geometry to the exact bond terms and the network (the Gaussian angle energy that the
+     * unfaded term keeps at sigma -> 0 raised the untrained model's loss below sigma = 0.05 nm by 15 %;
+     * docs/MODEL.md). C_g is positive definite for every g in [0, 1] (a mean of two that are).
      * bondCovariance [3] = (c0, c1, c2), same device and dtype as atoms; real [B, L] (bool).
      */
     torch::Tensor correlatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,

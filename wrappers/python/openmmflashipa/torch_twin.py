@@ -720,6 +720,10 @@ def backbone_chain_energy(atoms, types, chains, real, sigma, pairs, stats):
     return 0.5 * ((y * bonds).sum((1, 2)) - (bonds.pow(2) * on).sum((1, 2)) / diagonal)
 
 
+# GeometryPrior::CorrelationFadeSigma (nm): version 4's bond correlations fade in with the noise.
+CORRELATION_FADE_SIGMA = 0.05
+
+
 def _inverse3(m):
     """The inverse of each 3 x 3 matrix of m [..., 3, 3] from its cofactors (as GeometryPrior.cpp)."""
     e = lambda i, j: m[..., i, j]
@@ -764,8 +768,9 @@ def solve_block_tridiagonal(diagonal, upper, rhs):
 
 def correlated_chain_energy(atoms, types, chains, real, sigma, covariance):
     """Version 4's chain term [B] (GeometryPrior::correlatedChainEnergy, docs/MODEL.md): on each protein
-    chain's backbone path, 1/2 [b^T (C + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2)] per coordinate, C the
-    banded bond covariance (c0, c1, c2) = covariance, zero across chain breaks."""
+    chain's backbone path, 1/2 [b^T (C_g + sigma^2 T)^-1 b - b^T b / (c0 + 2 sigma^2)] per coordinate, C_g the
+    banded bond covariance (c0, g c1, g c2) from covariance = (c0, c1, c2), zero across chain breaks, with
+    g = sigma^2 / (sigma^2 + CORRELATION_FADE_SIGMA^2)."""
     B, L = types.shape
     path = atoms.reshape(B, 3 * L, 3)
     bonds = torch.cat([path[:, 1:] - path[:, :-1], torch.zeros_like(path[:, :1])], 1)
@@ -778,9 +783,10 @@ def correlated_chain_energy(atoms, types, chains, real, sigma, covariance):
     next2 = next1 * padded[:, 2:3 * L + 2]
     sigma2 = sigma.pow(2).view(B, 1)
     c0, c1, c2 = covariance[0], covariance[1], covariance[2]
+    g = sigma2 / (sigma2 + CORRELATION_FADE_SIGMA ** 2)  # the correlations fade in with sigma
     diag = (on * (c0 + 2.0 * sigma2) + (1.0 - on)).view(B, L, 3)
-    e1 = (next1 * (c1 - sigma2)).view(B, L, 3)
-    e2 = (next2 * c2).view(B, L, 3)
+    e1 = (next1 * (g * c1 - sigma2)).view(B, L, 3)
+    e2 = (next2 * (g * c2)).view(B, L, 3)
     zero = torch.zeros_like(diag[..., 0])
     D = torch.stack([torch.stack([diag[..., 0], e1[..., 0], e2[..., 0]], -1),
                      torch.stack([e1[..., 0], diag[..., 1], e1[..., 1]], -1),
