@@ -23,6 +23,8 @@ run:
                            --steps, --max-minutes, --stop-after-steps, --device, --val-every,
                            --checkpoint-every and --threads (--data may point to a moved copy; its
                            sha256 must match)
+  --init-from MODEL        start a new run from an exported model's weights (the same architecture; the
+                           geometry-prior version may differ, its statistics are measured anew)
   --steps N                total optimiser steps (default 10000; with --resume: the checkpoint's)
   --max-minutes M          stop (after a checkpoint) before M minutes of wall time (default: no limit)
   --stop-after-steps N     stop (after a checkpoint) after N steps of this chunk
@@ -131,6 +133,7 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
         {"--transition-factor", [&](const std::string& v) { options.model.transitionFactor = std::stoi(v); }},
         {"--sigma-features", [&](const std::string& v) { options.model.sigmaFeatures = std::stoi(v); }},
         {"--geometry-prior", [&](const std::string& v) { options.model.geometryPrior = std::stoi(v); }},
+        {"--init-from", [&](const std::string& v) { options.initFrom = v; }},
     };
     for (size_t i = 0; i < args.size(); i++) {
         const std::string& arg = args[i];
@@ -160,6 +163,8 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
     }
     if (options.outDir.empty() || (!options.resume && options.datasetPath.empty()))
         throw std::invalid_argument("--out-dir and --data are required (--data is optional with --resume)");
+    if (options.resume && !options.initFrom.empty())
+        throw std::invalid_argument("--init-from starts a new run; a resumed run continues from its checkpoint");
     if (sigmaMin > 0)
         options.model.sigmaMin = sigmaMin;
     if (sigmaMax > 0)

@@ -232,6 +232,8 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
                               << ", c1 " << covariance[1].item<double>() << ", c2 " << covariance[2].item<double>() << std::endl;
             }
         }
+        if (!options_.initFrom.empty())
+            initialiseFrom(options_.initFrom);
         model_->to(device_, options_.dtype);
         ema_->to(device_, options_.dtype);
         torch::NoGradGuard noGrad;
@@ -736,7 +738,35 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     metadata["rng.scheme"] = "each step draws from a CPU generator seeded with splitmix64(seed, stream 2, step); "
                              "initialisation stream 1, validation set stream 3";
     metadata["command_lines"] = commandLines_;
+    if (!initFrom_.empty())
+        metadata["init.from"] = initFrom_;
     Safetensors::write(path, tensors, metadata);
+}
+
+void Trainer::initialiseFrom(const std::string& path) {
+    // Warm start: every trained weight from an exported model of the same architecture. The prior's tables
+    // are not weights (they were measured on this run's data above), so the prior's version may differ:
+    // a run can move a trained network onto a new prior (docs/MODEL.md).
+    std::map<std::string, std::string> metadata;
+    EnergyModel source = loadEnergyModel(path, &metadata);
+    std::map<std::string, std::string> want = options_.model.toMetadata(), have = source->config().toMetadata();
+    want.erase("config.geometryPrior");
+    have.erase("config.geometryPrior");
+    for (const auto& [key, value] : want)
+        if (have[key] != value)
+            throw std::invalid_argument("trainer: --init-from '" + path + "' has another architecture than this run (" + key + " " +
+                                        have[key] + " against " + value + ")");
+    torch::NoGradGuard noGrad;
+    auto from = source->named_parameters();
+    for (auto& item : model_->named_parameters()) {
+        if (item.key().find("geometryPrior") != std::string::npos)
+            continue;
+        item.value().copy_(from[item.key()]);
+    }
+    initFrom_ = path + " (sha256 " + sha256File(path) + ")";
+    if (options_.verbose)
+        std::cout << "initialised from " << initFrom_ << ", trained " << (metadata.count("training.steps") ? metadata["training.steps"] : "?")
+                  << " steps" << std::endl;
 }
 
 void Trainer::loadCheckpoint(const std::string& path) {
@@ -790,6 +820,8 @@ void Trainer::loadCheckpoint(const std::string& path) {
     step_ = meta.integer("counters.step");
     wallSeconds_ = meta.real("counters.wall_seconds");
     commandLines_ = meta.text("command_lines") + (options_.commandLine.empty() ? "" : "\n" + options_.commandLine);
+    auto init = contents.metadata.find("init.from");
+    initFrom_ = init == contents.metadata.end() ? "" : init->second;
 
     device_ = torch::Device(options_.device);
     if (device_.is_cuda() && !torch::cuda::is_available())
@@ -866,6 +898,8 @@ void Trainer::exportModel(const std::string& pathIn) {
     metadata["training.crop"] = std::to_string(options_.crop);
     metadata["training.dtype"] = dtypeName(options_.dtype);
     metadata["training.ema_decay"] = formatDouble(options_.emaDecay);
+    if (!initFrom_.empty())
+        metadata["training.init_from"] = initFrom_;
     if (!losses_.empty()) {
         // Mean of the last (up to) 100 training losses of this process.
         size_t n = std::min<size_t>(100, losses_.size());

@@ -126,6 +126,14 @@ TrainerOptions tinyOptions(const std::string& data, const std::string& outDir, i
     return o;
 }
 
+/** The largest absolute difference between two lists of tensors. */
+double maxDifference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        worst = std::max(worst, (a[i].to(torch::kFloat64) - b[i].to(torch::kFloat64)).abs().max().item<double>());
+    return worst;
+}
+
 void expectThrowsWith(const std::function<void()>& f, const std::string& text) {
     try {
         f();
@@ -373,6 +381,54 @@ TEST(Trainer, ResumeEqualsStraightRun) {
     expectThrowsWith([&]() { Trainer d(missing); }, "cannot resume: no checkpoint");
 }
 
+TEST(Trainer, InitFromStartsANewRunFromAnExportedModel) {
+    // A run of 6 steps (prior version 3) exports its EMA weights; a new run initialised from them validates
+    // exactly as the first run's EMA did (the same weights, validation set and prior), and one with prior
+    // version 4 holds the same network with its own measured prior. Another architecture is refused.
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    TrainerOptions first = tinyOptions(data, dir + "/first", 6);
+    first.model.geometryPrior = 3;
+    Trainer a(first);
+    ASSERT_TRUE(a.run());
+    const double aLoss = a.validate().loss;
+
+    TrainerOptions same = tinyOptions(data, dir + "/same", 6);
+    same.model.geometryPrior = 3;
+    same.initFrom = a.modelPath();
+    Trainer b(same);
+    EXPECT_EQ(b.validate().loss, aLoss);
+    EXPECT_EQ(maxDifference(parameters(b.model()), parameters(b.ema())), 0.0);
+    EXPECT_EQ(maxDifference(parameters(b.model()), parameters(a.ema())), 0.0);
+
+    TrainerOptions moved = tinyOptions(data, dir + "/moved", 2);
+    moved.model.geometryPrior = 4;
+    moved.initFrom = a.modelPath();
+    Trainer c(moved);
+    EXPECT_TRUE(c.model()->geometryPriorBondCovariance.defined());
+    for (auto& item : c.model()->named_parameters())
+        if (item.key().find("geometryPrior") == std::string::npos)
+            EXPECT_TRUE(torch::equal(item.value(), a.ema()->named_parameters()[item.key()])) << item.key();
+    ASSERT_TRUE(c.run());
+    // The warm start is recorded in the checkpoint and the exported model.
+    std::map<std::string, std::string> metadata;
+    loadEnergyModel(c.modelPath(), &metadata);
+    ASSERT_TRUE(metadata.count("training.init_from"));
+    EXPECT_NE(metadata["training.init_from"].find(a.modelPath()), std::string::npos);
+    EXPECT_NE(metadata["training.init_from"].find("sha256 "), std::string::npos);
+
+    TrainerOptions wider = tinyOptions(data, dir + "/wider", 2);
+    wider.model.nodeDim = 24;
+    wider.initFrom = a.modelPath();
+    try {
+        Trainer d(wider);
+        ADD_FAILURE() << "a model of another width was accepted";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("nodeDim"), std::string::npos) << e.what();
+    }
+}
+
 TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
     // The prior's statistics come from the training split (median, 1.4826 MAD; version 4's bond covariances),
     // are exported with the model, and stay exactly as measured through steps, the EMA and a resume.
@@ -529,13 +585,6 @@ void runRanks(int size, const std::function<void(int, std::shared_ptr<TrainingCo
         for (int r = 0; r < size; r++)
             if (!messages[r].empty())
                 throw std::runtime_error("rank " + std::to_string(r) + ": " + messages[r]);
-}
-
-double maxDifference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); i++)
-        worst = std::max(worst, (a[i].to(torch::kFloat64) - b[i].to(torch::kFloat64)).abs().max().item<double>());
-    return worst;
 }
 
 } // namespace

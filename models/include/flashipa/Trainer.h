@@ -37,6 +37,8 @@ struct TrainerOptions {
     double maxMinutes = 0;             ///< stop this chunk (after a checkpoint) before this much wall time (<= 0: no limit)
     int64_t stopAfterSteps = 0;        ///< stop this chunk after this many steps (<= 0: no limit)
     bool resume = false;               ///< continue from outDir/checkpoint.safetensors
+    std::string initFrom;              ///< a new run starts from this exported model's weights (same architecture;
+                                       ///< the geometry-prior version may differ: the prior is measured anew)
     bool verbose = true;               ///< progress lines on stdout
     std::string commandLine;           ///< recorded in the checkpoint and the exported model's provenance
 };
@@ -153,6 +155,7 @@ private:
     struct Noised;
     Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard);
     void loadCheckpoint(const std::string& path);
+    void initialiseFrom(const std::string& path);
     void checkProcessesAgree();
     bool anyProcess(bool flag);
     void buildValidationSet();
@@ -175,6 +178,7 @@ private:
     bool haveValidation_ = false;
     StepResult lastStep_;
     std::string commandLines_;     // every chunk's command line, one per line
+    std::string initFrom_;         // "path (sha256 ...)" of the model a warm-started run began from, or empty
     std::shared_ptr<TrainingCommunicator> communicator_; // null: a single process
 };
 
