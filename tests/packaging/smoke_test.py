@@ -1,6 +1,6 @@
 """Smoke test of an installed openmmflashipa (scripts/check-wheel.sh runs it in a new virtual environment):
 the package imports from the environment's site-packages, reports the repository's version, and evaluates one
-FlashIPAForce with the shipped default model on the Reference platform.
+FlashIPAForce with the shipped default model on the Reference platform; the openmm-ml entry point is declared.
 
     python smoke_test.py EXPECTED_VERSION
 """
@@ -42,6 +42,11 @@ def main(expectedVersion):
     forces = state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer)
     assert math.isfinite(energy) and np.all(np.isfinite(forces)), (energy, forces)
     assert np.abs(forces).max() > 0.0
+    # openmm-ml finds the potential through the installed distribution's entry point (openmmml need not be
+    # installed for the entry point to be declared).
+    from importlib.metadata import entry_points
+    declared = {e.name: e.value for e in entry_points(group="openmmml.potentials")}
+    assert declared.get("flashipa") == "openmmflashipa.mlpotential:FlashIPAPotentialImplFactory", declared
     print("smoke test: openmmflashipa %s from %s, Reference energy %.6f kJ/mol" % (
         openmmflashipa.__version__, package, energy))
 

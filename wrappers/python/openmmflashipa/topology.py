@@ -399,7 +399,7 @@ def splitAtGaps(topology, positions, gaps=None):
 
 
 def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=None, backend=None, strict=False,
-                positions=None):
+                positions=None, atoms=None):
     """Create a :class:`FlashIPAForce` for the protein and RNA residues of a topology.
 
     Parameters
@@ -424,6 +424,9 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
         A fallback for chain breaks only: used for a pair of consecutive residues that the topology's bonds
         and residue numbering cannot decide (see the module documentation). The model's chain ids split chains
         at breaks (missing residues), as the training data did, from bonds and numbering with or without it.
+    atoms : iterable of int, optional
+        Atom indices: only the residues whose three frame atoms are all among them get the force (default:
+        every usable residue). A residue left out breaks the chain there.
 
     Returns
     -------
@@ -436,6 +439,12 @@ def createForce(topology, modelPath=None, sigma=None, scale=None, temperature=No
     """
     frames, unusable = selectFrameResidues(topology)
     reportUnusable(unusable, strict, stacklevel=3)
+    if atoms is not None:
+        chosen = set(int(a) for a in atoms)
+        frames = [frame for frame in frames if all(a in chosen for a in frame.atoms)]
+        if not frames:
+            raise ValueError("FlashIPA: no residue has all three frame atoms (protein N, CA, C; RNA C3', C4', O4') "
+                             "among the %d atoms given" % len(chosen))
     if not frames:
         raise ValueError("FlashIPA: the topology has no amino-acid (N, CA, C) or nucleotide (C3', C4', O4') "
                          "residue to build frames from")
