@@ -231,39 +231,16 @@ TEST_F(FlashIPAForceTest, SerializedRelativeModelPathIsReadFromAnotherFolder) {
     fs::remove_all(folder);
 }
 
+// The XML's fields are tested without a platform (serialization/tests); here a restored force must compute the
+// same energy on this platform as the original.
 TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     auto test = makeSystem(6);
-    test->force->setForceGroup(3);
-    test->force->setDefaultSigma(0.3);
-    test->force->setDefaultScale(0.7);
-    test->force->setDefaultTemperature(310.0);
     test->force->setAttentionBackend("math");
     test->force->setProperty("useCUDAGraphs", "false");
-    test->force->setName("learned");
-    test->force->setResidueLabel(4, "ALA 7 of chain A");
     std::stringstream buffer;
     XmlSerializer::serialize<Force>(test->force, "Force", buffer);
     std::unique_ptr<Force> copy(XmlSerializer::deserialize<Force>(buffer));
-    auto* restored = dynamic_cast<FlashIPAForce*>(copy.get());
-    ASSERT_NE(restored, nullptr);
-    EXPECT_EQ(restored->getModelPath(), test->force->getModelPath());
-    EXPECT_EQ(restored->getModelChecksum(), test->force->getModelChecksum());
-    EXPECT_EQ(restored->getAttentionBackend(), "math");
-    EXPECT_EQ(restored->getForceGroup(), 3);
-    EXPECT_EQ(restored->getName(), "learned");
-    EXPECT_EQ(restored->getDefaultSigma(), 0.3);
-    EXPECT_EQ(restored->getDefaultScale(), 0.7);
-    EXPECT_EQ(restored->getDefaultTemperature(), 310.0);
-    EXPECT_EQ(restored->getProperties(), test->force->getProperties());
-    EXPECT_EQ(restored->getResidueLabel(4), "ALA 7 of chain A");
-    EXPECT_EQ(restored->getResidueLabel(3), "");
-    ASSERT_EQ(restored->getNumResidues(), test->force->getNumResidues());
-    for (int i = 0; i < restored->getNumResidues(); i++) {
-        int a1, b1, c1, t1, ch1, a2, b2, c2, t2, ch2;
-        test->force->getResidueParameters(i, a1, b1, c1, t1, ch1);
-        restored->getResidueParameters(i, a2, b2, c2, t2, ch2);
-        EXPECT_EQ(std::vector<int>({a1, b1, c1, t1, ch1}), std::vector<int>({a2, b2, c2, t2, ch2}));
-    }
+    ASSERT_NE(dynamic_cast<FlashIPAForce*>(copy.get()), nullptr);
     // Identical energy in a new Context with the restored force.
     System other;
     for (int i = 0; i < test->system.getNumParticles(); i++)
@@ -273,18 +250,6 @@ TEST_F(FlashIPAForceTest, SerializationRoundTrip) {
     Context c1(test->system, i1, platform(), properties()), c2(other, i2, platform(), properties());
     double e1 = energyOf(c1, test->positions), e2 = energyOf(c2, test->positions);
     EXPECT_NEAR(e1, e2, 1e-12 * std::abs(e1)); // GPU reductions may differ in the last bits
-}
-
-TEST_F(FlashIPAForceTest, ChangedCheckpointIsRefusedWhenDeserialising) {
-    auto test = makeSystem(3);
-    std::stringstream buffer;
-    XmlSerializer::serialize<Force>(test->force, "Force", buffer);
-    std::string xml = buffer.str();
-    size_t at = xml.find(test->force->getModelChecksum());
-    ASSERT_NE(at, std::string::npos);
-    xml.replace(at, 4, "0000");
-    std::stringstream tampered(xml);
-    EXPECT_THROW(XmlSerializer::deserialize<Force>(tampered), OpenMMException);
 }
 
 TEST_F(FlashIPAForceTest, ForceGroupsAndUpdateParameters) {
