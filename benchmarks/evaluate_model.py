@@ -19,7 +19,7 @@ measurements, protein and RNA separately (units: nm, kJ/mol; model energies E in
    Also (frame atoms only): --annealed-steps > 0 runs the probability-flow ODE from the noise sigma down in
    OpenMM (openmmflashipa.AnnealingIntegrator; what works, docs/DESIGN-DECISIONS.md), and --frame-variants
    adds the learned energy + ideal frame geometry and that geometry alone (the control).
-2. Score (the PyTorch twin, CPU): the trainer's validation loss (models/src/Trainer.cpp): a crop of up to
+2. Score (the PyTorch twin, CPU): the trainer's validation loss (training/src/Trainer.cpp): a crop of up to
    --crop residues, centred, randomly rotated; centred noise eps; x~ = x + sigma eps; sigma stratified
    log-uniform over the model's [sigmaMin, sigmaMax]; loss = sum (sigma dE/dx~ - eps)^2 / (9 per residue)
    per noise band (< 0.05, 0.05-0.2, 0.2-0.5, >= 0.5 nm), against the zero predictor (sum eps^2 / count).

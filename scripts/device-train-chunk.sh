@@ -18,7 +18,7 @@
 # `device-train-chunk.sh probe` only exits 0 when the carried trainer runs on this machine.
 #
 # The trainer is $TRAINER if set (e.g. one built on the machine), else the carried .trainbin (flashipa-train +
-# libFlashIPAModels.so built here against the same torch wheel) or, if that does not run there, a build on
+# libFlashIPAModels.so and libFlashIPATraining.so built here against the same torch wheel) or, if that does not run there, a build on
 # the machine. The data set travels packed (.dataset,
 # scripts/device-dataset.sh) and is unpacked and checked against its sha256 first.
 set -u

@@ -1,4 +1,4 @@
-"""The low-mode spectrum of real chains, for where generation starts (models/src/ChainModes.inc).
+"""The low-mode spectrum of real chains, for where generation starts (training/src/ChainModes.inc).
 
 For every single-segment chain of the training split, the frame atoms (3L of them, in chain order) are
 projected on the orthonormal cosine modes phi_k(i) = sqrt(2/n) cos(pi k (i + 1/2) / n), k = 1 .. n - 1,
@@ -7,10 +7,10 @@ the variance per coordinate of each mode is averaged over the chains of a length
 per coordinate (sum over all modes). A folded chain keeps most of its size in the first few modes, far more than
 its share of n: that is what an isotropic Gaussian start gets wrong (docs/MODEL.md, "Where generation starts").
 
-Prints the C++ table that models/src/ChainSpread.cpp includes: per molecule type and length bin, the bin's
+Prints the C++ table that training/src/ChainSpread.cpp includes: per molecule type and length bin, the bin's
 geometric-mean length, the mean total variance and the first MODES mode variances (nm^2 per coordinate).
 
-    python scripts/fit_chain_modes.py [--dataset build/dataset/flashipa-dataset.safetensors] > models/src/ChainModes.inc
+    python scripts/fit_chain_modes.py [--dataset build/dataset/flashipa-dataset.safetensors] > training/src/ChainModes.inc
 """
 import argparse
 import os

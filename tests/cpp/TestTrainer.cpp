@@ -4,7 +4,7 @@
 #include "TestStructures.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/Dataset.h"
-#include "flashipa/GeometryPrior.h"
+#include "flashipa/GeometryPriorStatistics.h"
 #include "flashipa/ResidueTypes.h"
 #include "flashipa/Trainer.h"
 #include <ATen/CPUGeneratorImpl.h>

@@ -231,7 +231,7 @@ namespace ResidueType {
 %constant int FIRST_NUCLEOTIDE = FlashIPAPlugin::ResidueType::FirstNucleotide;
 %constant int UNKNOWN_NUCLEOTIDE = FlashIPAPlugin::ResidueType::UnknownNucleotide;
 
-/* The spread of real chains (models/include/flashipa/ChainSpread.h): where generation starts, for both routes. */
+/* The spread of real chains (training/include/flashipa/ChainSpread.h): where generation starts, for both routes. */
 %feature("docstring") chainSpread "chainSpread(length, rna) -> float: root-mean-square displacement per coordinate (nm) of the frame atoms of a real chain of `length` residues about their centroid (the training split's power law)";
 %feature("docstring") noisedChainSpread "noisedChainSpread(length, rna, sigma) -> float: the same for such a chain noised by sigma (nm): sqrt(sigma^2 + chainSpread^2)";
 %inline %{
@@ -254,7 +254,7 @@ PyObject* chainModes(int length, bool rna) {
 }
 %}
 
-/* The batched C++ sampler (models/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
+/* The batched C++ sampler (training/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
    autograd engine refuses to run while a thread holds it, and sampling can take a while. Returns the frame
    atoms as raw float64 bytes, [numSamples, L, 3, 3] in nm (openmmflashipa.generate reshapes them). */
 %feature("docstring") _sampleFrameAtoms "_sampleFrameAtoms(modelPath, types, chains, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn=0) -> bytes";

@@ -7,8 +7,6 @@
 
 namespace FlashIPAPlugin {
 
-class Dataset;
-
 /**
  * One kind of atom pair the geometry prior holds: frame atoms atomI of residue i and atomJ of residue
  * i + offset (offset 0: inside a residue; 1: across the link to the next residue of the same chain), for
@@ -32,7 +30,8 @@ struct GeometryPairKind {
  *
  * the exact score of that distance marginal at every sigma (bond-stiff at small sigma, flat at large sigma).
  * The network learns the rest. (d0, s0) per kind are measured on the training split (median and
- * 1.4826 x median absolute deviation) and stored in the model's checkpoint.
+ * 1.4826 x median absolute deviation; GeometryPriorStatistics.h, in the training library) and stored in the
+ * model's checkpoint.
  *
  * Version 2 multiplies each pair's term by chainWeight(): a sum of independent pair marginals counts each
  * atom's noise once per bond it is in, which over-pulls bonded atoms by up to 1.5x at large sigma
@@ -46,8 +45,6 @@ namespace GeometryPrior {
     const std::vector<GeometryPairKind>& pairKinds();
     /** The kinds as a float tensor [K, 4] (rna, offset, atomI, atomJ), as stored in checkpoints. */
     torch::Tensor pairTable(const torch::TensorOptions& options);
-    /** (d0, s0) per kind [K, 2] (nm, float64, CPU), from the training split of a data set. */
-    torch::Tensor measure(const Dataset& data);
     /**
      * The prior energy [B] in kT of frame atoms [B, L, 3, 3] (nm) with types [B, L], chain ids [B, L]
      * (consecutive residues with equal ids are linked), mask [B, L] (bool, or undefined = all real) and
@@ -86,17 +83,6 @@ namespace GeometryPrior {
      */
     torch::Tensor backboneChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                       const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& stats);
-    /**
-     * Version 4's bond covariances (c0, c1, c2) [3] (nm^2 per component, float64, CPU): the mean dot product,
-     * divided by 3, of a protein backbone bond (N-CA, CA-C, C-N+1) with itself, with the next bond along the
-     * path and with the one after, over the unbroken chain segments of a data set's training split. Where
-     * the banded covariance these define would be nearly singular (its symbol c0 + 2 c1 cos t + 2 c2 cos 2t
-     * below MinimumBondSpectrum c0 at some t, as a small data set can give), c1 and c2 are shrunk together
-     * until it is not, so that every chain's covariance stays positive definite (docs/MODEL.md).
-     */
-    torch::Tensor measureBondCovariance(const Dataset& data);
-    /** The smallest value of the bond covariance's symbol, in units of c0, that measureBondCovariance() allows. */
-    constexpr double MinimumBondSpectrum = 0.005;
     /**
      * The smallest value over t of c0 + 2 c1 cos t + 2 c2 cos 2t for covariances (c0, c1, c2): the
      * smallest eigenvalue a long chain's banded bond covariance approaches (finite chains stay above it).

@@ -2,7 +2,7 @@
 
 Two routes that integrate the same probability-flow ODE (see annealing.py for why it is an ODE in sigma):
 
-- ``method="sampler"``: the batched C++ sampler (models/src/BackboneSampler.cpp), all samples of one length
+- ``method="sampler"``: the batched C++ sampler (training/src/BackboneSampler.cpp), all samples of one length
   in one model batch, on CUDA when available;
 - ``method="openmm"``: inside OpenMM, a System of frame atoms with a FlashIPAForce and an
   :class:`AnnealingIntegrator` that lowers ``flashipaSigma`` step by step; any OpenMM platform.

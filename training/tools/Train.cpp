@@ -1,6 +1,6 @@
-// flashipa-train: trains the EnergyModel by denoising score matching (models/include/flashipa/Trainer.h).
+// flashipa-train: trains the EnergyModel by denoising score matching (training/include/flashipa/Trainer.h).
 // Runs in chunks: --max-minutes stops after a checkpoint, --resume continues exactly where it stopped.
-// The options are parsed by models/src/TrainCommand.cpp, which the data-parallel launcher's processes share.
+// The options are parsed by training/src/TrainCommand.cpp, which the data-parallel launcher's processes share.
 #include "flashipa/TrainCommand.h"
 #include <string>
 #include <vector>

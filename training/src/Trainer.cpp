@@ -2,7 +2,7 @@
 // validation per noise band, CSV log, and resumable safetensors checkpoints.
 #include "flashipa/Trainer.h"
 #include "flashipa/Checkpoint.h"
-#include "flashipa/GeometryPrior.h"
+#include "flashipa/GeometryPriorStatistics.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <cerrno>
 #include <chrono>

@@ -1,5 +1,5 @@
-// flashipa-train's command line (models/include/flashipa/TrainCommand.h): shared by the executable
-// (models/tools/Train.cpp) and the data-parallel launcher's processes (wrappers/python/TrainingModule.cpp).
+// flashipa-train's command line (training/include/flashipa/TrainCommand.h): shared by the executable
+// (training/tools/Train.cpp) and the data-parallel launcher's processes (wrappers/python/TrainingModule.cpp).
 #include "flashipa/TrainCommand.h"
 #include <functional>
 #include <iostream>
