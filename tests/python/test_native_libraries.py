@@ -95,3 +95,15 @@ def test_shadowed_runtime_functions_resolve_to_libstdcxx_in_this_process():
             assert owner.startswith("libstdc++"), "%s: %s resolves to %s, not libstdc++" % (
                 os.path.basename(path), symbol, owner)
     assert checked >= 3
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not installed")
+def test_plugin_links_the_model_library_and_not_the_training_library():
+    # The layout (README "Layout"): the plugin runs models (libFlashIPAModels); data sets, the trainer and the
+    # sampler live in libFlashIPATraining, which only the Python module and flashipa-train load.
+    folder = _plugins.pluginDirectory()
+    plugin = needed(os.path.join(folder, "libOpenMMFlashIPA.so"))
+    assert "libFlashIPAModels.so" in plugin, plugin
+    for name in ("libOpenMMFlashIPA.so", "libOpenMMFlashIPAReference.so", "libFlashIPAModels.so"):
+        assert "libFlashIPATraining.so" not in needed(os.path.join(folder, name)), name
+    assert "libFlashIPATraining.so" in needed(importlib.util.find_spec("openmmflashipa._training").origin)
