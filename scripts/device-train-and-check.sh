@@ -34,7 +34,11 @@ else
     MINUTES=$(python3 -c "print(max(1.0, ${MINUTES:-8.5} - $(( $(date +%s) - t0 )) / 60))")
     export TRAINER=/tmp/flashipa-build/bin/flashipa-train MINUTES
     check &
+    if [ -n "${ABLATION_RUN:-}" ]; then
+        RUN="$ABLATION_RUN" NEW_RUN="${ABLATION_NEW_RUN:-}" bash scripts/device-train-chunk.sh > "$OUT/ablation.log" 2>&1 &
+    fi
     bash scripts/device-train-chunk.sh 2>&1 | tail -25
     wait
+    [ -n "${ABLATION_RUN:-}" ] && { echo "== ablation $ABLATION_RUN"; tail -12 "$OUT/ablation.log"; }
 fi
 grep -v "^\s*$" "$OUT/check.log" | tail -30
