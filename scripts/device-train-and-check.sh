@@ -6,23 +6,27 @@
 # NEW_RUN, MINUTES) as device-train-chunk.sh. ABLATION_RUN and ABLATION_NEW_RUN, when set, train a second
 # run of the same length beside the first on the same GPU (one step is bound by kernel launches, so two
 # processes share the GPU at little cost to each): an A/B comparison from one call. If the carried trainer
-# does not run there, the chunk builds its own and the suites run after it. Logs land in $OUT, each chunk's
-# files in $OUT/<run name>.
+# does not run there, the project is built first and both runs use the built trainer. Logs land in $OUT,
+# each chunk's files in $OUT/<run name>.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 check() { STEPS=cuda bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
-bash scripts/device-dataset.sh unpack || exit 1
-if bash scripts/device-train-chunk.sh probe; then
+# The chunk (and the ablation run beside it, if any) while the CUDA suites run.
+train() {
     check &
     if [ -n "${ABLATION_RUN:-}" ]; then
         RUN="$ABLATION_RUN" NEW_RUN="${ABLATION_NEW_RUN:-}" bash scripts/device-train-chunk.sh > "$OUT/ablation.log" 2>&1 &
     fi
     bash scripts/device-train-chunk.sh 2>&1 | tail -25
     wait
-    [ -n "${ABLATION_RUN:-}" ] && { echo "== ablation $ABLATION_RUN"; tail -12 "$OUT/ablation.log"; }
+    if [ -n "${ABLATION_RUN:-}" ]; then echo "== ablation $ABLATION_RUN"; tail -12 "$OUT/ablation.log"; fi
+}
+bash scripts/device-dataset.sh unpack || exit 1
+if bash scripts/device-train-chunk.sh probe; then
+    train
 else
     # No carried trainer (a call whose checkpoint leaves no room for .trainbin in the 64 MiB) or one that
     # does not run here: build once, then train with the built trainer while the suites run beside it
@@ -33,12 +37,6 @@ else
     echo "build: $(( $(date +%s) - t0 )) s"
     MINUTES=$(python3 -c "print(max(1.0, ${MINUTES:-8.5} - $(( $(date +%s) - t0 )) / 60))")
     export TRAINER=/tmp/flashipa-build/bin/flashipa-train MINUTES
-    check &
-    if [ -n "${ABLATION_RUN:-}" ]; then
-        RUN="$ABLATION_RUN" NEW_RUN="${ABLATION_NEW_RUN:-}" bash scripts/device-train-chunk.sh > "$OUT/ablation.log" 2>&1 &
-    fi
-    bash scripts/device-train-chunk.sh 2>&1 | tail -25
-    wait
-    [ -n "${ABLATION_RUN:-}" ] && { echo "== ablation $ABLATION_RUN"; tail -12 "$OUT/ablation.log"; }
+    train
 fi
 grep -v "^\s*$" "$OUT/check.log" | tail -30
