@@ -80,7 +80,7 @@ void EnergyModelImpl::setGeometryPriorBondCovariance(const torch::Tensor& covari
         throw std::invalid_argument("the bond covariance must be three finite numbers (c0, c1, c2)");
     torch::Tensor c = covariance.to(torch::kFloat64).reshape({3});
     const double c0 = c[0].item<double>(), c1 = c[1].item<double>(), c2 = c[2].item<double>();
-    if (!(c0 > 0) || !(GeometryPrior::bondSpectrumMinimum(c0, c1, c2) > 0))
+    if (!GeometryPrior::isPositiveDefiniteBondCovariance(c0, c1, c2))
         throw std::invalid_argument("the bond covariance (" + std::to_string(c0) + ", " + std::to_string(c1) + ", " + std::to_string(c2) +
                                     ") does not define a positive definite chain covariance");
     torch::NoGradGuard noGrad;

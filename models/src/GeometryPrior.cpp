@@ -134,6 +134,22 @@ torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const t
     return rhs / diag.unsqueeze(-1) * on.unsqueeze(-1);
 }
 
+torch::Tensor GeometryPrior::backboneBondSlots(const torch::Tensor& types, const torch::Tensor& chains, const torch::Tensor& real) {
+    const int64_t B = types.size(0), L = types.size(1);
+    torch::Tensor protein = real & (types < ResidueType::FirstNucleotide); // [B, L]
+    // Slots inside a residue (N-CA, CA-C) exist with the residue; the link slot C(i)-N(i+1) with both residues
+    // in one chain (equal chain ids, the rule of the link kinds above). The last residue's link slot is absent.
+    torch::Tensor link = torch::zeros({B, L}, protein.options());
+    if (L > 1)
+        link.index_put_({Slice(), Slice(None, -1)}, protein.index({Slice(), Slice(None, -1)}) & protein.index({Slice(), Slice(1, None)}) &
+                                                        (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
+    return torch::stack({protein, protein, link}, 2).reshape({B, 3 * L});
+}
+
+bool GeometryPrior::isPositiveDefiniteBondCovariance(double c0, double c1, double c2) {
+    return c0 > 0 && bondSpectrumMinimum(c0, c1, c2) > 0;
+}
+
 torch::Tensor GeometryPrior::backboneChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                                  const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& stats) {
     const int64_t B = atoms.size(0), L = atoms.size(1);
@@ -142,15 +158,7 @@ torch::Tensor GeometryPrior::backboneChainEnergy(const torch::Tensor& atoms, con
     if (3 * L < 2)
         return torch::zeros({B}, atoms.options());
     torch::Tensor bonds = path.index({Slice(), Slice(1, None)}) - path.index({Slice(), Slice(None, -1)}); // [B, 3L-1, 3]
-    torch::Tensor protein = real & (types < ResidueType::FirstNucleotide);                             // [B, L]
-    // Slots inside a residue (N-CA, CA-C) exist with the residue; the link slot C(i)-N(i+1) with both residues
-    // in one chain (equal chain ids, the rule of the link kinds above).
-    torch::Tensor inside = protein.unsqueeze(-1).expand({B, L, 2});
-    torch::Tensor link = torch::zeros({B, L, 1}, protein.options());
-    if (L > 1)
-        link.index_put_({Slice(), Slice(None, -1), 0}, protein.index({Slice(), Slice(None, -1)}) & protein.index({Slice(), Slice(1, None)}) &
-                                                           (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
-    torch::Tensor present = torch::cat({inside, link}, 2).reshape({B, 3 * L}).narrow(1, 0, 3 * L - 1); // [B, 3L-1]
+    torch::Tensor present = backboneBondSlots(types, chains, real).narrow(1, 0, 3 * L - 1);              // [B, 3L-1]
     // Bond variance a per component: the protein bonds' mean d0^2 / 3 (a freely jointed chain of those bonds).
     // The protein kinds lead the table, so a narrow selects them: no index tensor to copy to the device inside
     // a step (CUDA graphs capture this).
@@ -233,8 +241,11 @@ torch::Tensor GeometryPrior::solveBlockTridiagonal(const torch::Tensor& diagonal
         U.select(1, L - 1).zero_();
     torch::Tensor A = shiftedBlocks(U.transpose(-1, -2), 1, true, zeroBlock); // A_i = U_{i-1}^T
     for (int64_t stride = 1; stride < L; stride *= 2) {
-        torch::Tensor alpha = -torch::matmul(A, inverse3(shiftedBlocks(D, stride, true, identity)));
-        torch::Tensor gamma = -torch::matmul(U, inverse3(shiftedBlocks(D, stride, false, identity)));
+        // Each level inverts every diagonal block once; both neighbours read the shifted inverses (the
+        // identity's beyond the ends).
+        torch::Tensor inverseD = inverse3(D);
+        torch::Tensor alpha = -torch::matmul(A, shiftedBlocks(inverseD, stride, true, identity));
+        torch::Tensor gamma = -torch::matmul(U, shiftedBlocks(inverseD, stride, false, identity));
         torch::Tensor nextD = D + torch::matmul(alpha, shiftedBlocks(U, stride, true, zeroBlock)) +
                               torch::matmul(gamma, shiftedBlocks(A, stride, false, zeroBlock));
         torch::Tensor nextR = r + torch::matmul(alpha, shiftedBlocks(r, stride, true, zeroRhs)) +
@@ -257,12 +268,7 @@ torch::Tensor GeometryPrior::correlatedChainEnergy(const torch::Tensor& atoms, c
     torch::Tensor path = atoms.reshape({B, 3 * L, 3});
     torch::Tensor bonds = torch::cat({path.index({Slice(), Slice(1, None)}) - path.index({Slice(), Slice(None, -1)}),
                                       torch::zeros({B, 1, 3}, atoms.options())}, 1); // [B, 3L, 3]
-    torch::Tensor protein = real & (types < ResidueType::FirstNucleotide);
-    torch::Tensor link = torch::zeros({B, L}, protein.options());
-    if (L > 1)
-        link.index_put_({Slice(), Slice(None, -1)}, protein.index({Slice(), Slice(None, -1)}) & protein.index({Slice(), Slice(1, None)}) &
-                                                        (chains.index({Slice(), Slice(None, -1)}) == chains.index({Slice(), Slice(1, None)})));
-    torch::Tensor on = torch::stack({protein, protein, link}, 2).reshape({B, 3 * L}).to(atoms.dtype()); // [B, 3L]
+    torch::Tensor on = backboneBondSlots(types, chains, real).to(atoms.dtype()); // [B, 3L]
     // P_j P_{j+1} and P_j P_{j+1} P_{j+2}: the couplings exist only inside one unbroken stretch of present slots.
     torch::Tensor padded = torch::cat({on, torch::zeros({B, 2}, on.options())}, 1);
     torch::Tensor next1 = on * padded.narrow(1, 1, 3 * L);

@@ -81,8 +81,7 @@ EnergyModel loadEnergyModel(const std::string& path, std::map<std::string, std::
             fail("tensor 'geometryPriorStats' must be positive (d0, s0 in nm)");
         if (model->geometryPriorBondCovariance.defined()) {
             torch::Tensor c = model->geometryPriorBondCovariance.to(torch::kFloat64);
-            if (!(c[0].item<double>() > 0) ||
-                !(GeometryPrior::bondSpectrumMinimum(c[0].item<double>(), c[1].item<double>(), c[2].item<double>()) > 0))
+            if (!GeometryPrior::isPositiveDefiniteBondCovariance(c[0].item<double>(), c[1].item<double>(), c[2].item<double>()))
                 fail("tensor 'geometryPriorBondCovariance' does not define a positive definite chain covariance");
         }
     }

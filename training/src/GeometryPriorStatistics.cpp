@@ -62,18 +62,15 @@ torch::Tensor GeometryPrior::measureBondCovariance(const Dataset& data) {
     const torch::Tensor& segment = data.segments(); // [N]
     const int64_t N = atoms.size(0);
     torch::Tensor chain = trainingChainOfResidue(data);
-    torch::Tensor protein = (chain >= 0) & (types < ResidueType::FirstNucleotide); // [N]
-    // The path N0 CA0 C0 N1 ... over the whole file; slot j joins flattened atoms j and j + 1. Slots inside a
-    // residue count for training protein residues, the link slot where the next residue continues the same
-    // chain and segment (as the trainer's batches link them).
+    // The path N0 CA0 C0 N1 ... over the whole file as one batch row; slot j joins flattened atoms j and j + 1.
+    // The model's slot rule (GeometryPrior::backboneBondSlots) with training residues as the real ones and one
+    // id per chain and segment, so links stay inside a segment as the trainer's batches link them.
+    torch::Tensor segmentId = chain * (segment.max().item<int64_t>() + 1) + segment;
+    torch::Tensor present = GeometryPrior::backboneBondSlots(types.view({1, N}), segmentId.view({1, N}), (chain >= 0).view({1, N}))
+                                .view({3 * N})
+                                .narrow(0, 0, 3 * N - 1);
     torch::Tensor path = atoms.to(torch::kFloat64).reshape({3 * N, 3});
     torch::Tensor bonds = path.index({Slice(1, None)}) - path.index({Slice(None, -1)}); // [3N-1, 3]
-    torch::Tensor link = torch::zeros({N}, torch::kBool);
-    if (N > 1)
-        link.index_put_({Slice(None, -1)}, protein.index({Slice(None, -1)}) & protein.index({Slice(1, None)}) &
-                                               (chain.index({Slice(None, -1)}) == chain.index({Slice(1, None)})) &
-                                               (segment.index({Slice(None, -1)}) == segment.index({Slice(1, None)})));
-    torch::Tensor present = torch::stack({protein, protein, link}, 1).reshape({3 * N}).narrow(0, 0, 3 * N - 1);
     double c[3];
     for (int lag = 0; lag < 3; lag++) {
         const int64_t M = 3 * N - 1 - lag;

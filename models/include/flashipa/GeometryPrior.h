@@ -88,6 +88,15 @@ namespace GeometryPrior {
      * smallest eigenvalue a long chain's banded bond covariance approaches (finite chains stay above it).
      */
     double bondSpectrumMinimum(double c0, double c1, double c2);
+    /** Whether covariances (c0, c1, c2) define a positive definite chain covariance at every length:
+     *  c0 > 0 and bondSpectrumMinimum() > 0. */
+    bool isPositiveDefiniteBondCovariance(double c0, double c1, double c2);
+    /**
+     * The bond slots of the protein backbone path [B, 3L] (bool): slot 3i + p is residue i's N-CA (p = 0),
+     * CA-C (1) and C(i)-N(i+1) (2), present for real protein residues, the link only where the next residue is
+     * one too with the same chain id (the last residue's link never). types, chains, real [B, L].
+     */
+    torch::Tensor backboneBondSlots(const torch::Tensor& types, const torch::Tensor& chains, const torch::Tensor& real);
     /** Version 4's fade-in noise level (nm) of the bond correlations (correlatedChainEnergy()). */
     constexpr double CorrelationFadeSigma = 0.05;
     /**

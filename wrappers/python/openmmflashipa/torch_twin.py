@@ -699,6 +699,16 @@ def solve_bond_system(bonds, present, diagonal, coupling):
     return rhs / diag.unsqueeze(-1) * on.unsqueeze(-1)
 
 
+def backbone_bond_slots(types, chains, real):
+    """The protein backbone path's bond slots [B, 3L] bool (GeometryPrior::backboneBondSlots): residue i's N-CA,
+    CA-C and C(i)-N(i+1), the link only where the next residue is a real protein residue of the same chain id."""
+    B, L = types.shape
+    protein = real & (types < FIRST_NUCLEOTIDE)
+    link = torch.zeros(B, L, dtype=torch.bool, device=types.device)
+    link[:, :-1] = protein[:, :-1] & protein[:, 1:] & (chains[:, :-1] == chains[:, 1:])
+    return torch.stack([protein, protein, link], 2).reshape(B, 3 * L)
+
+
 def backbone_chain_energy(atoms, types, chains, real, sigma, pairs, stats):
     """Version 3's chain term [B] (GeometryPrior::backboneChainEnergy, docs/MODEL.md): on each protein chain's
     backbone path N CA C N+1 ..., 1/2 [b^T (a I + sigma^2 T)^-1 b - b^T b / (a + 2 sigma^2)] per coordinate,
@@ -706,11 +716,7 @@ def backbone_chain_energy(atoms, types, chains, real, sigma, pairs, stats):
     B, L = types.shape
     path = atoms.reshape(B, 3 * L, 3)
     bonds = path[:, 1:] - path[:, :-1]
-    protein = real & (types < FIRST_NUCLEOTIDE)
-    inside = protein.unsqueeze(-1).expand(B, L, 2)
-    link = torch.zeros(B, L, 1, dtype=torch.bool, device=atoms.device)
-    link[:, :-1, 0] = protein[:, :-1] & protein[:, 1:] & (chains[:, :-1] == chains[:, 1:])
-    present = torch.cat([inside, link], 2).reshape(B, 3 * L)[:, :3 * L - 1]
+    present = backbone_bond_slots(types, chains, real)[:, :3 * L - 1]
     protein_kinds = [k for k, row in enumerate(pairs.tolist()) if not row[0]]
     a = stats[protein_kinds, 0].pow(2).mean() / 3.0
     sigma2 = sigma.pow(2)
@@ -757,8 +763,9 @@ def solve_block_tridiagonal(diagonal, upper, rhs):
     A = shifted(U.transpose(-1, -2), 1, True, zero)
     stride = 1
     while stride < L:
-        alpha = -A @ _inverse3(shifted(D, stride, True, eye))
-        gamma = -U @ _inverse3(shifted(D, stride, False, eye))
+        inverse = _inverse3(D)  # once per level; both neighbours read it shifted
+        alpha = -A @ shifted(inverse, stride, True, eye)
+        gamma = -U @ shifted(inverse, stride, False, eye)
         D, r, A, U = (D + alpha @ shifted(U, stride, True, zero) + gamma @ shifted(A, stride, False, zero),
                       r + alpha @ shifted(r, stride, True, zero_rhs) + gamma @ shifted(r, stride, False, zero_rhs),
                       alpha @ shifted(A, stride, True, zero), gamma @ shifted(U, stride, False, zero))
@@ -774,10 +781,7 @@ def correlated_chain_energy(atoms, types, chains, real, sigma, covariance):
     B, L = types.shape
     path = atoms.reshape(B, 3 * L, 3)
     bonds = torch.cat([path[:, 1:] - path[:, :-1], torch.zeros_like(path[:, :1])], 1)
-    protein = real & (types < FIRST_NUCLEOTIDE)
-    link = torch.zeros(B, L, dtype=torch.bool, device=atoms.device)
-    link[:, :-1] = protein[:, :-1] & protein[:, 1:] & (chains[:, :-1] == chains[:, 1:])
-    on = torch.stack([protein, protein, link], 2).reshape(B, 3 * L).to(atoms.dtype)
+    on = backbone_bond_slots(types, chains, real).to(atoms.dtype)
     padded = torch.cat([on, torch.zeros_like(on[:, :2])], 1)
     next1 = on * padded[:, 1:3 * L + 1]
     next2 = next1 * padded[:, 2:3 * L + 2]
