@@ -1,5 +1,4 @@
 #include "flashipa/ForceEvaluator.h"
-#include "flashipa/ReleasedGIL.h"
 #include <stdexcept>
 
 namespace FlashIPAPlugin {
@@ -71,11 +70,8 @@ DeviceForceEvaluation ForceEvaluator::evaluateOnDevice(const torch::Tensor& fram
         result.skippedResidues = torch::zeros({}, degenerate.options().dtype(torch::kInt64));
     }
     torch::Tensor energy = model_->forward(batch, sigma, backend, false).sum();
-    std::vector<torch::Tensor> gradients;
-    {
-        ReleasedGIL released; // see ReleasedGIL.h: Python callers may hold it, LibTorch's engine refuses it
-        gradients = torch::autograd::grad({energy}, {atoms, sigma});
-    }
+    // A caller on a Python thread must have released the GIL (the platforms' kernels do: ReleasedGIL.h).
+    std::vector<torch::Tensor> gradients = torch::autograd::grad({energy}, {atoms, sigma});
     torch::Tensor kT = temperature * BoltzmannKJPerMolK;
     // Error policy: a degenerate frame zeroes the evaluation (the platform then throws). Skip policy: the
     // degenerate residues are already masked out, so the rest of the evaluation stands.

@@ -107,3 +107,18 @@ def test_plugin_links_the_model_library_and_not_the_training_library():
     for name in ("libOpenMMFlashIPA.so", "libOpenMMFlashIPAReference.so", "libFlashIPAModels.so"):
         assert "libFlashIPATraining.so" not in needed(os.path.join(folder, name)), name
     assert "libFlashIPATraining.so" in needed(importlib.util.find_spec("openmmflashipa._training").origin)
+
+
+def test_python_handling_sits_in_the_plugin_and_not_in_the_model_library():
+    # The GIL is released where OpenMM calls into the model (openmmapi/include/internal/ReleasedGIL.h, used by each
+    # platform's kernel); the model library stays free of Python. The names are looked up at run time (dlsym),
+    # so they appear in the library as strings, not as imported symbols.
+    folder = _plugins.pluginDirectory()
+
+    def mentions(name, text):
+        with open(os.path.join(folder, name), "rb") as f:
+            return text in f.read()
+
+    assert mentions("libOpenMMFlashIPA.so", b"PyEval_SaveThread")
+    assert not mentions("libFlashIPAModels.so", b"PyEval_SaveThread")
+    assert not mentions("libFlashIPAModels.so", b"PyGILState_Check")

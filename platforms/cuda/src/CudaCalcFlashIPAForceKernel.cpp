@@ -3,6 +3,7 @@
 #include "FlashIPAForceInfo.h"
 #include "flashipa/DefaultModel.h"
 #include "flashipa/FrameBuilder.h"
+#include "internal/ReleasedGIL.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/common/ContextSelector.h"
 #include "openmm/internal/ContextImpl.h"
@@ -139,6 +140,7 @@ void CudaCalcFlashIPAForceKernel::setResidues(const FlashIPAForce& force) {
 }
 
 void CudaCalcFlashIPAForceKernel::evaluateModel() {
+    ReleasedGIL released; // LibTorch's autograd engine refuses a thread that holds Python's GIL (ReleasedGIL.h)
     auto run = [&] {
         outputs = evaluator->evaluateOnDevice(atoms, parameters);
         if (skipDegenerate)

@@ -1,6 +1,7 @@
 #include "ReferenceFlashIPAKernels.h"
 #include "flashipa/DefaultModel.h"
 #include "flashipa/FrameBuilder.h"
+#include "internal/ReleasedGIL.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/internal/ContextImpl.h"
 #include "openmm/reference/ReferencePlatform.h"
@@ -57,6 +58,7 @@ double ReferenceCalcFlashIPAForceKernel::execute(ContextImpl& context, bool incl
     warnIfSigmaUntrained(sigma, evaluator->model()->config().sigmaMin, evaluator->model()->config().sigmaMax);
     ForceEvaluation result;
     try {
+        ReleasedGIL released; // LibTorch's autograd engine refuses a thread that holds Python's GIL (ReleasedGIL.h)
         result = evaluator->evaluate(positionTensor, scale, sigma, temperature, includeForces);
     } catch (const DegenerateFrameError& e) {
         throw OpenMMException(degenerateFrameMessage(e.residue, e.problem));

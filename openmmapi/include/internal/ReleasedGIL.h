@@ -1,5 +1,7 @@
-#ifndef FLASHIPA_RELEASED_GIL_H_
-#define FLASHIPA_RELEASED_GIL_H_
+#ifndef OPENMM_FLASHIPA_RELEASED_GIL_H_
+#define OPENMM_FLASHIPA_RELEASED_GIL_H_
+
+#include "internal/windowsExportFlashIPA.h"
 
 namespace FlashIPAPlugin {
 
@@ -11,8 +13,11 @@ namespace FlashIPAPlugin {
  * GIL during some calls, e.g. LocalEnergyMinimizer.minimize() with a Python MinimizationReporter, so a
  * force evaluated inside them must give the lock back around its backward pass. Python's C API is looked up
  * at run time (dlsym): the plugin does not link Python and this is a no-op in a process without it.
+ *
+ * It lives in the plugin, at the boundary where OpenMM calls into the model (each platform's kernel wraps its
+ * evaluation in one), so that the model library knows nothing of Python.
  */
-class ReleasedGIL {
+class OPENMM_EXPORT_FLASHIPA ReleasedGIL {
 public:
     ReleasedGIL();
     ~ReleasedGIL();

@@ -1,4 +1,4 @@
-#include "flashipa/ReleasedGIL.h"
+#include "internal/ReleasedGIL.h"
 #include <dlfcn.h>
 
 namespace FlashIPAPlugin {
