@@ -60,6 +60,7 @@ import openmm.unit as unit
 import openmmflashipa
 from openmmflashipa import backbone, metrics, torch_twin
 from openmmflashipa.annealing import AnnealingIntegrator
+from openmmflashipa.checksums import fileSha256
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -1208,10 +1209,10 @@ def evaluate(args, chains=None):
     chains = {m: c for m, c in chains.items() if c}
     log("evaluating %s on %s: %s" % (repo_path(model_path), args.platform,
                                      ", ".join("%d %s chains" % (len(c), m) for m, c in chains.items())))
-    report = {"model": {"path": repo_path(model_path), "sha256": build_dataset.sha256_file(model_path),
+    report = {"model": {"path": repo_path(model_path), "sha256": fileSha256(model_path),
                         "training": model.metadata.get("training", "unknown"),
                         "metadata": dict(model.metadata)},
-              "dataset": {"path": repo_path(args.dataset), "sha256": build_dataset.sha256_file(args.dataset),
+              "dataset": {"path": repo_path(args.dataset), "sha256": fileSha256(args.dataset),
                           "split_sha256": data["metadata"].get("split_sha256")},
               "config": {k: repo_path(v) if k in PATH_OPTIONS else v for k, v in vars(args).items()},
               "versions": {"openmm": openmm.__version__, "torch": torch.__version__, "numpy": np.__version__,

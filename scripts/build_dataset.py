@@ -24,6 +24,7 @@ import gemmi
 import numpy as np
 
 from openmmflashipa import ResidueType
+from openmmflashipa.checksums import fileSha256
 from openmmflashipa.topology import C4_BREAK, LINK_BREAK
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -170,14 +171,6 @@ def residue_has_polymer_name(name, is_rna):
     return info.is_nucleic_acid() if is_rna else info.is_amino_acid()
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def split_hash(structure):
     """Deterministic number in [0, 1) for a structure id."""
     return int(hashlib.sha256(structure.encode("utf-8")).hexdigest()[:16], 16) / float(1 << 64)
@@ -303,7 +296,7 @@ def main(argv=None):
             raise SystemExit(f"{row['file']}: unknown moltype {row['moltype']!r}")
         is_rna = row["moltype"] == "rna"
         path = os.path.join(args.data, row["file"])
-        files_digest.update(row["file"].encode() + b"\0" + sha256_file(path).encode() + b"\n")
+        files_digest.update(row["file"].encode() + b"\0" + fileSha256(path).encode() + b"\n")
         segments, complete, missing, short = read_chain(path, is_rna)
         claimed = row.get("residues_with_frame_atoms", "")
         if claimed.isdigit() and complete < int(claimed):
@@ -375,7 +368,7 @@ def main(argv=None):
               "residues_short_of_source_manifest": sum(b - a for _, a, b in fewer)}
     metadata = {
         "format": FORMAT, "version": VERSION, "units": "nm",
-        "source_manifest_sha256": sha256_file(manifest_path),
+        "source_manifest_sha256": fileSha256(manifest_path),
         "source_files_sha256": files_digest.hexdigest(),
         "split_sha256": hashlib.sha256("".join(f"{s}\t{split[s]}\n" for s in sorted(split)).encode()).hexdigest(),
         "frame_atoms": "protein N,CA,C; rna C3',C4',O4'",
@@ -415,7 +408,7 @@ def main(argv=None):
         for name in duplicates:
             print(f"  duplicate: {name}")
         print(f"wrote {os.path.relpath(args.out)} ({os.path.getsize(args.out)} bytes, sha256 "
-              f"{sha256_file(args.out)}) in {time.time() - start:.1f} s")
+              f"{fileSha256(args.out)}) in {time.time() - start:.1f} s")
     return 0
 
 

@@ -8,6 +8,7 @@
 #include "TestStructures.h"
 #include "flashipa/EnergyModel.h"
 #include "flashipa/FusedAttention.h"
+#include "TestRequireGPU.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 #include <optional>
@@ -16,14 +17,6 @@ using namespace FlashIPAPlugin;
 using namespace FlashIPATest;
 
 namespace {
-
-bool haveGPU() {
-    return fusedAttentionAvailable() && torch::cuda::is_available();
-}
-
-#define REQUIRE_GPU()                                                        \
-    if (!haveGPU())                                                          \
-    GTEST_SKIP() << "no CUDA device or no fused kernels in this build"
 
 /** Random per-residue rotations [1, L, 3, 3] (from normalised quaternions) in double. */
 torch::Tensor randomRotations(int64_t L) {

@@ -5,19 +5,12 @@
 // backward's dOut sums to fp32 rounding (1e-6 relative: the kernels sum in another order). Structures sit
 // 100 nm from the origin, so a centre taken from the wrong tile or a lost hi/lo residual shows.
 #include "TensorCorePacking.h"
+#include "TestRequireGPU.h"
 #include <gtest/gtest.h>
 
 using namespace FlashIPAPlugin;
 
 namespace {
-
-bool haveGPU() {
-    return fusedAttentionAvailable() && torch::cuda::is_available();
-}
-
-#define REQUIRE_GPU()                                                        \
-    if (!haveGPU())                                                          \
-    GTEST_SKIP() << "no CUDA device or no fused kernels in this build"
 
 struct Widths {
     int64_t H, c, Rb, Pq, Pv, r, dz;

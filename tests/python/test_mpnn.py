@@ -186,7 +186,7 @@ def test_weights_resolution(weights, tmp_path, monkeypatch):
     # default: created once in the cache from the installed package, with the pinned hash
     path = mpnn.resolveWeights()
     assert path == mpnn.defaultWeightsPath() and path.startswith(str(home))
-    assert mpnn._sha256_file(path) == mpnn.WEIGHTS_SHA256
+    assert mpnn.fileSha256(path) == mpnn.WEIGHTS_SHA256
     # the environment variable wins
     elsewhere = tmp_path / "elsewhere.safetensors"
     shutil.copy(weights, elsewhere)

@@ -22,6 +22,15 @@ ANGLE_K = 50000.0
 LINK_WALL_K = 50000.0
 
 
+def _segmentsOf(frames, segments):
+    """Each residue's segment (all 0 when None); a list of another length is a ValueError."""
+    if segments is None:
+        return [0] * len(frames)
+    if len(segments) != len(frames):
+        raise ValueError("segments has %d entries for %d residues" % (len(segments), len(frames)))
+    return segments
+
+
 def _check_moltype(moltype):
     if moltype not in MOLTYPES:
         raise ValueError("molecule type must be 'protein' or 'rna', not %r" % (moltype,))
@@ -48,10 +57,7 @@ def addFrameRestraints(system, frames, moltype, segments=None, bondK=BOND_K, ang
         for i in f:
             if not 0 <= i < count:
                 raise ValueError("frame particle index %d out of range (System has %d particles)" % (i, count))
-    if segments is None:
-        segments = [0] * len(frames)
-    if len(segments) != len(frames):
-        raise ValueError("segments has %d entries for %d residues" % (len(segments), len(frames)))
+    segments = _segmentsOf(frames, segments)
     bonds = openmm.HarmonicBondForce()
     bonds.setName("FrameGeometry")
     for f in frames:
@@ -89,10 +95,7 @@ def addPeptideRestraints(system, frames, segments=None, k=ANGLE_K):
     straightens only by straining bonds (docs/WORKFLOWS.md, 'Refinement'). Generated proteins are
     poly-glycine, for which trans is the right choice everywhere."""
     frames = [tuple(int(i) for i in f) for f in frames]
-    if segments is None:
-        segments = [0] * len(frames)
-    if len(segments) != len(frames):
-        raise ValueError("segments has %d entries for %d residues" % (len(segments), len(frames)))
+    segments = _segmentsOf(frames, segments)
     force = openmm.HarmonicBondForce()
     force.setName("PeptideGeometry")
     for f, g, s, t in zip(frames[:-1], frames[1:], segments[:-1], segments[1:]):

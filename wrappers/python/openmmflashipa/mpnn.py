@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checksums import fileSha256
 from .torch_twin import parse_safetensors
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,14 +151,6 @@ def _sha256_bytes(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _safetensors_bytes(tensors, metadata):
     """A safetensors file (bytes) of float32 tensors, names sorted, so equal input gives equal bytes."""
     header = {"__metadata__": dict(sorted(metadata.items()))}
@@ -185,7 +178,7 @@ def convertCheckpoint(source, destination, expectedSha256=None):
     source, destination = os.fspath(source), os.fspath(destination)
     if not os.path.isfile(source):
         raise ValueError("ProteinMPNN checkpoint '%s' does not exist" % source)
-    source_hash = _sha256_file(source)
+    source_hash = fileSha256(source)
     if expectedSha256 is not None and source_hash != expectedSha256:
         raise ValueError("ProteinMPNN checkpoint '%s' has sha256 %s, not the pinned %s (%s); refusing it"
                          % (source, source_hash, expectedSha256, SOURCE_PACKAGE))

@@ -24,7 +24,7 @@ import torch
 from . import torch_twin
 from .openmmflashipa import FlashIPAForce
 # The global parameters' defaults are FlashIPAForce's (docs/DESIGN-DECISIONS.md).
-from .topology import DEFAULT_SCALE, DEFAULT_SIGMA, DEFAULT_TEMPERATURE
+from .topology import DEFAULT_SCALE, DEFAULT_SIGMA, DEFAULT_TEMPERATURE, _toFloat
 
 __all__ = ["createPythonForce", "TwinComputation", "DEFAULT_SCALE", "DEFAULT_SIGMA", "DEFAULT_TEMPERATURE"]
 
@@ -34,14 +34,6 @@ SIGMA_PARAMETER = FlashIPAForce.Sigma()
 TEMPERATURE_PARAMETER = FlashIPAForce.Temperature()
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "single": torch.float32, "double": torch.float64}
-
-
-def _toFloat(value, quantityUnit, what):
-    if unit.is_quantity(value):
-        if not value.unit.is_compatible(quantityUnit):
-            raise TypeError("%s must be in units compatible with %s, got %s" % (what, quantityUnit, value.unit))
-        return float(value.value_in_unit(quantityUnit))
-    return float(value)
 
 
 def _dtype(dtype):

@@ -191,6 +191,7 @@ def selectFrameResidues(topology):
 
 
 def _toFloat(value, quantityUnit, what):
+    """A plain float from a number or an OpenMM Quantity in units compatible with quantityUnit (TypeError otherwise)."""
     if unit.is_quantity(value):
         if not value.unit.is_compatible(quantityUnit):
             raise TypeError("%s must be in units compatible with %s, got %s" % (what, quantityUnit, value.unit))
