@@ -13,6 +13,7 @@ import sys
 
 import gemmi
 import numpy as np
+import safetensors
 import pytest
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -69,6 +70,11 @@ def load_safetensors(path):
         tensors[name] = np.frombuffer(blob[base + start:base + stop], dtype=dtype).reshape(info["shape"])
         end = stop
     assert base + end == len(blob), "data must end the file"
+    # The format's own library reads the same (the writer is the project's; docs/DESIGN-DECISIONS.md says why).
+    with safetensors.safe_open(path, framework="np") as f:
+        assert f.metadata() == metadata and sorted(f.keys()) == sorted(tensors)
+        for name in f.keys():
+            np.testing.assert_array_equal(f.get_tensor(name), tensors[name], err_msg=name)  # NaN equals NaN
     return tensors, metadata
 
 

@@ -9,16 +9,16 @@
 The model is tiny (one block, 16 features) and the runs are float64, a few steps each.
 """
 
-import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -40,34 +40,14 @@ STEPS = 12
 # process that drew other noise fails.
 WEIGHT_TOLERANCE = 1e-10
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
-
-
 def write_safetensors(path, tensors, metadata):
-    header, blobs, offset = {"__metadata__": metadata}, [], 0
-    codes = {np.dtype(v): k for k, v in DTYPES.items()}
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
-        data = array.tobytes()
-        header[name] = {"dtype": codes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    safetensors.numpy.save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, path,
+                                metadata=metadata)
 
 
 def read_safetensors(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
-    metadata = header.pop("__metadata__", {})
-    base = 8 + length
-    tensors = {name: np.frombuffer(raw[base + d["data_offsets"][0]:base + d["data_offsets"][1]],
-                                   dtype=DTYPES[d["dtype"]]).reshape(d["shape"]) for name, d in header.items()}
-    return tensors, metadata
+    with safetensors.safe_open(path, framework="np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
 
 
 def helix(length, rng):

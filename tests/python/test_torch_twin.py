@@ -2,7 +2,7 @@
 against the plugin's FlashIPAForce on the Reference platform.
 
 Everything here runs on the CPU in float64: the twin must compute the plugin's function (energies and
-forces equal to 1e-8 relative) from the same checkpoint, with its own safetensors reader.
+forces equal to 1e-8 relative) from the same checkpoint, read with the `safetensors` library rather than the plugin's C++ reader.
 """
 
 import os
