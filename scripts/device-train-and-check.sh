@@ -6,8 +6,8 @@
 # NEW_RUN, MINUTES) as device-train-chunk.sh. ABLATION_RUN and ABLATION_NEW_RUN, when set, train a second
 # run of the same length beside the first on the same GPU (one step is bound by kernel launches, so two
 # processes share the GPU at little cost to each): an A/B comparison from one call. If the carried trainer
-# does not run there, the project is built first and both runs use the built trainer. Logs land in $OUT,
-# each chunk's files in $OUT/<run name>.
+# does not run there, the project is built first and both runs use the built trainer. Logs land in
+# $OUT/logs.tgz, each chunk's files in $OUT/<run name>.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,3 +40,5 @@ else
     train
 fi
 grep -v "^\s*$" "$OUT/check.log" | tail -30
+# A call returns at most 8 files: the logs travel as one archive, leaving room for two runs' checkpoint and log.
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
