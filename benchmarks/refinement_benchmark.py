@@ -29,6 +29,7 @@ import openmm
 import openmm.unit as unit
 
 from openmmflashipa import metrics
+from openmmflashipa.checksums import fileSha256
 from openmmflashipa import refine as _refine
 from openmmflashipa.generate import choosePlatform
 from openmmflashipa.structure import readStructure
@@ -107,7 +108,8 @@ def main():
             parser.error("unknown route(s) %s; the routes are %s" % (unknown, [name for name, _ in routes]))
         routes = [(name, route) for name, route in routes if name in wanted]
     chosen = select(args.structures, args.min_length, args.max_length, args.data)
-    report = {"model": args.model or "shipped", "noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
+    report = {"model": ({"file": os.path.basename(args.model), "sha256": fileSha256(args.model)} if args.model
+                        else "shipped"), "noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
               "plain_iterations": plainIterations, "default_protocol": _refine.DEFAULT_PROTOCOL,
               "min_length": args.min_length, "max_length": args.max_length,
               "platform": choosePlatform(args.platform).getName(), "cpu_count": os.cpu_count(),
