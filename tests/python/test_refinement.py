@@ -12,6 +12,7 @@ import openmm.app as app
 import openmm.unit as unit
 import pytest
 
+import openmmflashipa
 from openmmflashipa import refine as refine_module
 from openmmflashipa.refine import allAtomSystem, refine
 from openmmflashipa.structure import readStructure
@@ -397,3 +398,56 @@ def test_a_ligand_ion_and_waters_are_kept_fixed_or_removed_never_a_level_drop(tm
     assert sum("removed" in line for line in removed.leftOut) == 3
     with pytest.raises(ValueError, match="hetero"):
         refine(path, hetero="drop", **_fast(monkeypatch))
+
+
+def _backbone_level_protein(length=8):
+    """A backbone-level System (refine_module.backboneSystem) of the first `length` residues of the test protein,
+    and the frame atoms' start positions [3 length, 3] nm."""
+    topology, positions = readStructure(PROTEIN_PDB)[:2]
+    frames, _ = selectFrameResidues(topology)
+    frames = frames[:length]
+    xyz = positions.value_in_unit(unit.nanometer)
+    system, start, _ = refine_module.backboneSystem(frames, np.asarray(xyz), segments=[0] * length)
+    return system, start
+
+
+def _collinear(start, residue):
+    """`start` with the third frame atom of `residue` moved onto the line through its first two."""
+    bad = np.array(start)
+    a, b = bad[3 * residue], bad[3 * residue + 1]
+    bad[3 * residue + 2] = b + 1.0 * (b - a)
+    return bad
+
+
+def test_backbone_level_leaves_a_degenerate_frame_out_of_the_learned_energy():
+    # Backbone level holds frames with restraints only; a frame passing through a collinear shape for a step
+    # must not stop the run (the CI machine's minimiser did exactly that on a 5-nt generated RNA).
+    system, start = _backbone_level_protein()
+    learned = [f for f in system.getForces() if openmmflashipa.FlashIPAForce.isinstance(f)]
+    assert len(learned) == 1 and learned[0].getForceGroup() == 1
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(_collinear(start, 3))
+    state = context.getState(getEnergy=True, getForces=True, groups={1})
+    forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoules_per_mole / unit.nanometer)
+    assert np.isfinite(state.getPotentialEnergy().value_in_unit(unit.kilojoules_per_mole))
+    assert np.all(forces[9:12] == 0.0) and np.any(forces[:9] != 0.0)  # residue 3 is out, the others are not
+    assert refine_module.skippedEvaluations(context, system) == 1
+    context.setPositions(start)  # a valid frame is evaluated again, and the count stays
+    context.getState(getEnergy=True, groups={1})
+    assert refine_module.skippedEvaluations(context, system) == 1
+
+
+def test_run_protocol_refuses_a_result_that_ends_with_a_degenerate_frame():
+    # Only the learned force is left, so nothing mends the collinear residue (it gets no force while skipped):
+    # the result would carry a frame the model cannot read, and runProtocol must say so rather than return it.
+    system, start = _backbone_level_protein()
+    for i in reversed(range(system.getNumForces())):
+        if not openmmflashipa.FlashIPAForce.isinstance(system.getForce(i)):
+            system.removeForce(i)
+    with pytest.raises(RuntimeError, match="ended with degenerate frame atoms .* in 1 residue"):
+        refine_module.runProtocol(system, _collinear(start, 3), platform="Reference", protocol="minimize",
+                                  minimizeIterations=5)
+    diagnostics = {}
+    final, _ = refine_module.runProtocol(system, start, platform="Reference", protocol="minimize",
+                                         minimizeIterations=5, diagnostics=diagnostics)
+    assert diagnostics == {"skippedFrameEvaluations": 0} and np.all(np.isfinite(final))

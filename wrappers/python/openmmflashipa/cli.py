@@ -251,6 +251,9 @@ def report(path, target, result):
             lines.extend("    - %s" % item for item in items)
         elif title == "left out":
             lines.append("  left out: nothing")
+    if result.skippedFrameEvaluations:
+        lines.append("  learned force: %d residue evaluation(s) left out on the way, where frame atoms passed through a "
+                     "collinear or coincident shape (the refined structure has none)" % result.skippedFrameEvaluations)
     for before, after in result.gaps:
         lines.append("  chain split at a gap: %s | %s" % (before, after))
     return "\n".join(lines)

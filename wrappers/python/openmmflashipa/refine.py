@@ -84,7 +84,9 @@ class RefinedStructure:
     in the input before refining it, in words), ``leftOut`` (residues and atoms not refined: kept fixed, removed,
     or outside the learned force, each with the reason), ``rmsdFromInput`` (nm, polymer heavy atoms matched by
     chain, residue and atom name, no superposition) over ``rmsdAtoms`` atoms, and ``energyTerms`` ({'start' |
-    'final': {force name: kJ/mol}}, the System's forces one by one)."""
+    'final': {force name: kJ/mol}}, the System's forces one by one), and ``skippedFrameEvaluations`` (backbone
+    level: residue evaluations the learned force left out because a frame passed through a degenerate shape
+    on the way; the result itself has none)."""
 
     def __init__(self, topology, positions, level, energies, system, frameResidues, particlePositions,
                  segments=None, protocol=None, gaps=(), notes=()):
@@ -103,6 +105,7 @@ class RefinedStructure:
         self.rmsdFromInput = None
         self.rmsdAtoms = 0
         self.energyTerms = {}
+        self.skippedFrameEvaluations = 0
 
     def write(self, path):
         """Write the refined structure as .pdb or .cif."""
@@ -601,12 +604,15 @@ def _backboneRestraint(system, atoms, reference, k):
 
 def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, temperature=300.0, stepSize=0.002,
                 minimizeIterations=500, steps=None, seed=0, quench=True, restraintK=RESTRAINT_K,
-                annealTemperature=ANNEAL_TEMPERATURE, restrainedAtoms=None, progress=False, label="refine", terms=None):
+                annealTemperature=ANNEAL_TEMPERATURE, restrainedAtoms=None, progress=False, label="refine", terms=None,
+                diagnostics=None):
     """Run a refinement protocol (see refine) on `system` from `positions`: returns (final [N, 3] nm, energies).
 
     The System is not changed (the 'restrained' protocol's restraint lives in a copy). `restrainedAtoms` are the
     particles the 'restrained' protocol holds (default: all). A dict `terms` receives the energy of each force
-    (kJ/mol, by force name) at 'start' and 'final'."""
+    (kJ/mol, by force name) at 'start' and 'final'. A dict `diagnostics` receives 'skippedFrameEvaluations':
+    residue evaluations a FlashIPAForce with the degenerate-frame policy "skip" left out (skippedEvaluations).
+    RuntimeError if the final structure has a residue such a force had to leave out."""
     if protocol not in PROTOCOLS:
         raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
     steps = DEFAULT_STEPS[protocol] if steps is None else int(steps)
@@ -675,7 +681,15 @@ def runProtocol(system, positions, platform=None, protocol=DEFAULT_PROTOCOL, tem
             # so a snapshot of a few hundred residues almost always has a bond 0.01 nm off; the minimum does not.
             with _progress.spinner("%s: quench" % label, enabled=progress):
                 openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, QUENCH_ITERATIONS)
+    skippedBefore = skippedEvaluations(context, system)
     state = context.getState(getEnergy=True, getPositions=True)
+    skipped = skippedEvaluations(context, system)
+    if skipped > skippedBefore:  # the final evaluation itself left residues out: the result has no valid frames
+        raise RuntimeError("refinement ended with degenerate frame atoms (collinear or coincident) in %d residue(s): "
+                           "the learned force outweighed the frame geometry; try a larger flashipaSigma or "
+                           "a smaller scale" % (skipped - skippedBefore))
+    if diagnostics is not None:
+        diagnostics["skippedFrameEvaluations"] = skipped
     energies["final"] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     final = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
     for key, value in energies.items():
@@ -705,6 +719,17 @@ def _termEnergies(context, names):
         out[name] = context.getState(getEnergy=True, groups={k}).getPotentialEnergy().value_in_unit(
             unit.kilojoule_per_mole)
     return out
+
+
+def skippedEvaluations(context, system):
+    """Residue evaluations left out so far in `context` (made from `system`) by its FlashIPAForce(s) under the
+    degenerate-frame policy "skip" (FlashIPAForce.getNumSkippedResidues; 0 under "error")."""
+    from . import FlashIPAForce
+    total = 0
+    for i in range(system.getNumForces()):
+        if FlashIPAForce.isinstance(system.getForce(i)):
+            total += int(FlashIPAForce.cast(system.getForce(i)).getNumSkippedResidues(context))
+    return total
 
 
 def withoutFlashIPA(system):
@@ -857,6 +882,11 @@ def backboneSystem(frames, xyz, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.
     force.setDefaultSigma(sigma)
     force.setDefaultScale(scale)
     force.setDefaultTemperature(temperature)
+    # Frame atoms are held here by restraints, not by a force field, and the learned force can outweigh them for a
+    # step (a minimiser's trial step, a Langevin step): "skip" leaves a residue whose frame atoms pass through a
+    # collinear or coincident shape out of that evaluation instead of stopping the run; runProtocol counts such
+    # evaluations and refuses a result that ends degenerate (docs/DESIGN-DECISIONS.md, "Degenerate frames").
+    force.setDegenerateFramePolicy("skip")
     for i, frame in enumerate(frames):
         moltype = "rna" if frame.residueType >= FIRST_NUCLEOTIDE else "protein"
         for k, mass in enumerate(FRAME_MASSES[moltype]):
@@ -896,10 +926,14 @@ def _refineBackbone(topology, positions, frames, sigma, scale, modelPath, settin
     xyz = positionsNm(positions)
     system, start, segments = backboneSystem(frames, xyz, sigma, scale, settings["temperature"], modelPath,
                                              scale != 0)
-    final, energies = runProtocol(system, start, stepSize=0.001, label="refine backbone", **settings)
+    diagnostics = {}
+    final, energies = runProtocol(system, start, stepSize=0.001, label="refine backbone", diagnostics=diagnostics,
+                                  **settings)
     topology_out, positions_out = backboneTopology(frames, final.reshape(-1, 3, 3), segments)
-    return RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final, segments,
-                            settings["protocol"])
+    result = RefinedStructure(topology_out, positions_out, "backbone", energies, system, frames, final, segments,
+                              settings["protocol"])
+    result.skippedFrameEvaluations = diagnostics["skippedFrameEvaluations"]
+    return result
 
 
 def backboneTopology(frames, frameXyz, segments):

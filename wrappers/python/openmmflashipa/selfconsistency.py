@@ -10,7 +10,8 @@ RMSD after superposition, TM-score; the RMSD to the refined structure (where the
 frames so that all-atom and backbone runs are measured alike) and the fraction of the generated helix/strand
 residues that keep it; frame-bond violations (|d - ideal| > 0.01 nm: N-CA, CA-C, C-N(i+1); RNA C3'-C4',
 C4'-O4'); steric clashes (heavy atoms of residues two or more apart closer than 0.25 nm); the potential
-energy and the learned force's share of it.
+energy and the learned force's share of it; the residue evaluations the learned force left out because a frame
+passed through a degenerate shape (backbone level, where restraints rather than a force field hold the frames).
 """
 
 import json
@@ -27,7 +28,7 @@ from . import ideal_geometry
 from . import metrics
 from . import progress as _progress
 from .generate import generate, choosePlatform
-from .refine import refine, backboneTopology, withoutFlashIPA, repairGeometry
+from .refine import refine, backboneTopology, withoutFlashIPA, repairGeometry, skippedEvaluations
 from .structure import Backbone
 
 BOND_TOLERANCE = 0.01  # nm
@@ -122,7 +123,7 @@ def simulate(refined, withForce, picoseconds, snapshots, platform, temperature, 
                 unit.kilojoule_per_mole)
         frames.append(np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64))
         energies.append({"potential": state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
-                         "learned": learned})
+                         "learned": learned, "skipped_frame_evaluations": skippedEvaluations(context, system)})
         times.append(k * per_snapshot * step_ps)
     bar.close()
     return frames, energies, times
@@ -235,7 +236,8 @@ def markdown(summary):
             ("ss_retention", "secondary-structure retention", 2), ("bond_violation_fraction",
                                                                     "frame-bond violations (fraction)", 3),
             ("clashes", "clashes", 0), ("radius_of_gyration", "radius of gyration (nm)", 2),
-            ("potential", "potential energy (kJ/mol)", 0), ("learned", "learned-force energy (kJ/mol)", 0)]
+            ("potential", "potential energy (kJ/mol)", 0), ("learned", "learned-force energy (kJ/mol)", 0),
+            ("skipped_frame_evaluations", "residue evaluations left out (degenerate frames)", 0)]
     for key, label, digits in keys:
         cells = []
         for name in ("with", "without"):
