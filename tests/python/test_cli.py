@@ -7,6 +7,7 @@ damaged."""
 
 import os
 
+import gemmi
 import numpy as np
 import openmm.app as app
 import openmm.unit as unit
@@ -33,6 +34,8 @@ def _one_line_error(text, *needles):
     (["bench", "--lengths", "10,abc"], "--lengths"),
     (["generate", "--length", "1"], "--length"),
     (["check", "--ps", "0"], "--ps"),
+    (["generate", "--score-scale", "0"], "--score-scale"),
+    (["evaluate", "--score-scale", "-1"], "--score-scale"),
 ])
 def test_bad_arguments_are_usage_errors(argv, needle, capsys, tmp_path):
     # Before: --sigma 0 and bench --lengths 0 ended in OpenMMException tracebacks (exit code 1).
@@ -126,3 +129,15 @@ def test_refine_reports_level_rmsd_energy_terms_and_what_it_left_out(tmp_path, c
         assert sum(v[column] for k, v in rows.items() if k != "total") == pytest.approx(rows["total"][column],
                                                                                           abs=0.1 * len(rows))
     assert "NA 101 (chain A): ion, kept fixed" in out
+
+
+def test_generate_passes_the_score_scale_to_the_sampler(tmp_path, capsys):
+    # The command's backbone equals generate()'s at the same lambda, and lambda is not ignored on the way.
+    argv = ["generate", "--length", "6", "--steps", "3", "--platform", "CPU", "--quiet", "--format", "pdb"]
+    assert cli.main(argv + ["--score-scale", "3", "--out", str(tmp_path / "a")]) == 0
+    written = gemmi.read_structure(str(tmp_path / "a" / "protein_0.pdb"))
+    ca = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in written[0][0] for a in r if a.name == "CA"]) / 10.0
+    scaled = generate("protein", 6, 1, numSteps=3, platform="CPU", progress=False, scoreScale=3.0)[0].frames[:, 1]
+    plain = generate("protein", 6, 1, numSteps=3, platform="CPU", progress=False)[0].frames[:, 1]
+    assert np.max(np.abs(ca - scaled)) < 2e-3  # PDB coordinates: 0.001 nm
+    assert np.max(np.abs(plain - scaled)) > 0.02

@@ -31,18 +31,19 @@ def twin():
     return torch_twin.load_energy_model(None, dtype=torch.float64)
 
 
-def oracle_flow(model, x, types, sigma_max, sigma_min, steps):
-    """Heun steps of dx/dsigma = sigma dE/dx on a geometric schedule, then x - sigma_min^2 dE/dx."""
+def oracle_flow(model, x, types, sigma_max, sigma_min, steps, score_scale=1.0):
+    """Heun steps of dx/dsigma = lambda sigma dE/dx on a geometric schedule, then x - lambda sigma_min^2 dE/dx
+    (lambda = score_scale)."""
     def grad(x, sigma):
         x = x.detach().requires_grad_(True)
         energy = torch_twin.energy(model, x, types, torch.zeros_like(types), sigma, checked=False).sum()
         return torch.autograd.grad(energy, x)[0]
     sigmas = sigma_max * (sigma_min / sigma_max) ** (np.arange(steps + 1) / steps)
     for s, t in zip(sigmas[:-1], sigmas[1:]):
-        d1 = s * grad(x, s)
-        d2 = t * grad(x + (t - s) * d1, t)
+        d1 = score_scale * s * grad(x, s)
+        d2 = score_scale * t * grad(x + (t - s) * d1, t)
         x = x + (t - s) * 0.5 * (d1 + d2)
-    return x - sigma_min ** 2 * grad(x, sigma_min)
+    return x - score_scale * sigma_min ** 2 * grad(x, sigma_min)
 
 
 def native_like_chain(length, seed):
@@ -51,17 +52,18 @@ def native_like_chain(length, seed):
     return np.stack([ca + [0.1, 0.09, 0.0], ca, ca + [0.12, -0.08, 0.03]], 1) + rng.normal(size=(length, 3, 3)) * 0.01
 
 
-def test_annealing_integrator_matches_twin_flow(twin):
+@pytest.mark.parametrize("score_scale", [1.0, 2.5])
+def test_annealing_integrator_matches_twin_flow(twin, score_scale):
     length, steps, sigma_max, sigma_min = 6, 3, 0.3, 0.05
     start = native_like_chain(length, 1)
     system, _ = frameSystem("protein", length)
-    integrator = AnnealingIntegrator(sigma_max, sigma_min, steps)
+    integrator = AnnealingIntegrator(sigma_max, sigma_min, steps, scoreScale=score_scale)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
     context.setPositions(start.reshape(-1, 3))
     integrator.step(steps)
     ours = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     types = torch.full((1, length), UNK_AA, dtype=torch.long)
-    expected = oracle_flow(twin, torch.tensor(start)[None], types, sigma_max, sigma_min, steps)[0].numpy()
+    expected = oracle_flow(twin, torch.tensor(start)[None], types, sigma_max, sigma_min, steps, score_scale)[0].numpy()
     assert np.max(np.abs(np.asarray(ours).reshape(length, 3, 3) - expected)) < TOLERANCE_NM
     # Moved at all (the test could not pass with a no-op integrator) and sigma left at sigma_min.
     assert np.max(np.abs(expected - start)) > 20 * TOLERANCE_NM
@@ -90,17 +92,33 @@ def test_frame_system_leaves_a_degenerate_residue_out_instead_of_stopping():
     assert force.getNumSkippedResidues(context) == 1
 
 
-def test_sampler_matches_twin_flow_from_the_same_start(twin):
+@pytest.mark.parametrize("score_scale", [1.0, 2.5])
+def test_sampler_matches_twin_flow_from_the_same_start(twin, score_scale):
     length, samples, steps, sigma_max, sigma_min, seed = 5, 2, 4, 0.5, 0.05, 11
-    raw = _sampleFrameAtoms("", [UNK_AA] * length, [0] * length, samples, steps, sigma_max, sigma_min, seed, "cpu")
+    raw = _sampleFrameAtoms("", [UNK_AA] * length, [0] * length, samples, steps, sigma_max, sigma_min, seed, "cpu",
+                            0.0, score_scale)
     ours = np.frombuffer(raw, dtype=np.float64).reshape(samples, length, 3, 3)
     # The sampler documents its start: ChainSpread::start with torch's CPU generator seeded with `seed` (its
     # statistics are tested in tests/cpp/TestBackboneSampler.cpp).
     start = torch.from_numpy(np.frombuffer(_chainStart([UNK_AA] * length, [0] * length, sigma_max, samples, seed),
                                            dtype=np.float64).reshape(samples, length, 3, 3).copy())
     types = torch.full((samples, length), UNK_AA, dtype=torch.long)
-    expected = oracle_flow(twin, start, types, sigma_max, sigma_min, steps).numpy()
+    expected = oracle_flow(twin, start, types, sigma_max, sigma_min, steps, score_scale).numpy()
     assert np.max(np.abs(ours - expected)) < TOLERANCE_NM
+    if score_scale != 1.0:  # and the scale is not a no-op: the plain flow ends elsewhere
+        plain = oracle_flow(twin, start, types, sigma_max, sigma_min, steps).numpy()
+        assert np.max(np.abs(plain - expected)) > 20 * TOLERANCE_NM
+
+
+def test_score_scale_is_checked_everywhere():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scoreScale must be positive"):
+            generate("protein", 5, 1, numSteps=2, progress=False, scoreScale=bad)
+        with pytest.raises(ValueError, match="scoreScale must be positive"):
+            AnnealingIntegrator(0.5, 0.05, 2, scoreScale=bad)
+    # The binding's own check (the C++ sampler's std::invalid_argument), under generate's.
+    with pytest.raises(ValueError, match="scoreScale must be positive"):
+        _sampleFrameAtoms("", [UNK_AA] * 3, [0] * 3, 1, 2, 0.5, 0.05, 0, "cpu", 0.0, 0.0)
 
 
 def test_generation_is_reproducible_with_a_seed():

@@ -31,6 +31,8 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
         throw std::invalid_argument("BackboneSampler: need sigmaMax > sigmaMin > 0 nm");
     if (!(settings.churn >= 0))
         throw std::invalid_argument("BackboneSampler: churn must be non-negative");
+    if (!(settings.scoreScale > 0) || !std::isfinite(settings.scoreScale))
+        throw std::invalid_argument("BackboneSampler: scoreScale must be positive and finite");
     if (settings.numSteps < 1)
         throw std::invalid_argument("BackboneSampler: numSteps must be at least 1");
     if (numSamples < 1)
@@ -52,6 +54,7 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
     torch::Tensor x = ChainSpread::start(typesCpu, chains, sigmaMax, numSamples, generator).to(device, dtype);
 
     torch::NoGradGuard noGrad; // the flow itself is not differentiated
+    const double lambda = settings.scoreScale;
     auto sigmaAt = [&](int k) { return sigmaMax * std::pow(sigmaMin / sigmaMax, double(k) / settings.numSteps); };
     for (int k = 0; k < settings.numSteps; k++) {
         double s = sigmaAt(k);
@@ -63,13 +66,13 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
             x = x + std::sqrt(raised * raised - s * s) * noise.to(device, dtype);
             s = raised;
         }
-        torch::Tensor d1 = s * energyGradient(x, batchTypes, batchChains, s);
-        torch::Tensor d2 = t * energyGradient(x + (t - s) * d1, batchTypes, batchChains, t);
+        torch::Tensor d1 = (lambda * s) * energyGradient(x, batchTypes, batchChains, s);
+        torch::Tensor d2 = (lambda * t) * energyGradient(x + (t - s) * d1, batchTypes, batchChains, t);
         x = x + (t - s) * 0.5 * (d1 + d2);
         if (progress)
             progress(k + 1, settings.numSteps);
     }
-    x = x - sigmaMin * sigmaMin * energyGradient(x, batchTypes, batchChains, sigmaMin);
+    x = x - (lambda * sigmaMin * sigmaMin) * energyGradient(x, batchTypes, batchChains, sigmaMin);
     torch::Tensor result = x.to(torch::kCPU, torch::kFloat64);
     if (!torch::isfinite(result).all().item<bool>())
         throw std::runtime_error("BackboneSampler: the flow produced non-finite coordinates");
@@ -78,7 +81,8 @@ torch::Tensor BackboneSampler::sample(const torch::Tensor& types, const torch::T
 
 std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::vector<int>& types,
                                      const std::vector<int>& chains, int numSamples, int numSteps, double sigmaMax,
-                                     double sigmaMin, int seed, const std::string& device, double churn) {
+                                     double sigmaMin, int seed, const std::string& device, double churn,
+                                     double scoreScale) {
     if (types.size() != chains.size())
         throw std::invalid_argument("sampleFrameAtoms: types and chains differ in length");
     torch::Device target(device);
@@ -91,6 +95,7 @@ std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::ve
     settings.sigmaMax = sigmaMax;
     settings.sigmaMin = sigmaMin;
     settings.churn = churn;
+    settings.scoreScale = scoreScale;
     if (seed < 0)
         throw std::invalid_argument("sampleFrameAtoms: seed must be non-negative");
     settings.seed = (uint64_t) seed;

@@ -257,7 +257,7 @@ PyObject* chainModes(int length, bool rna) {
 /* The batched C++ sampler (training/include/flashipa/BackboneSampler.h). Runs without the GIL: LibTorch's
    autograd engine refuses to run while a thread holds it, and sampling can take a while. Returns the frame
    atoms as raw float64 bytes, [numSamples, L, 3, 3] in nm (openmmflashipa.generate reshapes them). */
-%feature("docstring") _sampleFrameAtoms "_sampleFrameAtoms(modelPath, types, chains, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn=0) -> bytes";
+%feature("docstring") _sampleFrameAtoms "_sampleFrameAtoms(modelPath, types, chains, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn=0, scoreScale=1) -> bytes";
 %inline %{
 static bool flashipa_intList(PyObject* sequence, const char* what, std::vector<int>& out) {
     PyObject* fast = PySequence_Fast(sequence, what);
@@ -279,7 +279,7 @@ static bool flashipa_intList(PyObject* sequence, const char* what, std::vector<i
 
 PyObject* _sampleFrameAtoms(const std::string& modelPath, PyObject* types, PyObject* chains, int numSamples,
                             int numSteps, double sigmaMax, double sigmaMin, int seed, const std::string& device,
-                            double churn = 0) {
+                            double churn = 0, double scoreScale = 1) {
     std::vector<int> t, c;
     if (!flashipa_intList(types, "types must be a sequence of ints", t) ||
         !flashipa_intList(chains, "chains must be a sequence of ints", c))
@@ -289,7 +289,8 @@ PyObject* _sampleFrameAtoms(const std::string& modelPath, PyObject* types, PyObj
     int kind = 0;
     Py_BEGIN_ALLOW_THREADS
     try {
-        result = FlashIPAPlugin::sampleFrameAtoms(modelPath, t, c, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn);
+        result = FlashIPAPlugin::sampleFrameAtoms(modelPath, t, c, numSamples, numSteps, sigmaMax, sigmaMin, seed, device, churn,
+                                                  scoreScale);
     } catch (const std::invalid_argument& e) {
         error = e.what();
         kind = 1;

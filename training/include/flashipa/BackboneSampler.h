@@ -22,13 +22,20 @@ struct SamplerSettings {
      * the flow correct its own errors (atoms the ODE strands far from their residue).
      */
     double churn = 0;
+    /**
+     * Factor lambda on the score at every step, Tweedie's step included (1 = the model's own flow). lambda > 1
+     * follows the flow of a sharper, lower-temperature distribution (roughly p^lambda at each noise level):
+     * more regular local structure and more compact chains; docs/MODEL.md ("Low-temperature sampling")
+     * has the measurements.
+     */
+    double scoreScale = 1;
 };
 
 /**
  * Generates frame-atom backbones from the learned energy (docs/MATH.md §6): centred Gaussian coordinates with
  * the spread of the noised data at sigmaMax (ChainSpread::noised), then the probability-flow ODE
- * dx/dsigma = sigma * dE/dx down a geometric sigma schedule with Heun steps, then Tweedie's step
- * x - sigmaMin^2 dE/dx. A batch of samples of one sequence runs as one model batch. The same flow as
+ * dx/dsigma = lambda * sigma * dE/dx (lambda = SamplerSettings::scoreScale, 1 by default) down a geometric
+ * sigma schedule with Heun steps, then Tweedie's step x - lambda * sigmaMin^2 dE/dx. A batch of samples of one sequence runs as one model batch. The same flow as
  * openmmflashipa.AnnealingIntegrator, without OpenMM in the loop.
  */
 class BackboneSampler {
@@ -66,7 +73,8 @@ private:
  */
 std::vector<double> sampleFrameAtoms(const std::string& modelPath, const std::vector<int>& types,
                                      const std::vector<int>& chains, int numSamples, int numSteps, double sigmaMax,
-                                     double sigmaMin, int seed, const std::string& device, double churn = 0);
+                                     double sigmaMin, int seed, const std::string& device, double churn = 0,
+                                     double scoreScale = 1);
 
 } // namespace FlashIPAPlugin
 

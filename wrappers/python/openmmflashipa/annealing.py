@@ -7,9 +7,11 @@ visited, and there the learned energy is free to do anything (with our model it 
 are degenerate). Lowering sigma as the structure approaches the data keeps every evaluation where the model
 was trained. That is the probability-flow ODE of the variance-exploding diffusion:
 
-    dx/dsigma = sigma * grad E(x, sigma) = -sigma * beta * F(x, sigma),   beta = 1 / (flashipaScale * k_B * T)
+    dx/dsigma = sigma * grad E(x, sigma) = -sigma * beta * F(x, sigma),   beta = lambda / (flashipaScale * k_B * T)
 
-(F = forces in kJ/mol/nm of the force groups used; the learned potential is U = flashipaScale * kT * E). Each
+(F = forces in kJ/mol/nm of the force groups used; the learned potential is U = flashipaScale * kT * E;
+lambda = ``scoreScale``, 1 for the model's own flow, > 1 for low-temperature sampling as in the C++ sampler,
+docs/MODEL.md). Each
 integrator step is one Heun (trapezoidal) step from sigma_k to sigma_{k+1} on a geometric schedule from
 ``sigmaMax`` to ``sigmaMin``; the last step also applies Tweedie's correction x + sigmaMin^2 * grad log p, the
 posterior mean at sigmaMin. Steps after the last one leave the positions unchanged. Generation starts from
@@ -17,6 +19,8 @@ the noised data's distribution at sigmaMax in a Gaussian model (``_chainStart``,
 chains' variance per cosine mode plus sigmaMax of isotropic noise, docs/MODEL.md); denoising starts from the noisy structure with
 sigmaMax set to its noise level.
 """
+
+import math
 
 import openmm
 
@@ -35,10 +39,14 @@ class AnnealingIntegrator(openmm.CustomIntegrator):
     forceGroups : int or set of int, optional
         force groups whose forces drive the flow (default: every force). Give the FlashIPAForce's group to
         let other forces (restraints, a force field) ride along unchanged in the System but not in the flow.
+    scoreScale : float, optional
+        lambda, a factor on the score at every step, Tweedie's included (default 1: the model's own flow).
     """
 
-    def __init__(self, sigmaMax, sigmaMin, numSteps, forceGroups=None):
-        sigmaMax, sigmaMin, numSteps = float(sigmaMax), float(sigmaMin), int(numSteps)
+    def __init__(self, sigmaMax, sigmaMin, numSteps, forceGroups=None, scoreScale=1.0):
+        sigmaMax, sigmaMin, numSteps, scoreScale = float(sigmaMax), float(sigmaMin), int(numSteps), float(scoreScale)
+        if not (math.isfinite(scoreScale) and scoreScale > 0):
+            raise ValueError("scoreScale must be positive and finite, got %g" % scoreScale)
         if not (sigmaMax > sigmaMin > 0):
             raise ValueError("need sigmaMax > sigmaMin > 0 (nm), got %g and %g" % (sigmaMax, sigmaMin))
         if numSteps < 1:
@@ -52,11 +60,12 @@ class AnnealingIntegrator(openmm.CustomIntegrator):
         self.addGlobalVariable("s", sigmaMax)
         self.addGlobalVariable("t", sigmaMax)
         self.addGlobalVariable("beta", 0)
+        self.addGlobalVariable("scoreScale", scoreScale)
         self.addPerDofVariable("x0", 0)
         self.addPerDofVariable("d1", 0)
         self.addComputeGlobal("s", "sigmaMax*(sigmaMin/sigmaMax)^(min(annealStep, numSteps)/numSteps)")
         self.addComputeGlobal("t", "sigmaMax*(sigmaMin/sigmaMax)^(min(annealStep+1, numSteps)/numSteps)")
-        self.addComputeGlobal("beta", "1/(flashipaScale*%.10g*flashipaTemperature)" % BOLTZMANN_KJ_PER_MOL_K)
+        self.addComputeGlobal("beta", "scoreScale/(flashipaScale*%.10g*flashipaTemperature)" % BOLTZMANN_KJ_PER_MOL_K)
         self.addComputeGlobal("flashipaSigma", "s")
         self.addComputePerDof("x0", "x")
         self.addComputePerDof("d1", "s*beta*%s" % force)

@@ -71,6 +71,9 @@ def _parser():
     g.add_argument("--length", type=_number(int, 2), default=60, help="residues per chain (default 60)")
     g.add_argument("--num", type=_number(int, 1), default=1, help="number of backbones (default 1)")
     g.add_argument("--steps", type=_number(int, 1), default=100, help="ODE steps (default 100)")
+    g.add_argument("--score-scale", type=_number(float, 0, strictly=True), default=1.0, metavar="LAMBDA",
+                   help="factor on the model's score (default 1; > 1: low-temperature sampling, more secondary "
+                        "structure and more compact chains; docs/MODEL.md)")
     g.add_argument("--method", choices=("sampler", "openmm"), default="sampler",
                    help="sampler: batched C++ (default); openmm: AnnealingIntegrator in an OpenMM Context")
     g.add_argument("--format", choices=("pdb", "cif", "both"), default="both", help="output format")
@@ -142,6 +145,8 @@ def _parser():
     e.add_argument("--manifest", default=os.path.join("data", "manifest.tsv"), help="its manifest (default %(default)s)")
     e.add_argument("--data", default=os.path.join("..", "shared", "data"),
                    help="folder of the source structures (default %(default)s)")
+    e.add_argument("--score-scale", type=_number(float, 0, strictly=True), default=1.0, metavar="LAMBDA",
+                   help="the generator's factor on the score (default 1; see generate --score-scale)")
     e.add_argument("--per-length", type=_number(int, 1), default=4, help="generated chains per length (default 4)")
     e.add_argument("--designs", type=_number(int, 0), default=20, help="generated 100-residue proteins to design (default 20)")
     e.add_argument("--natives", type=_number(int, 0), default=4, help="validation natives (default 4)")
@@ -154,7 +159,8 @@ def _parser():
 def _generate(args):
     from .generate import generate
     backbones = generate(args.type, args.length, args.num, seed=args.seed, numSteps=args.steps, method=args.method,
-                         platform=args.platform, modelPath=args.model, progress=not args.quiet)
+                         platform=args.platform, modelPath=args.model, progress=not args.quiet,
+                         scoreScale=args.score_scale)
     written = []
     for k, backbone in enumerate(backbones):
         for ext in (("pdb", "cif") if args.format == "both" else (args.format,)):
@@ -219,7 +225,8 @@ def _evaluate(args):
                         natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5,
                         denoisingChains=2, numSteps=10, refineSteps=50)
     report = evaluate(args.out, args.dataset, args.manifest, args.data, sections=sections, platform=args.platform,
-                      modelPath=args.model, seed=args.seed, progress=not args.quiet, **settings)
+                      modelPath=args.model, seed=args.seed, progress=not args.quiet, scoreScale=args.score_scale,
+                      **settings)
     print(markdown(report))
     print("report: %s" % os.path.join(args.out, "report.md"))
 

@@ -245,7 +245,7 @@ def _structureMetrics(refined, generated, moltype):
 
 
 def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, platform=None, modelPath=None,
-               refineProtocol="md", refineSteps=500, progress=True):
+               refineProtocol="md", refineSteps=500, progress=True, scoreScale=1.0):
     """Generate `perLength` chains at each length, refine each, and measure them (see the module).
 
     Returns {"rows": one dict per chain, "lengths": per-length summary, "backbones_per_second": ...,
@@ -256,7 +256,7 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
     bar = _progress.bar(len(lengths) * perLength, "evaluation: generated %s" % moltype, enabled=progress,
                         unit="chain")
     for k, length in enumerate(lengths):
-        kwargs = {} if numSteps is None else {"numSteps": numSteps}
+        kwargs = {"scoreScale": scoreScale} if numSteps is None else {"numSteps": numSteps, "scoreScale": scoreScale}
         started = time.perf_counter()
         chains = generate(moltype, length, perLength, seed=seed + k, platform=platform, modelPath=modelPath,
                           progress=False, **kwargs)
@@ -885,8 +885,9 @@ def evaluate(out, dataset, manifest, dataDir, sections=SECTIONS, proteinLengths=
              rnaLengths=(40, 70, 100, 150), perLength=4, designable=20, designLength=100, natives=4,
              designPicoseconds=1000.0, refinePicoseconds=0.0, driftPicoseconds=0.0, refineIterations=500,
              discriminationChains=50, denoisingChains=8, numSteps=None, refineSteps=500, platform=None, modelPath=None,
-             seed=0, progress=True):
+             seed=0, progress=True, scoreScale=1.0):
     """Run the chosen sections and write ``report.json``, ``report.md`` and the plots into `out`.
+    ``scoreScale`` is the generator's lambda (openmmflashipa.generate) for the generated chains.
 
     Defaults are the model issue's full evaluation (a GPU job: about a GPU-minute per designability chain);
     pass smaller numbers for a quick look. Returns the report dict."""
@@ -901,7 +902,7 @@ def evaluate(out, dataset, manifest, dataDir, sections=SECTIONS, proteinLengths=
                            "rna_lengths": list(rnaLengths), "per_length": perLength, "designable": designable,
                            "design_length": designLength, "natives": natives, "design_ps": designPicoseconds,
                            "refine_ps": refinePicoseconds, "drift_ps": driftPicoseconds, "seed": seed,
-                           "num_steps": numSteps}}
+                           "num_steps": numSteps, "score_scale": scoreScale}}
     os.makedirs(out, exist_ok=True)
     nativeList = None
     if "generation" in sections:
@@ -913,12 +914,13 @@ def evaluate(out, dataset, manifest, dataDir, sections=SECTIONS, proteinLengths=
             report["training_reference"][moltype] = reference
             report["generation"][moltype] = generation(moltype, list(lengths), perLength, reference, seed=seed,
                                                        numSteps=numSteps, platform=platform, modelPath=modelPath,
-                                                       refineSteps=refineSteps, progress=progress)
+                                                       refineSteps=refineSteps, progress=progress,
+                                                       scoreScale=scoreScale)
     if "denoising" in sections:
         report["denoising"] = denoising(data, maxChains=denoisingChains, seed=seed, platform=platform,
                                         modelPath=modelPath, progress=progress)
     if "designability" in sections:
-        kwargs = {} if numSteps is None else {"numSteps": numSteps}
+        kwargs = {"scoreScale": scoreScale} if numSteps is None else {"numSteps": numSteps, "scoreScale": scoreScale}
         backbones = generate("protein", designLength, designable, seed=seed + 1000, platform=platform,
                              modelPath=modelPath, progress=False, **kwargs) if designable > 0 else []
         nativeList = validationNatives(manifest, dataDir, natives)

@@ -28,7 +28,7 @@ FRAME_MASSES = {"protein": (14.007, 12.011, 12.011), "rna": (12.011, 12.011, 15.
 UNKNOWN_TYPE = {"protein": UNKNOWN_AMINO_ACID, "rna": UNKNOWN_NUCLEOTIDE}
 
 
-def _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed):
+def _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed, scoreScale=1.0):
     if moltype not in UNKNOWN_TYPE:
         raise ValueError("moltype must be 'protein' or 'rna', not %r" % (moltype,))
     if int(length) < 2:
@@ -41,6 +41,8 @@ def _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed):
         raise ValueError("need sigmaMax > sigmaMin > 0 nm, got %g and %g" % (sigmaMax, sigmaMin))
     if int(seed) < 0:
         raise ValueError("seed must be non-negative")
+    if not (np.isfinite(scoreScale) and scoreScale > 0):
+        raise ValueError("scoreScale must be positive and finite, got %r" % (scoreScale,))
 
 
 def _nm(value, what):
@@ -59,7 +61,7 @@ def defaultDevice():
 
 def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigmaMax=DEFAULT_SIGMA_MAX,
              sigmaMin=DEFAULT_SIGMA_MIN, method="sampler", platform=None, device=None, modelPath=None,
-             progress=True):
+             progress=True, scoreScale=1.0):
     """Generate backbones of one length.
 
     Parameters
@@ -85,21 +87,26 @@ def generate(moltype, length, numSamples=1, seed=0, numSteps=DEFAULT_STEPS, sigm
         a checkpoint; None = the shipped model
     progress : bool
         show a progress bar on stderr
+    scoreScale : float
+        lambda, a factor on the model's score at every step (1: the model's own flow). lambda > 1 samples a
+        sharper, lower-temperature distribution (roughly p^lambda): more helix and strand, lower phi > 0, and
+        more compact chains (docs/MODEL.md, "Low-temperature sampling")
 
     Returns
     -------
     list of :class:`Backbone`, one per sample
     """
     sigmaMax, sigmaMin = _nm(sigmaMax, "sigmaMax"), _nm(sigmaMin, "sigmaMin")
-    _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed)
+    scoreScale = float(scoreScale)
+    _check(moltype, length, numSamples, numSteps, sigmaMax, sigmaMin, seed, scoreScale)
     length, numSamples, numSteps, seed = int(length), int(numSamples), int(numSteps), int(seed)
     if method == "sampler":
         device = _samplerDevice(platform, device)
         frames = _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath,
-                             progress)
+                             progress, scoreScale)
     elif method == "openmm":
         frames = _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, platform, modelPath,
-                            progress)
+                            progress, scoreScale)
     else:
         raise ValueError("method must be 'sampler' or 'openmm', not %r" % (method,))
     return [Backbone(f, moltype) for f in frames]
@@ -122,13 +129,14 @@ def _samplerDevice(platform, device):
     return device
 
 
-def _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath, progress):
+def _viaSampler(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, device, modelPath, progress,
+                scoreScale=1.0):
     device = device or defaultDevice()
     types = [UNKNOWN_TYPE[moltype]] * length
     with _progress.spinner("generating %d %s backbone(s) of %d residues (C++ sampler, %s)"
                            % (numSamples, moltype, length, device), enabled=progress):
         raw = _sampleFrameAtoms(modelPath or "", types, [0] * length, numSamples, numSteps, sigmaMax, sigmaMin,
-                                seed, device)
+                                seed, device, 0.0, scoreScale)
     return np.frombuffer(raw, dtype=np.float64).reshape(numSamples, length, 3, 3).copy()
 
 
@@ -165,9 +173,10 @@ def choosePlatform(name=None):
     raise RuntimeError("no OpenMM platform with FlashIPA kernels was found")
 
 
-def _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, platform, modelPath, progress):
+def _viaOpenMM(moltype, length, numSamples, seed, numSteps, sigmaMax, sigmaMin, platform, modelPath, progress,
+               scoreScale=1.0):
     system, _ = frameSystem(moltype, length, modelPath)
-    integrator = annealing.AnnealingIntegrator(sigmaMax, sigmaMin, numSteps)
+    integrator = annealing.AnnealingIntegrator(sigmaMax, sigmaMin, numSteps, scoreScale=scoreScale)
     context = openmm.Context(system, integrator, choosePlatform(platform))
     results = []
     bar = _progress.bar(numSamples * numSteps, "generating %d %s backbone(s) of %d residues (OpenMM %s)"
