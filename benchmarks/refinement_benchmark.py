@@ -7,7 +7,8 @@ time are recorded:
 
 - start: the perturbed structure;
 - amber min: amber14-all + OBC2 (refine.allAtomSystem without the learned force), L-BFGS;
-- amber + learned min: the same System plus the FlashIPAForce (scale 1), L-BFGS;
+- amber + learned min: the same System plus the FlashIPAForce (--scale, default 1; --sigma, default the force's
+  0.05 nm), L-BFGS;
 - refine(): the package's default protocol; refine(scale=0): the same without the learned force;
 - with --protocols, refine(protocol=...) for each protocol named.
 
@@ -61,8 +62,9 @@ def perturb(positions, noise, seed):
     return unit.Quantity(xyz + np.random.default_rng(seed).normal(0.0, noise, xyz.shape), unit.nanometer)
 
 
-def plainMinimisation(topology, positions, withForce, iterations, platform):
-    system, fixedTopology, fixedPositions = _refine.allAtomSystem(topology, positions, withForce=withForce)
+def plainMinimisation(topology, positions, withForce, iterations, platform, sigma=_refine.DEFAULT_SIGMA, scale=1.0):
+    system, fixedTopology, fixedPositions = _refine.allAtomSystem(topology, positions, sigma=sigma, scale=scale,
+                                                                  withForce=withForce)
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
     context.setPositions(fixedPositions)
     openmm.LocalEnergyMinimizer.minimize(context, _refine.MINIMIZE_TOLERANCE, iterations)
@@ -83,6 +85,10 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results", "refinement_cpu"))
     parser.add_argument("--model", help="the learned force's checkpoint (default: the shipped model)")
     parser.add_argument("--routes", default="", help="only these routes, comma-separated (default: all)")
+    parser.add_argument("--sigma", type=float, default=_refine.DEFAULT_SIGMA,
+                        help="the learned force's flashipaSigma in nm for every route with it (default %(default)g)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="the learned force's flashipaScale for every route with it (default 1)")
     args = parser.parse_args()
     if args.model:  # the plugin and the package resolve the default model through this variable
         os.environ["FLASHIPA_DEFAULT_MODEL"] = os.path.abspath(args.model)
@@ -90,9 +96,11 @@ def main():
     plainIterations = _refine.PRERELAX_ITERATIONS + args.iterations
     routes = [("start", None),
               ("amber min", lambda t, p: plainMinimisation(t, p, False, plainIterations, args.platform)),
-              ("amber + learned min", lambda t, p: plainMinimisation(t, p, True, plainIterations, args.platform)),
+              ("amber + learned min", lambda t, p: plainMinimisation(t, p, True, plainIterations, args.platform,
+                                                                     args.sigma, args.scale)),
               ("refine()", lambda t, p: _result(_refine.refine((t, p), platform=args.platform, progress=False,
-                                                                 minimizeIterations=args.iterations))),
+                                                                 minimizeIterations=args.iterations, sigma=args.sigma,
+                                                                 scale=args.scale))),
               ("refine(scale=0)", lambda t, p: _result(_refine.refine((t, p), platform=args.platform, scale=0,
                                                                         progress=False,
                                                                         minimizeIterations=args.iterations)))]
@@ -100,7 +108,7 @@ def main():
         routes.append(("refine(protocol=%r)" % protocol,
                        lambda t, p, protocol=protocol: _result(_refine.refine(
                            (t, p), platform=args.platform, progress=False, protocol=protocol,
-                           minimizeIterations=args.iterations))))
+                           minimizeIterations=args.iterations, sigma=args.sigma, scale=args.scale))))
     if args.routes:
         wanted = ["start"] + [r.strip() for r in args.routes.split(",")]
         unknown = [r for r in wanted if r not in [name for name, _ in routes]]
@@ -111,6 +119,7 @@ def main():
     report = {"model": ({"file": os.path.basename(args.model), "sha256": fileSha256(args.model)} if args.model
                         else "shipped"), "noise_nm": args.noise, "seed": args.seed, "iterations": args.iterations,
               "plain_iterations": plainIterations, "default_protocol": _refine.DEFAULT_PROTOCOL,
+              "sigma_nm": args.sigma, "scale": args.scale,
               "min_length": args.min_length, "max_length": args.max_length,
               "platform": choosePlatform(args.platform).getName(), "cpu_count": os.cpu_count(),
               "machine": _platform.processor() or _platform.machine(), "structures": []}
@@ -148,9 +157,10 @@ def _write(report, names, out):
              "the lengths); heavy atoms perturbed by %.2f nm Gaussian noise per coordinate (seed %d + structure "
              "index). N/CA/C RMSD to the native after Kabsch superposition (nm), then wall time (s) per route "
              "including PDBFixer and System construction. refine() is protocol '%s' with minimizeIterations=%d; "
-             "the plain minimisations get %d L-BFGS iterations. Written by `benchmarks/refinement_benchmark.py`."
+             "the plain minimisations get %d L-BFGS iterations. The learned force: flashipaSigma %g nm, flashipaScale "
+             "%g. Written by `benchmarks/refinement_benchmark.py`."
              % (len(rows), report.get("min_length", 60), report.get("max_length", 200), report["noise_nm"], report["seed"], report["default_protocol"], report["iterations"],
-                report["plain_iterations"]),
+                report["plain_iterations"], report.get("sigma_nm", _refine.DEFAULT_SIGMA), report.get("scale", 1.0)),
              "",
              "| protein | residues | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]

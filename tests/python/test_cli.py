@@ -141,3 +141,21 @@ def test_generate_passes_the_score_scale_to_the_sampler(tmp_path, capsys):
     plain = generate("protein", 6, 1, numSteps=3, platform="CPU", progress=False)[0].frames[:, 1]
     assert np.max(np.abs(ca - scaled)) < 2e-3  # PDB coordinates: 0.001 nm
     assert np.max(np.abs(plain - scaled)) > 0.02
+
+
+def test_evaluate_options_given_explicitly_win_over_quick(monkeypatch, tmp_path, capsys):
+    from openmmflashipa import evaluation
+    seen = {}
+
+    def fake_evaluate(out, dataset, manifest, data, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")  # reported as a failed command (exit code 1)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    argv = ["evaluate", "--sections", "generation", "--quick", "--out", str(tmp_path / "e"), "--quiet"]
+    assert cli.main(argv + ["--per-length", "3", "--protein-lengths", "60,80", "--steps", "7",
+                            "--score-scale", "2.5"]) == 1
+    assert (seen["perLength"], seen["proteinLengths"], seen["numSteps"], seen["scoreScale"]) == (3, (60, 80), 7, 2.5)
+    assert seen["rnaLengths"] == (40,) and seen["designable"] == 2  # the rest of --quick stays
+    seen.clear()
+    assert cli.main(argv) == 1
+    assert (seen["perLength"], seen["proteinLengths"], seen["numSteps"], seen["scoreScale"]) == (2, (50, 100), 10, 1.0)

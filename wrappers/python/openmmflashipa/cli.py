@@ -147,7 +147,14 @@ def _parser():
                    help="folder of the source structures (default %(default)s)")
     e.add_argument("--score-scale", type=_number(float, 0, strictly=True), default=1.0, metavar="LAMBDA",
                    help="the generator's factor on the score (default 1; see generate --score-scale)")
-    e.add_argument("--per-length", type=_number(int, 1), default=4, help="generated chains per length (default 4)")
+    e.add_argument("--per-length", type=_number(int, 1), default=None,
+                   help="generated chains per length (default 4; 2 with --quick)")
+    e.add_argument("--protein-lengths", type=_lengths, default=None,
+                   help="comma-separated protein lengths to generate (default 50,100,150,200,250,300; 50,100 with --quick)")
+    e.add_argument("--rna-lengths", type=_lengths, default=None,
+                   help="comma-separated RNA lengths to generate (default 40,70,100,150; 40 with --quick)")
+    e.add_argument("--steps", type=_number(int, 1), default=None,
+                   help="ODE steps of the generator (default the generator's 100; 10 with --quick)")
     e.add_argument("--designs", type=_number(int, 0), default=20, help="generated 100-residue proteins to design (default 20)")
     e.add_argument("--natives", type=_number(int, 0), default=4, help="validation natives (default 4)")
     e.add_argument("--design-ps", type=_number(float, 0.0, strictly=True), default=1000.0,
@@ -218,12 +225,16 @@ def _bench(args):
 def _evaluate(args):
     from .evaluation import evaluate, markdown
     sections = [v.strip() for v in args.sections.split(",") if v.strip()]
-    settings = dict(perLength=args.per_length, designable=args.designs, natives=args.natives,
-                    designPicoseconds=args.design_ps)
+    settings = dict(designable=args.designs, natives=args.natives, designPicoseconds=args.design_ps)
     if args.quick:
         settings.update(proteinLengths=(50, 100), rnaLengths=(40,), perLength=2, designable=2, designLength=50,
                         natives=1, designPicoseconds=2.0, refineIterations=100, discriminationChains=5,
                         denoisingChains=2, numSteps=10, refineSteps=50)
+    # Chosen explicitly, these win over --quick's values.
+    for key, value in (("perLength", args.per_length), ("proteinLengths", args.protein_lengths),
+                       ("rnaLengths", args.rna_lengths), ("numSteps", args.steps)):
+        if value is not None:
+            settings[key] = tuple(value) if isinstance(value, list) else value
     report = evaluate(args.out, args.dataset, args.manifest, args.data, sections=sections, platform=args.platform,
                       modelPath=args.model, seed=args.seed, progress=not args.quiet, scoreScale=args.score_scale,
                       **settings)
