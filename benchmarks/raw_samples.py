@@ -20,6 +20,19 @@ from openmmflashipa import backbone, evaluation, metrics
 from openmmflashipa.generate import generate
 
 
+def summarise(frames):
+    """What the tables report of raw protein samples (a list of [L, 3, 3] frame atoms, nm): links connected,
+    median C-N+1 and Calpha-Calpha distances, mean Rg, phi > 0, DSSP helix and strand (O placed from the frames)."""
+    ss = [metrics.secondaryStructureFractions(metrics.secondaryStructure(backbone.proteinBackboneWithOxygen(f)))
+          for f in frames]
+    return {"connected": np.mean([evaluation.connectedFraction(f, "protein") for f in frames]),
+            "link": np.median(np.concatenate([metrics.linkLengths(f, "protein") for f in frames])),
+            "caca": np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames])),
+            "rg": np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames]),
+            "phi_positive": np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames]),
+            "helix": np.mean([v["helix"] for v in ss]), "strand": np.mean([v["strand"] for v in ss])}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", required=True, help="a model checkpoint (repeatable)")
@@ -40,17 +53,10 @@ def main():
         for sigma_max, scale in itertools.product(sigmas, scales):
             chains = generate("protein", args.length, numSamples=args.samples, seed=args.seed, numSteps=args.steps,
                               sigmaMax=sigma_max, device="cpu", modelPath=model, progress=False, scoreScale=scale)
-            frames = [c.frames for c in chains]
-            connected = np.mean([evaluation.connectedFraction(f, "protein") for f in frames])
-            link = np.median(np.concatenate([metrics.linkLengths(f, "protein") for f in frames]))
-            caca = np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames]))
-            rg = np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames])
-            phi_positive = np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames])
-            ss = [metrics.secondaryStructureFractions(metrics.secondaryStructure(np.concatenate(
-                [f, backbone.placeBackboneAtoms(f, "protein")["O"][:, None]], 1))) for f in frames]
+            s = summarise([c.frames for c in chains])
             print("| %s | %.1f | %g | %.2f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f |" % (
-                model, sigma_max, scale, connected, link, caca, rg, phi_positive, np.mean([v["helix"] for v in ss]),
-                np.mean([v["strand"] for v in ss])), flush=True)
+                model, sigma_max, scale, s["connected"], s["link"], s["caca"], s["rg"], s["phi_positive"], s["helix"],
+                s["strand"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import argparse
 import numpy as np
 import torch
 
-from openmmflashipa import backbone, evaluation, metrics, torch_twin
+from openmmflashipa import torch_twin
 from openmmflashipa.openmmflashipa import UNKNOWN_AMINO_ACID, _chainStart
+from raw_samples import summarise  # the same measurements as the sampler's table (run from benchmarks/)
 
 
 def flow(model, start, types, chains, scale, below, sigma_max, sigma_min, steps):
@@ -52,16 +53,10 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in args.scale:
         scale, below = (float(v) for v in (spec.split("@") + ["inf"])[:2])
-        frames = flow(model, start, types, chains, scale, below, args.sigma_max, 0.02, args.steps)
-        ss = [metrics.secondaryStructureFractions(metrics.secondaryStructure(np.concatenate(
-            [f, backbone.placeBackboneAtoms(f, "protein")["O"][:, None]], 1))) for f in frames]
-        caca = np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames]))
+        s = summarise(list(flow(model, start, types, chains, scale, below, args.sigma_max, 0.02, args.steps)))
         print("| %g | %s | %.3f | %.3f | %.3f | %.2f | %.2f | %.2f |" % (
-            scale, "every" if np.isinf(below) else "%g" % below, np.mean([v["helix"] for v in ss]),
-            np.mean([v["strand"] for v in ss]), caca,
-            np.mean([evaluation.connectedFraction(f, "protein") for f in frames]),
-            np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames]),
-            np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames])), flush=True)
+            scale, "every" if np.isinf(below) else "%g" % below, s["helix"], s["strand"], s["caca"], s["connected"],
+            s["phi_positive"], s["rg"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,16 @@ def _to_global(frames, local):
     return b + x * e1 + y * e2 + z * e3
 
 
+def proteinBackboneWithOxygen(frames, oxygen=None):
+    """[L, 4, 3] N, CA, C, O (nm) of protein `frames` [L, 3, 3]: the carbonyl O from `oxygen` [L, 3] where known
+    (NaN rows and oxygen=None are placed from ideal geometry, placeBackboneAtoms), as DSSP and ProteinMPNN read
+    a backbone."""
+    frames = np.asarray(frames, dtype=np.float64)
+    placed = placeBackboneAtoms(frames, "protein")["O"]
+    o = placed if oxygen is None else np.where(np.isfinite(oxygen), oxygen, placed)
+    return np.concatenate([frames, o[:, None]], 1)
+
+
 def placeBackboneAtoms(frames, moltype, segments=None):
     """Place the backbone atoms a frame determines, from ideal geometry.
 

@@ -113,13 +113,6 @@ def _spread(items, count):
     return [items[i] for i in picks]
 
 
-def _proteinBackbone(atoms, oxygen):
-    """[L, 4, 3] N, CA, C, O with O placed from ideal geometry where the file had none."""
-    placed = _backbone.placeBackboneAtoms(atoms, "protein")["O"]
-    o = np.where(np.isfinite(oxygen), oxygen, placed)
-    return np.concatenate([atoms, o[:, None]], 1)
-
-
 def trainingReference(data, moltype, maxChains=400, seed=0):
     """What generated chains are compared with: the train split's Rg(L) fit, secondary structure and Calpha traces.
 
@@ -137,7 +130,8 @@ def trainingReference(data, moltype, maxChains=400, seed=0):
         radii.append(metrics.radiusOfGyration(centre))
         traces.setdefault(len(atoms), []).append(centre)
         if moltype == "protein":
-            fractions.append(metrics.secondaryStructureFractions(metrics.secondaryStructure(_proteinBackbone(atoms, oxygen))))
+            fractions.append(metrics.secondaryStructureFractions(metrics.secondaryStructure(
+                _backbone.proteinBackboneWithOxygen(atoms, oxygen))))
             torsions.append(ramachandran(atoms))
         else:
             paired.append(pairedFraction(atoms))
@@ -256,7 +250,7 @@ def generation(moltype, lengths, perLength, reference, seed=0, numSteps=None, pl
     bar = _progress.bar(len(lengths) * perLength, "evaluation: generated %s" % moltype, enabled=progress,
                         unit="chain")
     for k, length in enumerate(lengths):
-        kwargs = {"scoreScale": scoreScale} if numSteps is None else {"numSteps": numSteps, "scoreScale": scoreScale}
+        kwargs = dict(scoreScale=scoreScale, **({} if numSteps is None else {"numSteps": numSteps}))
         started = time.perf_counter()
         chains = generate(moltype, length, perLength, seed=seed + k, platform=platform, modelPath=modelPath,
                           progress=False, **kwargs)
@@ -920,7 +914,7 @@ def evaluate(out, dataset, manifest, dataDir, sections=SECTIONS, proteinLengths=
         report["denoising"] = denoising(data, maxChains=denoisingChains, seed=seed, platform=platform,
                                         modelPath=modelPath, progress=progress)
     if "designability" in sections:
-        kwargs = {"scoreScale": scoreScale} if numSteps is None else {"numSteps": numSteps, "scoreScale": scoreScale}
+        kwargs = dict(scoreScale=scoreScale, **({} if numSteps is None else {"numSteps": numSteps}))
         backbones = generate("protein", designLength, designable, seed=seed + 1000, platform=platform,
                              modelPath=modelPath, progress=False, **kwargs) if designable > 0 else []
         nativeList = validationNatives(manifest, dataDir, natives)

@@ -64,8 +64,7 @@ def measure(frames, reference, moltype, heavy, heavyResidues, referenceSS=None):
     result["clashes"] = int(metrics.clashes(heavy, heavyResidues, CLASH_DISTANCE, 2))
     ss = None
     if moltype == "protein" and len(frames) >= 5:
-        oxygen = _backbone.placeBackboneAtoms(frames, "protein")["O"]
-        ss = metrics.secondaryStructure(np.concatenate([frames, oxygen[:, None]], 1))
+        ss = metrics.secondaryStructure(_backbone.proteinBackboneWithOxygen(frames))
         result.update({"ss_" + k: v for k, v in metrics.secondaryStructureFractions(ss).items()})
         if referenceSS is not None:
             result["ss_retention"] = metrics.secondaryStructureRetention(ss, referenceSS)
@@ -78,10 +77,8 @@ def designedBackbone(frames, oxygen=None, temperature=0.1, seed=0, weights=None,
     are placed), else every O is placed from ideal geometry. refine builds the side chains (PDBFixer)."""
     from . import mpnn
     frames = np.asarray(frames, dtype=np.float64)
-    placed = _backbone.placeBackboneAtoms(frames, "protein")["O"]
-    oxygen = placed if oxygen is None else np.where(np.isfinite(oxygen), oxygen, placed)
-    design = mpnn.designSequence(np.concatenate([frames, oxygen[:, None]], 1), temperature=temperature, seed=seed,
-                                 weights=weights)[0]
+    design = mpnn.designSequence(_backbone.proteinBackboneWithOxygen(frames, oxygen), temperature=temperature,
+                                 seed=seed, weights=weights)[0]
     return Backbone(frames, "protein", residueNames=design.residueNames, chainId=chainId), design
 
 
