@@ -73,17 +73,37 @@ fi
 
 # "tests" = "cuda" (the GPU suites: what only this machine can check) + "rest" (everything else).
 [[ " $STEPS " == *" tests "* ]] && STEPS="$STEPS cuda rest"
-if [[ " $STEPS " == *" cuda "* ]]; then
+cudaSuites() {
     echo "== CTest (CUDA suites)"
     (cd $BUILD && ctest -j4 --timeout 300 --output-on-failure -L cuda 2>&1 | tee $OUT/ctest-cuda.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
     echo "== pytest (CUDA and Python-integration files)"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_platform.py tests/python/test_python_integration.py 2>&1 | tee $OUT/pytest-cuda.log | tail -15
-fi
-if [[ " $STEPS " == *" rest "* ]]; then
+}
+restSuites() {
     echo "== CTest (the rest)"
-    (cd $BUILD && ctest -j8 --timeout 300 --output-on-failure -LE cuda 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
-    echo "== pytest (the rest)"
-    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/python --ignore=tests/python/test_cuda_platform.py --ignore=tests/python/test_python_integration.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/pytest.log | tail -15
+    (cd $BUILD && ctest -j6 --timeout 300 --output-on-failure -LE cuda 2>&1 | tee $OUT/ctest.log | grep -E 'tests passed|Failed|\*\*\*|Not Run|Timeout' | head -30)
+    # pytest runs one test at a time: the files are dealt, largest first, to PYTEST_SHARDS processes (default 6)
+    # of two threads each, so the suite fits in a call.
+    local shards="${PYTEST_SHARDS:-6}" files part k i
+    echo "== pytest (the rest, $shards processes)"
+    mapfile -t files < <(ls -S tests/python/test_*.py | grep -v -e test_cuda_platform.py -e test_python_integration.py)
+    for ((k = 0; k < shards; k++)); do
+        part=(); for ((i = k; i < ${#files[@]}; i += shards)); do part+=("${files[$i]}"); done
+        [ ${#part[@]} -gt 0 ] && OMP_NUM_THREADS=2 timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider "${part[@]}" ${PYTEST_ARGS:-} > $OUT/pytest-$k.log 2>&1 &
+    done
+    wait
+    for ((k = 0; k < shards; k++)); do [ -f $OUT/pytest-$k.log ] && { grep -E '^(FAILED|ERROR)' $OUT/pytest-$k.log; tail -1 $OUT/pytest-$k.log; }; done | tee $OUT/pytest.log
+}
+# Both: side by side (the CUDA suites are mostly GPU time, the rest CPU time), each one's lines printed together.
+if [[ " $STEPS " == *" cuda "* && " $STEPS " == *" rest "* ]]; then
+    cudaSuites > $OUT/cuda-suites.txt 2>&1 &
+    restSuites > $OUT/rest-suites.txt 2>&1
+    wait
+    cat $OUT/cuda-suites.txt $OUT/rest-suites.txt; rm -f $OUT/cuda-suites.txt $OUT/rest-suites.txt
+elif [[ " $STEPS " == *" cuda "* ]]; then
+    cudaSuites
+elif [[ " $STEPS " == *" rest "* ]]; then
+    restSuites
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
     # The default backend's accuracy in MD and its model time against sdpa, side by side in one run.

@@ -13,7 +13,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-check() { STEPS=cuda bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
+# CHECK_STEPS: device-check.sh's steps beside the chunk (default "cuda"; "cuda rest" runs every suite).
+check() { STEPS="${CHECK_STEPS:-cuda}" bash scripts/device-check.sh > "$OUT/check.log" 2>&1; echo "check rc=$?"; }
 # The chunk (and the ablation run beside it, if any) while the CUDA suites run.
 train() {
     check &

@@ -15,7 +15,7 @@ download() {  # folder, then requirement specifiers
     mkdir -p "$folder"
     "$PYTHON" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
         --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-        --platform manylinux2010_x86_64 --platform any -d "$folder" "$@"
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform any -d "$folder" "$@"
 }
 download .whl --no-deps "$(pin openmm)" "$(pin openmm-cuda-13)" "$(pin swig)" "$(pin safetensors)"
 download .whl "$(pin pytest)"   # with its pure-Python dependencies (pluggy, iniconfig, packaging, pygments)

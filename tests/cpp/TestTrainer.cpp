@@ -381,6 +381,76 @@ TEST(Trainer, ResumeEqualsStraightRun) {
     expectThrowsWith([&]() { Trainer d(missing); }, "cannot resume: no checkpoint");
 }
 
+TEST(Trainer, ResumeWithANewBatchKeepsTheValidationSet) {
+    // A run stopped at step 10 (batch 4) continues with batch 8: the validation set, and so the validation
+    // loss of the same EMA weights, is exactly the first chunk's; the new batch is recorded and kept by a later
+    // resume; a checkpoint written before the validation batch was recorded validates with its step's batch.
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    TrainerOptions first = tinyOptions(data, dir + "/run", 20);
+    first.stopAfterSteps = 10;
+    double before = 0;
+    std::vector<double> straightLosses;
+    {
+        Trainer a(first);
+        ASSERT_FALSE(a.run());
+        before = a.validate().loss;
+        a.trainStep();
+        straightLosses = a.losses();
+    }
+    EXPECT_EQ(Safetensors::read(dir + "/run/checkpoint.safetensors").metadata.at("trainer.validation_batch_size"), "4");
+    TrainerOptions resume;
+    resume.outDir = dir + "/run";
+    resume.resume = true;
+    resume.steps = 0;
+    resume.verbose = false;
+    resume.checkpointEvery = 0;
+    resume.validateEvery = 0;
+    resume.resumeBatchSize = 8;
+    resume.stopAfterSteps = 1;
+    {
+        Trainer b(resume);
+        EXPECT_EQ(b.step(), 10);
+        EXPECT_EQ(b.options().batchSize, 8);
+        EXPECT_EQ(b.options().validationBatchSize, 4);
+        EXPECT_EQ(b.validate().loss, before);
+        ASSERT_FALSE(b.run());
+        ASSERT_EQ(b.losses().size(), 1u);
+        EXPECT_NE(b.losses()[0], straightLosses.back()); // step 10 trained on another (larger) batch
+    }
+    SafetensorsContents written = Safetensors::read(dir + "/run/checkpoint.safetensors");
+    EXPECT_EQ(written.metadata.at("trainer.batch_size"), "8");
+    EXPECT_EQ(written.metadata.at("trainer.validation_batch_size"), "4");
+    TrainerOptions again = resume;
+    again.resumeBatchSize = 0;
+    {
+        Trainer c(again);
+        EXPECT_EQ(c.step(), 11);
+        EXPECT_EQ(c.options().batchSize, 8);
+        EXPECT_EQ(c.options().validationBatchSize, 4);
+    }
+    // A checkpoint without the key (written before it existed) validates with its step's batch.
+    std::vector<std::pair<std::string, torch::Tensor>> tensors(written.tensors.begin(), written.tensors.end());
+    written.metadata.erase("trainer.validation_batch_size");
+    Safetensors::write(dir + "/run/checkpoint.safetensors", tensors, written.metadata);
+    {
+        Trainer d(again);
+        EXPECT_EQ(d.options().validationBatchSize, 8);
+    }
+    TrainerOptions bad = resume;
+    bad.resumeBatchSize = -1;
+    expectThrowsWith([&]() { Trainer e(bad); }, "the batch given on resume must be >= 1");
+    TrainerOptions fresh = tinyOptions(data, dir + "/fresh", 4);
+    fresh.resumeBatchSize = 8;
+    try {
+        Trainer f(fresh);
+        ADD_FAILURE() << "a new run took resumeBatchSize";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("resumeBatchSize changes the batch of a resumed run"), std::string::npos) << e.what();
+    }
+}
+
 TEST(Trainer, InitFromStartsANewRunFromAnExportedModel) {
     // A run of 6 steps (prior version 3) exports its EMA weights; a new run initialised from them validates
     // exactly as the first run's EMA did (the same weights, validation set and prior), and one with prior

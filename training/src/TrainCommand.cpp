@@ -21,8 +21,9 @@ run:
   --out-dir DIR            output folder (created)
   --resume                 continue the run in DIR; its settings come from the checkpoint, except
                            --steps, --max-minutes, --stop-after-steps, --device, --val-every,
-                           --checkpoint-every and --threads (--data may point to a moved copy; its
-                           sha256 must match)
+                           --checkpoint-every, --threads and --batch-size (a new batch from this
+                           step on; the validation set keeps its own) (--data may point to a moved
+                           copy; its sha256 must match)
   --init-from MODEL        start a new run from an exported model's weights (the same architecture; the
                            geometry-prior version may differ, its statistics are measured anew)
   --steps N                total optimiser steps (default 10000; with --resume: the checkpoint's)
@@ -88,7 +89,7 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
     TrainCommandLine parsed;
     TrainerOptions& options = parsed.options;
     int& threads = parsed.threads;
-    bool stepsGiven = false;
+    bool stepsGiven = false, batchGiven = false;
     double sigmaMin = 0, sigmaMax = 0;
     std::map<std::string, std::function<void(const std::string&)>> valued = {
         {"--data", [&](const std::string& v) { options.datasetPath = v; }},
@@ -107,7 +108,7 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
          }},
         {"--threads", [&](const std::string& v) { threads = std::stoi(v); }},
         {"--seed", [&](const std::string& v) { options.seed = std::stoull(v); }},
-        {"--batch-size", [&](const std::string& v) { options.batchSize = std::stoi(v); }},
+        {"--batch-size", [&](const std::string& v) { options.batchSize = std::stoi(v); batchGiven = true; }},
         {"--crop", [&](const std::string& v) { options.crop = std::stoi(v); }},
         {"--rna-prob", [&](const std::string& v) { options.rnaProbability = std::stod(v); }},
         {"--sigma-min", [&](const std::string& v) { sigmaMin = std::stod(v); }},
@@ -171,6 +172,11 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
         options.model.sigmaMax = sigmaMax;
     if (options.resume && !stepsGiven)
         options.steps = 0; // the checkpoint's
+    if (options.resume && batchGiven) {
+        if (options.batchSize < 1)
+            throw std::invalid_argument("--batch-size must be >= 1");
+        options.resumeBatchSize = options.batchSize; // from this step on; the validation set keeps its batches
+    }
     options.commandLine = commandLine.empty() ? quotedCommandLine(args) : commandLine;
     return parsed;
 }

@@ -193,6 +193,12 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
         options_.model.validate();
         if (options_.batchSize < 1 || options_.crop < 1)
             throw std::invalid_argument("trainer: batch size and crop must be >= 1");
+        if (options_.resumeBatchSize != 0)
+            throw std::invalid_argument("trainer: resumeBatchSize changes the batch of a resumed run; a new run takes batchSize");
+        if (options_.validationBatchSize < 0)
+            throw std::invalid_argument("trainer: validationBatchSize must be >= 0");
+        if (options_.validationBatchSize == 0)
+            options_.validationBatchSize = globalBatchSize();
         if (options_.dtype != torch::kFloat32 && options_.dtype != torch::kFloat64)
             throw std::invalid_argument("trainer: dtype must be float32 or float64");
         if (!(options_.emaDecay >= 0 && options_.emaDecay < 1))
@@ -482,10 +488,10 @@ void Trainer::buildValidationSet() {
         return;
     // A fixed set: its own generator, and sigma stratified log-uniformly over [sigmaMin, sigmaMax] so
     // that every band holds structures.
-    // Batches of the whole step's size, each split over the processes as in training, so the set does not
-    // depend on the number of processes.
+    // Batches of the run's validation size (the step's batch at its start), each split over the processes as
+    // in training, so the set depends neither on the number of processes nor on a batch changed on resume.
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, ValidationStream, 0));
-    const int64_t batchSize = globalBatchSize();
+    const int64_t batchSize = options_.validationBatchSize;
     const int64_t total = (int64_t) options_.validationBatches * batchSize;
     torch::Tensor u = (torch::arange(total, torch::kFloat64) + torch::rand({total}, generator, torch::kFloat64)) / (double) total;
     const double logMin = std::log(options_.model.sigmaMin), logMax = std::log(options_.model.sigmaMax);
@@ -732,6 +738,7 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     metadata["trainer.ema_decay"] = formatDouble(options_.emaDecay);
     metadata["trainer.rna_probability"] = formatDouble(options_.rnaProbability);
     metadata["trainer.validation_batches"] = std::to_string(options_.validationBatches);
+    metadata["trainer.validation_batch_size"] = std::to_string(options_.validationBatchSize);
     metadata["counters.step"] = std::to_string(step_);
     metadata["counters.wall_seconds"] = formatDouble(wallSeconds_);
     metadata["rng.seed"] = std::to_string(options_.seed);
@@ -792,12 +799,27 @@ void Trainer::loadCheckpoint(const std::string& path) {
     if (dtype != "float32" && dtype != "float64")
         fail("trainer.dtype '" + dtype + "' is not float32 or float64");
     o.dtype = dtype == "float64" ? torch::kFloat64 : torch::kFloat32;
-    // The step's batch is the run's; each process takes an equal share of it.
+    // The step's batch is the run's, each process taking an equal share of it, unless the resume asks for
+    // another batch per process from this step on (a launch-bound step trains on more structures at about the
+    // same cost: docs/MODEL.md, "Training throughput on the GPU"). The optimiser state carries over as it is.
     const int64_t stepBatch = meta.integer("trainer.batch_size");
-    if (stepBatch < 1 || stepBatch % worldSize() != 0)
-        fail("the run's batch of " + std::to_string(stepBatch) + " structures per step does not split evenly over " +
+    if (options_.resumeBatchSize < 0)
+        fail("the batch given on resume must be >= 1 structure per process");
+    if (options_.resumeBatchSize > 0) {
+        o.batchSize = options_.resumeBatchSize;
+    } else {
+        if (stepBatch < 1 || stepBatch % worldSize() != 0)
+            fail("the run's batch of " + std::to_string(stepBatch) + " structures per step does not split evenly over " +
+                 std::to_string(worldSize()) + " processes; resume with a number of processes that divides it");
+        o.batchSize = (int) (stepBatch / worldSize());
+    }
+    o.resumeBatchSize = 0;
+    // The validation set keeps its batches (checkpoints written before the setting existed: the step's batch).
+    o.validationBatchSize = contents.metadata.count("trainer.validation_batch_size")
+                                ? (int) meta.integer("trainer.validation_batch_size") : (int) stepBatch;
+    if (o.validationBatchSize < 1 || o.validationBatchSize % worldSize() != 0)
+        fail("the run's validation batches of " + std::to_string(o.validationBatchSize) + " structures do not split evenly over " +
              std::to_string(worldSize()) + " processes; resume with a number of processes that divides it");
-    o.batchSize = (int) (stepBatch / worldSize());
     o.crop = (int) meta.integer("trainer.crop");
     if (options_.steps <= 0)
         o.steps = meta.integer("trainer.steps");

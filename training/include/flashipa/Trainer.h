@@ -32,7 +32,10 @@ struct TrainerOptions {
     double emaDecay = 0.999;
     double rnaProbability = Dataset::DefaultRnaProbability;
     int64_t validateEvery = 200;       ///< steps between validations (<= 0: only at the start and the end)
-    int validationBatches = 16;        ///< fixed validation batches (each batchSize structures)
+    int validationBatches = 16;        ///< fixed validation batches (each validationBatchSize structures)
+    int validationBatchSize = 0;       ///< structures per validation batch, all processes (0: the step's batch at
+                                       ///< the run's start); a resumed run keeps its own, so its set never changes
+    int resumeBatchSize = 0;           ///< with resume: structures per process and step from now on (0: the run's)
     int64_t checkpointEvery = 200;     ///< steps between checkpoints (<= 0: only at the end of a chunk)
     double maxMinutes = 0;             ///< stop this chunk (after a checkpoint) before this much wall time (<= 0: no limit)
     int64_t stopAfterSteps = 0;        ///< stop this chunk after this many steps (<= 0: no limit)
