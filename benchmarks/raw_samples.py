@@ -6,7 +6,9 @@ matched start), at each sigma_max and score scale lambda, and the raw frames' li
 (evaluation.connectedFraction: C(i)-N(i+1) <= 0.2 nm), median C-N+1 and Calpha-Calpha distances, Calpha radius
 of gyration against the training set's Rg(L) fit, the fraction of residues with phi > 0 (training chains: 6 %),
 and the DSSP helix and strand fractions of the raw backbone (pydssp, carbonyl O placed from the frames, as the
-self-consistency check measures; training set: 0.29 and 0.27).
+self-consistency check measures; training set: 0.29 and 0.27), and the clashes of the raw frame atoms: pairs closer than
+0.25 nm between residues at least two apart, per 100 residues (metrics.clashes, as the evaluation counts heavy-atom
+clashes after refinement; validation natives: none).
 
     python benchmarks/raw_samples.py --model A.safetensors --model B.safetensors [--samples 3] [--steps 60]
         [--sigma-max 1.2 --sigma-max 0.8] [--score-scale 1 --score-scale 4]
@@ -18,11 +20,13 @@ import numpy as np
 
 from openmmflashipa import backbone, evaluation, metrics
 from openmmflashipa.generate import generate
+from openmmflashipa.selfconsistency import CLASH_DISTANCE
 
 
 def summarise(frames):
     """What the tables report of raw protein samples (a list of [L, 3, 3] frame atoms, nm): links connected,
-    median C-N+1 and Calpha-Calpha distances, mean Rg, phi > 0, DSSP helix and strand (O placed from the frames)."""
+    median C-N+1 and Calpha-Calpha distances, mean Rg, phi > 0, DSSP helix and strand (O placed from the frames), and
+    frame-atom clashes per 100 residues."""
     ss = [metrics.secondaryStructureFractions(metrics.secondaryStructure(backbone.proteinBackboneWithOxygen(f)))
           for f in frames]
     return {"connected": np.mean([evaluation.connectedFraction(f, "protein") for f in frames]),
@@ -30,7 +34,9 @@ def summarise(frames):
             "caca": np.median(np.concatenate([np.linalg.norm(f[1:, 1] - f[:-1, 1], axis=1) for f in frames])),
             "rg": np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames]),
             "phi_positive": np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames]),
-            "helix": np.mean([v["helix"] for v in ss]), "strand": np.mean([v["strand"] for v in ss])}
+            "helix": np.mean([v["helix"] for v in ss]), "strand": np.mean([v["strand"] for v in ss]),
+            "clashes": np.mean([100.0 * metrics.clashes(f.reshape(-1, 3), np.repeat(np.arange(len(f)), 3), CLASH_DISTANCE, 2)
+                                / len(f) for f in frames])}
 
 
 def main():
@@ -47,16 +53,16 @@ def main():
     scales = args.score_scale or [1.0]
     training_rg = 0.362 * args.length ** 0.298  # the training set's Rg(L) fit (evaluation targets)
     print("| model | σ_max (nm) | λ | links connected | C–N+1 median (nm) | Cα–Cα median (nm; 0.38) | "
-          "Rg (nm; training %.2f) | φ > 0 | helix | strand |" % training_rg)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "Rg (nm; training %.2f) | φ > 0 | helix | strand | clashes / 100 res |" % training_rg)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
         for sigma_max, scale in itertools.product(sigmas, scales):
             chains = generate("protein", args.length, numSamples=args.samples, seed=args.seed, numSteps=args.steps,
                               sigmaMax=sigma_max, device="cpu", modelPath=model, progress=False, scoreScale=scale)
             s = summarise([c.frames for c in chains])
-            print("| %s | %.1f | %g | %.2f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f |" % (
+            print("| %s | %.1f | %g | %.2f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f | %.1f |" % (
                 model, sigma_max, scale, s["connected"], s["link"], s["caca"], s["rg"], s["phi_positive"], s["helix"],
-                s["strand"]), flush=True)
+                s["strand"], s["clashes"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,10 @@ torch::Tensor GeometryPrior::chainWeight(const torch::Tensor& sigma, const torch
 torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                     const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
                                     int version, const torch::Tensor& bondCovariance) {
-    if (version < 1 || version > 4)
-        throw std::invalid_argument("geometry prior: version must be 1, 2, 3 or 4, got " + std::to_string(version));
-    if (version == 4 && !(bondCovariance.defined() && bondCovariance.numel() == 3))
-        throw std::invalid_argument("geometry prior: version 4 needs the bond covariances (c0, c1, c2)");
+    if (version < 1 || version > 5)
+        throw std::invalid_argument("geometry prior: version must be 1, 2, 3, 4 or 5, got " + std::to_string(version));
+    if (version >= 4 && !(bondCovariance.defined() && bondCovariance.numel() == 3))
+        throw std::invalid_argument("geometry prior: versions 4 and 5 need the bond covariances (c0, c1, c2)");
     const int64_t B = atoms.size(0), L = atoms.size(1);
     torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
     torch::Tensor rna = types >= ResidueType::FirstNucleotide;
@@ -87,9 +87,45 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
     }
     if (version == 3)
         total = total + backboneChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), stats);
-    if (version == 4)
+    if (version >= 4)
         total = total + correlatedChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), bondCovariance);
+    if (version == 5)
+        total = total + exclusionEnergy(atoms, chains, real, sigma.to(atoms.dtype()).view({B}));
     return total;
+}
+
+torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
+                                             const torch::Tensor& sigma) {
+    const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
+    const auto options = atoms.options();
+    torch::Tensor x = atoms.reshape({B, N, 3});
+    torch::Tensor r = torch::sqrt((x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1) + SmallestDistance * SmallestDistance); // [B, N, N]
+    // The pairs: atom p of residue i and atom q of residue j > i, both real, j not the linked next residue.
+    torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(atoms.device()).dtype(torch::kLong)).repeat_interleave(3);
+    torch::Tensor later = residue.unsqueeze(0) > residue.unsqueeze(1);                       // [N, N]: j > i
+    torch::Tensor next = residue.unsqueeze(0) == residue.unsqueeze(1) + 1;                  // [N, N]: j = i + 1
+    torch::Tensor chainAtom = chains.repeat_interleave(3, 1), realAtom = real.to(torch::kBool).repeat_interleave(3, 1);
+    torch::Tensor linked = next.unsqueeze(0) & (chainAtom.unsqueeze(2) == chainAtom.unsqueeze(1));
+    torch::Tensor use = later.unsqueeze(0) & ~linked & realAtom.unsqueeze(2) & realAtom.unsqueeze(1); // [B, N, N]
+
+    const double r0 = ExclusionRadius;
+    torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B, 1, 1});
+    torch::Tensor a = (r - r0) / s, b = (r + r0) / s, q = 2.0 * r * r0 / s.pow(2);
+    torch::Tensor inside = a <= 0;
+    // Inside the wall: 1 - F = phi(a) [sqrt(pi/2) (erfcx(-a/sqrt2) + erfcx(b/sqrt2) e^-q) - (s/r) expm1(-q)], every
+    // factor bounded. Outside: F is small and -log1p(-F) exact. Each branch is fed only its own side's values, so
+    // neither overflows into the other's gradient.
+    const double rootHalfPi = std::sqrt(M_PI / 2.0), rootTwo = std::sqrt(2.0), logRootTwoPi = 0.5 * std::log(2.0 * M_PI);
+    torch::Tensor ai = torch::where(inside, a, torch::zeros_like(a));
+    torch::Tensor bracket = rootHalfPi * (torch::special_erfcx(-ai / rootTwo) + torch::special_erfcx(b / rootTwo) * torch::exp(-q)) -
+                            (s / r) * torch::expm1(-q);
+    torch::Tensor energyInside = 0.5 * ai.pow(2) + logRootTwoPi - torch::log(bracket);
+    torch::Tensor ao = torch::where(inside, torch::ones_like(a), a);
+    auto density = [&](const torch::Tensor& v) { return torch::exp(-0.5 * v.pow(2)) / std::sqrt(2.0 * M_PI); };
+    torch::Tensor f = torch::special_ndtr(-ao) - torch::special_ndtr(-b) - (s / r) * (density(ao) - density(b));
+    torch::Tensor energyOutside = -torch::log1p(-f.clamp_min(0.0));
+    torch::Tensor energy = torch::where(inside, energyInside, energyOutside);
+    return (energy * use.to(options.dtype())).sum({1, 2});
 }
 
 torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,

@@ -94,7 +94,7 @@ TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
 }
 
 TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
-    for (int version : {1, 2, 3, 4}) {
+    for (int version : {1, 2, 3, 4, 5}) {
         SCOPED_TRACE("geometry prior version " + std::to_string(version));
         ModelConfig config;
         config.geometryPrior = version;
@@ -104,13 +104,18 @@ TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
         const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
         // Not measured: NaN, never a plausible number.
         StructureBatch batch = twoResidues();
+        if (version == 5) { // four residues of a tight helix: pairs (i, i + 2) and (i, i + 3) sit at the wall
+            batch.atoms = helixAtoms(4, 3);
+            batch.types = torch::tensor({0, 5, 7, 2}, torch::kInt64).view({1, 4});
+            batch.chains = torch::zeros({1, 4}, torch::kInt64);
+        }
         torch::Tensor sigma = torch::full({1}, 0.05, torch::kFloat64);
         EXPECT_TRUE(std::isnan(model->forward(batch, sigma, AttentionBackend::SDPA).item<double>()));
         EXPECT_THROW(model->setGeometryPriorStats(torch::zeros({K, 2})), std::invalid_argument);
         torch::Tensor stats = torch::stack({torch::linspace(0.13, 0.4, K), torch::full({K}, 0.004)}, 1).to(torch::kFloat64);
         model->setGeometryPriorStats(stats);
         torch::Tensor covariance;
-        if (version == 4) {
+        if (version >= 4) {
             EXPECT_THROW(model->setGeometryPriorBondCovariance(torch::tensor({0.007, 0.007, 0.007}, torch::kFloat64)), std::invalid_argument);
             covariance = torch::tensor({0.00692, 0.436 * 0.00692, 0.442 * 0.00692}, torch::kFloat64);
             model->setGeometryPriorBondCovariance(covariance);
@@ -195,11 +200,101 @@ TEST(GeometryPrior, VersionTwoScalesEachTermByItsChainWeight) {
             EXPECT_NEAR(two, chainWeightAt(sigma, 0.15, rna) * one, 1e-12 * std::abs(one)) << rna << " " << sigma;
         }
     }
-    for (int version : {4, 5}) // 4 without its bond covariances, 5 unknown
+    for (int version : {4, 5, 6}) // 4 and 5 without their bond covariances, 6 unknown
         EXPECT_THROW(GeometryPrior::energy(helixAtoms(1, 3), torch::zeros({1, 1}, torch::kInt64), torch::zeros({1, 1}, torch::kInt64),
                                            torch::Tensor(), torch::full({1}, 0.1, torch::kFloat64), torch::ones({5, 2}, torch::kFloat64),
                                            version),
                      std::invalid_argument);
+}
+
+namespace {
+
+/** -log(1 - F) for one pair at distance r (GeometryPrior::exclusionEnergy's formula in double, straight from
+ *  std::erf; valid where 1 - F does not underflow). */
+double exclusionClosedForm(double r, double sigma) {
+    const double r0 = GeometryPrior::ExclusionRadius, s = std::sqrt(2 * sigma * sigma + GeometryPrior::ExclusionWidth * GeometryPrior::ExclusionWidth);
+    auto Phi = [](double x) { return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))); };
+    auto phi = [](double x) { return std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI); };
+    const double F = Phi((r0 - r) / s) + Phi((r0 + r) / s) - 1.0 - (s / r) * (phi((r0 - r) / s) - phi((r0 + r) / s));
+    return -std::log(1.0 - F);
+}
+
+/** Four residues 20 nm apart along x, each with its three frame atoms 3 nm apart (the exclusion term reads
+ *  positions only), so that a probe placed near one atom interacts with that atom alone. [1, 4, 3, 3] nm. */
+torch::Tensor farResidues() {
+    torch::Tensor atoms = torch::zeros({1, 4, 3, 3}, torch::kFloat64);
+    for (int i = 0; i < 4; i++) {
+        atoms[0][i][0][0] = 20.0 * i - 3.0;
+        atoms[0][i][1][0] = 20.0 * i;
+        atoms[0][i][2][0] = 20.0 * i;
+        atoms[0][i][2][1] = 3.0;
+    }
+    return atoms;
+}
+
+double exclusionOf(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real, double sigma) {
+    return GeometryPrior::exclusionEnergy(atoms, chains, real, torch::full({1}, sigma, torch::kFloat64)).item<double>();
+}
+
+} // namespace
+
+TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
+    torch::Tensor chains = torch::zeros({1, 4}, torch::kInt64), real = torch::ones({1, 4}, torch::kBool);
+    // Residues far apart: nothing.
+    EXPECT_EQ(exclusionOf(farResidues(), chains, real, 0.05), 0.0);
+    // One pair of residues two apart (N of residue 2 at distance r from CA of residue 0) against the closed form;
+    // the closed form itself was checked against Monte Carlo sampling of the Gaussian (docs/MODEL.md).
+    for (double sigma : {0.01, 0.05, 0.2, 0.3}) // (at sigma ~ 1 nm atoms 3 nm apart start to count)
+        for (double r : {0.2, 0.26, 0.27, 0.3, 0.5}) {
+            torch::Tensor atoms = farResidues();
+            atoms[0][2][0][0] = r, atoms[0][2][0][1] = 0.0;
+            const double expected = exclusionClosedForm(r, sigma);
+            if (!std::isfinite(expected) || expected > 30)
+                continue; // 1 - F underflows in the plain formula; the log-space form is checked below
+            EXPECT_NEAR(exclusionOf(atoms, chains, real, sigma), expected, 1e-9 + 1e-9 * expected) << "sigma " << sigma << " r " << r;
+        }
+    // Deep inside the wall at the smallest sigma: finite, large, and growing towards the centre as (r0 - r)^2 / 2s^2.
+    torch::Tensor deep = farResidues();
+    deep[0][2][0][0] = 0.05, deep[0][2][0][1] = 0.0;
+    const double e1 = exclusionOf(deep, chains, real, 0.01);
+    deep[0][2][0][0] = 0.1;
+    const double e2 = exclusionOf(deep, chains, real, 0.01);
+    const double s2 = 2 * 0.01 * 0.01 + GeometryPrior::ExclusionWidth * GeometryPrior::ExclusionWidth;
+    EXPECT_TRUE(std::isfinite(e1) && std::isfinite(e2));
+    EXPECT_NEAR(e1 - e2, (std::pow(0.22, 2) - std::pow(0.17, 2)) / (2 * s2), 0.02 * (e1 - e2));
+    // Which pairs count: a linked neighbour never; the same neighbour across a chain break, and a residue two
+    // apart, do; a masked residue does not.
+    torch::Tensor close = farResidues();
+    close[0][1][0][0] = 0.25, close[0][1][0][1] = 0.0; // N of residue 1 at 0.25 nm from CA of residue 0
+    EXPECT_EQ(exclusionOf(close, chains, real, 0.05), 0.0);
+    torch::Tensor broken = torch::tensor({0, 1, 1, 1}, torch::kInt64).view({1, 4});
+    EXPECT_NEAR(exclusionOf(close, broken, real, 0.05), exclusionClosedForm(0.25, 0.05), 1e-9);
+    torch::Tensor twoApart = farResidues();
+    twoApart[0][2][0][0] = 0.25, twoApart[0][2][0][1] = 0.0;
+    torch::Tensor masked = real.clone();
+    masked[0][2] = false;
+    EXPECT_GT(exclusionOf(twoApart, chains, real, 0.05), 0.1);
+    EXPECT_EQ(exclusionOf(twoApart, chains, masked, 0.05), 0.0);
+    // Gradients against central differences, inside and outside the wall, with every atom near others.
+    for (double sigma : {0.01, 0.05, 0.3}) {
+        torch::Tensor atoms = helixAtoms(5, 11);
+        atoms[0][3] = atoms[0][0] + torch::tensor({0.2, 0.05, 0.1}, torch::kFloat64); // residue 3 onto residue 0
+        torch::Tensor x = atoms.clone().requires_grad_(true);
+        torch::Tensor c = torch::zeros({1, 5}, torch::kInt64), m = torch::ones({1, 5}, torch::kBool);
+        torch::Tensor g = torch::autograd::grad({GeometryPrior::exclusionEnergy(x, c, m, torch::full({1}, sigma, torch::kFloat64)).sum()}, {x})[0];
+        EXPECT_TRUE(torch::isfinite(g).all().item<bool>());
+        double worst = 0, scale = g.abs().max().item<double>();
+        ASSERT_GT(scale, 0.0);
+        const double h = 1e-7;
+        for (int64_t k = 0; k < atoms.numel(); k++) {
+            torch::Tensor plus = atoms.clone(), minus = atoms.clone();
+            plus.view({-1})[k] += h;
+            minus.view({-1})[k] -= h;
+            const double numeric = (exclusionOf(plus, c, m, sigma) - exclusionOf(minus, c, m, sigma)) / (2 * h);
+            worst = std::max(worst, std::abs(numeric - g.view({-1})[k].item<double>()));
+        }
+        EXPECT_LT(worst, 1e-5 * scale) << "sigma " << sigma;
+    }
 }
 
 TEST(GeometryPrior, BondSystemSolveEqualsADenseSolve) {

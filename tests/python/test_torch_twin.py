@@ -324,7 +324,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=["prior1", "prior2", "prior3", "prior4"])
+@pytest.fixture(scope="module", params=[1, 2, 3, 4, 5], ids=["prior1", "prior2", "prior3", "prior4", "prior5"])
 def priorModelPath(request, tmp_path_factory):
     import subprocess
     import sys
@@ -348,7 +348,7 @@ def test_twin_matches_plugin_with_geometry_prior(priorModelPath):
     assert model.config.geometryPrior == version
     stats = model.geometryPriorStats.numpy()
     assert np.all(stats > 0) and 0.14 < stats[0, 0] < 0.15  # N-CA median of real proteins, nm
-    if version == 4:  # backbone bonds' covariances (nm^2 per component): c0 ~ (0.144 nm)^2 / 3, correlated
+    if version >= 4:  # backbone bonds' covariances (nm^2 per component): c0 ~ (0.144 nm)^2 / 3, correlated
         c0, c1, c2 = model.geometryPriorBondCovariance.tolist()
         assert 0.006 < c0 < 0.008 and 0 < c1 < c0 and 0 < c2 < c0
     # At the force's default sigma and at a generation-level one, where versions 2 and 3 differ most from 1.
