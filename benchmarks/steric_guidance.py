@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from openmmflashipa import refine, torch_twin
-from openmmflashipa.openmmflashipa import UNKNOWN_AMINO_ACID, _chainStart
 from openmmflashipa.structure import Backbone
 from raw_samples import summarise  # the same measurements as the sampler's table (run from benchmarks/)
+from score_scale_window import addFlowArguments, flow, flowInputs
 
 
 def exclusion(x, r0):
@@ -38,57 +38,35 @@ def exclusion(x, r0):
     return 0.25 * (overlap ** 2).sum((1, 2))  # each pair counted twice
 
 
-def flow(model, start, types, chains, scale, k, below, r0, sigma_max, sigma_min, steps):
-    """Heun steps of dx/dsigma = sigma * grad(lambda E + w(sigma) k exclusion), then Tweedie's step."""
-    def grad(x, sigma):
-        x = x.detach().requires_grad_(True)
-        energy = scale * torch_twin.energy(model, x, types, chains, torch.full((x.shape[0],), sigma), checked=False).sum()
-        if k < 0:  # "exact": the geometry prior's version-5 exclusion term at every sigma
-            energy = energy + torch_twin.exclusion_energy(x, chains, torch.ones_like(chains, dtype=torch.bool),
-                                                          torch.full((x.shape[0],), sigma, dtype=x.dtype)).sum()
-        elif k > 0 and sigma < below:
-            energy = energy + k * exclusion(x, r0).sum()
-        return torch.autograd.grad(energy, x)[0]
-    x = start.clone()
-    sigmas = sigma_max * (sigma_min / sigma_max) ** (np.arange(steps + 1) / steps)
-    for s, t in zip(sigmas[:-1], sigmas[1:]):
-        d1 = s * grad(x, s)
-        d2 = t * grad(x + (t - s) * d1, t)
-        x = x + (t - s) * 0.5 * (d1 + d2)
-    return (x - sigma_min ** 2 * grad(x, sigma_min)).detach().double().numpy()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
     p.add_argument("--scale", type=float, default=1.0, help="lambda on the model's score")
     p.add_argument("--guidance", action="append", required=True,
                    help="k or k@sigma_g (kT/nm^2, nm; 0 = none), or 'exact' (repeatable)")
-    p.add_argument("--length", type=int, default=100)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--sigma-max", type=float, default=1.2)
-    p.add_argument("--seed", type=int, default=0)
+    addFlowArguments(p)
     args = p.parse_args()
-    model = torch_twin.load_energy_model(args.model, dtype=torch.float32)
-    L, n = args.length, args.samples
-    types = torch.full((n, L), UNKNOWN_AMINO_ACID, dtype=torch.long)
-    chains = torch.zeros_like(types)
-    start = torch.from_numpy(np.frombuffer(_chainStart([UNKNOWN_AMINO_ACID] * L, [0] * L, args.sigma_max, n, args.seed),
-                                           dtype=np.float64).reshape(n, L, 3, 3).copy()).float()
-    print("λ = %g, %d chains of %d residues, %d steps from σ_max %.1f nm\n" % (args.scale, n, L, args.steps, args.sigma_max))
+    model, types, chains, start = flowInputs(args)
+    real = torch.ones_like(chains, dtype=torch.bool)
+    print("λ = %g, %d chains of %d residues, %d steps from σ_max %.1f nm\n" % (
+        args.scale, args.samples, args.length, args.steps, args.sigma_max))
     print("| k (kT/nm²) | below σ_g (nm) | stage | helix | strand | φ > 0 | Rg (nm) | clashes / 100 res |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for spec in args.guidance:
-        k, below = (-1.0, float("inf")) if spec == "exact" else (float(v) for v in (spec.split("@") + ["inf"])[:2])
-        raw = list(flow(model, start, types, chains, args.scale, k, below, refine.REPULSION_DISTANCE, args.sigma_max, 0.02,
-                        args.steps))
+        if spec == "exact":  # the geometry prior's version-5 exclusion term at every sigma
+            k, below = "exact", float("inf")
+            extra = lambda x, sigma: torch_twin.exclusion_energy(  # noqa: E731
+                x, chains, real, torch.full((x.shape[0],), sigma, dtype=x.dtype))
+        else:
+            k, below = (float(v) for v in (spec.split("@") + ["inf"])[:2])
+            extra = lambda x, sigma, k=k, below=below: k * exclusion(x, refine.REPULSION_DISTANCE) * (sigma < below)  # noqa: E731
+        raw = list(flow(model, start, types, chains, args.sigma_max, 0.02, args.steps, scale=lambda sigma: args.scale,
+                        extra=extra))
         repaired = [refine.repairGeometry(Backbone(f, "protein"), platform="CPU").frames for f in raw]
         for stage, frames in (("raw", raw), ("repaired", repaired)):
             s = summarise(frames)
             print("| %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.1f |" % (
-                "exact" if k < 0 else "%g" % k, "every" if np.isinf(below) else "%g" % below, stage, s["helix"], s["strand"], s["phi_positive"],
-                s["rg"], s["clashes"]), flush=True)
+                k if isinstance(k, str) else "%g" % k, "every" if np.isinf(below) else "%g" % below, stage,
+                s["helix"], s["strand"], s["phi_positive"], s["rg"], s["clashes"]), flush=True)
 
 
 if __name__ == "__main__":
