@@ -23,6 +23,12 @@ from openmmflashipa.generate import generate
 from openmmflashipa.selfconsistency import CLASH_DISTANCE
 
 
+def clashesPer100(frames):
+    """Frame-atom pairs of one chain ([L, 3, 3] nm) closer than CLASH_DISTANCE between residues at least two apart,
+    per 100 residues."""
+    return 100.0 * metrics.clashes(frames.reshape(-1, 3), np.repeat(np.arange(len(frames)), 3), CLASH_DISTANCE, 2) / len(frames)
+
+
 def summarise(frames):
     """What the tables report of raw protein samples (a list of [L, 3, 3] frame atoms, nm): links connected,
     median C-N+1 and Calpha-Calpha distances, mean Rg, phi > 0, DSSP helix and strand (O placed from the frames), and
@@ -35,8 +41,7 @@ def summarise(frames):
             "rg": np.mean([metrics.radiusOfGyration(f[:, 1]) for f in frames]),
             "phi_positive": np.mean([evaluation.ramachandran(f)["phi_positive"] for f in frames]),
             "helix": np.mean([v["helix"] for v in ss]), "strand": np.mean([v["strand"] for v in ss]),
-            "clashes": np.mean([100.0 * metrics.clashes(f.reshape(-1, 3), np.repeat(np.arange(len(f)), 3), CLASH_DISTANCE, 2)
-                                / len(f) for f in frames])}
+            "clashes": np.mean([clashesPer100(f) for f in frames])}
 
 
 def main():

@@ -21,19 +21,17 @@ median distance each atom moved, and counts the raw samples' frame-atom clashes 
 import argparse
 
 import numpy as np
-import openmm
-import openmm.unit as unit
 
-from openmmflashipa import backbone, evaluation, metrics, refine
-from openmmflashipa.generate import choosePlatform, generate
+from openmmflashipa import evaluation, refine
+from openmmflashipa.generate import generate
 from openmmflashipa.selfconsistency import CLASH_DISTANCE
 from openmmflashipa.topology import positionsNm, selectFrameResidues
+from raw_samples import clashesPer100, summarise  # the sampler table's measurements (benchmarks/)
 
 
 def frameMetrics(frames):
-    """helix, strand and phi > 0 of one protein chain's frame atoms ([L, 3, 3] nm)."""
-    ss = metrics.secondaryStructureFractions(metrics.secondaryStructure(backbone.proteinBackboneWithOxygen(frames)))
-    return {"helix": ss["helix"], "strand": ss["strand"], "phi_positive": evaluation.ramachandran(frames)["phi_positive"]}
+    """helix, strand and phi > 0 of one protein chain's frame atoms ([L, 3, 3] nm), as raw_samples.summarise."""
+    return {k: v for k, v in summarise([frames]).items() if k in ("helix", "strand", "phi_positive")}
 
 
 def refinedFrames(refined):
@@ -49,17 +47,7 @@ def repairWithout(chain, dropped, platform):
     for k in reversed(range(system.getNumForces())):
         if system.getForce(k).getName() in dropped:
             system.removeForce(k)
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
-    context.setPositions(start)
-    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
-    xyz = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    return np.asarray(xyz).reshape(-1, 3, 3)
-
-
-def clashesPer100(frames):
-    """Frame-atom pairs closer than CLASH_DISTANCE between residues at least two apart, per 100 residues."""
-    residues = np.repeat(np.arange(len(frames)), 3)
-    return 100.0 * metrics.clashes(frames.reshape(-1, 3), residues, CLASH_DISTANCE, 2) / len(frames)
+    return refine.minimizedFrames(system, start, platform)
 
 
 def main():

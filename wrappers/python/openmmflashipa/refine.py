@@ -563,11 +563,7 @@ def repairFrames(topology, positions, platform=None):
         raise ValueError("nothing to repair: no residue with frame atoms")
     segments = chainSegments(frames)
     system, start, _ = backboneSystem(frames, positionsNm(positions), withForce=False, segments=segments)
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
-    context.setPositions(start)
-    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
-    final = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    return backboneTopology(frames, np.asarray(final).reshape(-1, 3, 3), segments)
+    return backboneTopology(frames, minimizedFrames(system, start, platform), segments)
 
 
 def repairGeometry(backbone, platform=None):
@@ -579,11 +575,17 @@ def repairGeometry(backbone, platform=None):
     topology, positions = backbone.toOpenMM()
     frames, _ = selectFrameResidues(topology)
     system, start, _ = backboneSystem(frames, positionsNm(positions), withForce=False, segments=[0] * len(frames))
+    return Backbone(minimizedFrames(system, start, platform), backbone.moltype, backbone.residueNames, backbone.chainId)
+
+
+def minimizedFrames(system, start, platform=None):
+    """The frame atoms [L, 3, 3] (nm) of a backboneSystem minimised to convergence from `start` ([3L, 3] nm): the
+    frame repair of repairGeometry and repairFrames."""
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), choosePlatform(platform))
     context.setPositions(start)
     openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
     final = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    return Backbone(np.asarray(final).reshape(-1, 3, 3), backbone.moltype, backbone.residueNames, backbone.chainId)
+    return np.asarray(final).reshape(-1, 3, 3)
 
 
 def _energy(context):
