@@ -126,6 +126,18 @@ TrainerOptions tinyOptions(const std::string& data, const std::string& outDir, i
     return o;
 }
 
+/** Options that resume the run in outDir with the checkpoint's settings (quiet, no checkpoint until the end). */
+TrainerOptions resumeOptions(const std::string& outDir, int64_t validateEvery) {
+    TrainerOptions o;
+    o.outDir = outDir;
+    o.resume = true;
+    o.steps = 0; // the checkpoint's
+    o.verbose = false;
+    o.checkpointEvery = 0;
+    o.validateEvery = validateEvery;
+    return o;
+}
+
 /** The largest absolute difference between two lists of tensors. */
 double maxDifference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
     double worst = 0;
@@ -331,13 +343,7 @@ TEST(Trainer, ResumeEqualsStraightRun) {
         ASSERT_FALSE(b.run());
         EXPECT_EQ(b.step(), 10);
     }
-    TrainerOptions second;
-    second.outDir = dir + "/chunked";
-    second.resume = true;
-    second.steps = 0; // the checkpoint's
-    second.validateEvery = 10;
-    second.checkpointEvery = 0;
-    second.verbose = false;
+    TrainerOptions second = resumeOptions(dir + "/chunked", 10);
     Trainer c(second);
     EXPECT_EQ(c.step(), 10);
     EXPECT_EQ(c.options().steps, 20);
@@ -400,13 +406,7 @@ TEST(Trainer, ResumeWithANewBatchKeepsTheValidationSet) {
         straightLosses = a.losses();
     }
     EXPECT_EQ(Safetensors::read(dir + "/run/checkpoint.safetensors").metadata.at("trainer.validation_batch_size"), "4");
-    TrainerOptions resume;
-    resume.outDir = dir + "/run";
-    resume.resume = true;
-    resume.steps = 0;
-    resume.verbose = false;
-    resume.checkpointEvery = 0;
-    resume.validateEvery = 0;
+    TrainerOptions resume = resumeOptions(dir + "/run", 0);
     resume.resumeBatchSize = 8;
     resume.stopAfterSteps = 1;
     {
@@ -571,12 +571,7 @@ TEST(Trainer, GeometryPriorIsMeasuredOnTrainingChainsAndNeverTrained) {
         EXPECT_NEAR(GeometryPrior::bondSpectrumMinimum(covariance[0].item<double>(), covariance[1].item<double>(), covariance[2].item<double>()),
                     GeometryPrior::MinimumBondSpectrum * c0, 1e-4 * c0);
     }
-    TrainerOptions resume;
-    resume.outDir = dir + "/prior";
-    resume.resume = true;
-    resume.steps = 0;
-    resume.verbose = false;
-    resume.checkpointEvery = 0;
+    TrainerOptions resume = resumeOptions(dir + "/prior", TrainerOptions().validateEvery);
     Trainer second(resume);
     ASSERT_TRUE(second.run());
     EXPECT_TRUE(torch::equal(second.model()->geometryPriorStats, measured));
@@ -734,13 +729,7 @@ TEST(Trainer, DataParallelResumesOnAnyDivisorOfTheBatch) {
         Trainer trainer(o, communicator);
         EXPECT_FALSE(trainer.run());
     });
-    TrainerOptions resume;
-    resume.outDir = dir + "/run";
-    resume.resume = true;
-    resume.steps = 0;
-    resume.verbose = false;
-    resume.checkpointEvery = 0;
-    resume.validateEvery = 10;
+    TrainerOptions resume = resumeOptions(dir + "/run", 10);
     Trainer continued(resume);
     EXPECT_EQ(continued.step(), 3);
     EXPECT_EQ(continued.options().batchSize, 4);
