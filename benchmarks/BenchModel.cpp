@@ -1,10 +1,13 @@
 // flashipa-bench-model: GPU time of the energy model alone (energy + forces + parameter derivatives, the
 // exact work the CUDA platform does per step), replayed from a CUDA graph as the plugin does. Subtracting
-// it from the learned force's per-step cost in md_benchmark.py gives the plugin's own overhead.
-//   flashipa-bench-model [--lengths 114,513,2052,8208] [--replays 200]
+// it from the learned force's per-step cost in md_benchmark.py gives the plugin's own overhead. The peak column
+// is the caching allocator's peak of the capture and replays (a version-5 model's exclusion term is evaluated in
+// blocks above GeometryPrior::ExclusionDensePairs atom pairs, so its memory stays bounded at any length).
+//   flashipa-bench-model [--lengths 114,513,2052,8208] [--replays 200] [--model PATH]
 #include "flashipa/DefaultModel.h"
 #include "flashipa/ForceEvaluator.h"
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cstring>
@@ -18,6 +21,7 @@ int main(int argc, char** argv) {
     AttentionBackend backend = AttentionBackend::SDPA;
     std::vector<int64_t> lengths = {114, 513, 2052, 8208};
     int replays = 200;
+    std::string modelPath = defaultModelPath();
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--lengths") && i + 1 < argc) {
             lengths.clear();
@@ -28,8 +32,10 @@ int main(int argc, char** argv) {
             replays = std::stoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc)
             backend = parseAttentionBackend(argv[++i]);
+        else if (!std::strcmp(argv[i], "--model") && i + 1 < argc)
+            modelPath = argv[++i];
         else {
-            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N] [--backend auto|fused|fused-fp32|sdpa|math]\n";
+            std::cerr << "usage: flashipa-bench-model [--lengths a,b,c] [--replays N] [--backend auto|fused|fused-fp32|sdpa|math] [--model PATH]\n";
             return 2;
         }
     }
@@ -39,11 +45,14 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp properties;
     cudaGetDeviceProperties(&properties, 0);
-    std::cout << "GPU: " << properties.name << "; default model, float32, " << attentionBackendName(backend) << " backend, graph replay\n\n"
-              << "| L | model ms per evaluation (graph) |\n|---:|---:|\n";
+    EnergyModel model = loadEnergyModel(modelPath);
+    std::cout << "GPU: " << properties.name << "; model " << modelPath << " (geometry prior version "
+              << model->config().geometryPrior << "), float32, " << attentionBackendName(backend) << " backend, graph replay\n\n"
+              << "| L | model ms per evaluation (graph) | peak GPU memory (MiB) |\n|---:|---:|---:|\n";
     for (int64_t L : lengths) {
-        ForceEvaluator evaluator(loadEnergyModel(defaultModelPath()), torch::Device(torch::kCUDA, 0), torch::kFloat32,
-                                 backend);
+        ForceEvaluator evaluator(loadEnergyModel(modelPath), torch::Device(torch::kCUDA, 0), torch::kFloat32, backend);
+        c10::cuda::CUDACachingAllocator::emptyCache();
+        c10::cuda::CUDACachingAllocator::resetPeakStats(0);
         std::vector<int64_t> atoms(3 * L), types(L), chains(L);
         for (int64_t i = 0; i < 3 * L; i++)
             atoms[i] = i;
@@ -77,7 +86,9 @@ int main(int argc, char** argv) {
         cudaEventSynchronize(stop);
         float ms = 0;
         cudaEventElapsedTime(&ms, start, stop);
-        std::cout << "| " << L << " | " << ms / replays << " |\n";
+        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
+        const double peak = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak / 1048576.0;
+        std::cout << "| " << L << " | " << ms / replays << " | " << peak << " |\n";
     }
     return 0;
 }

@@ -94,22 +94,26 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
     return total;
 }
 
-torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                             const torch::Tensor& sigma) {
-    const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
-    const auto options = atoms.options();
-    torch::Tensor x = atoms.reshape({B, N, 3});
-    torch::Tensor r = torch::sqrt((x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1) + SmallestDistance * SmallestDistance); // [B, N, N]
-    // The pairs: atom p of residue i and atom q of residue j > i, both real, j not the linked next residue.
-    torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(atoms.device()).dtype(torch::kLong)).repeat_interleave(3);
-    torch::Tensor later = residue.unsqueeze(0) > residue.unsqueeze(1);                       // [N, N]: j > i
-    torch::Tensor next = residue.unsqueeze(0) == residue.unsqueeze(1) + 1;                  // [N, N]: j = i + 1
-    torch::Tensor chainAtom = chains.repeat_interleave(3, 1), realAtom = real.to(torch::kBool).repeat_interleave(3, 1);
-    torch::Tensor linked = next.unsqueeze(0) & (chainAtom.unsqueeze(2) == chainAtom.unsqueeze(1));
-    torch::Tensor use = later.unsqueeze(0) & ~linked & realAtom.unsqueeze(2) & realAtom.unsqueeze(1); // [B, N, N]
+namespace {
 
-    const double r0 = ExclusionRadius;
-    torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B, 1, 1});
+/**
+ * The exclusion term [B] of the pairs (atom i, atom j) with i in rows [begin, end) of x [B, N, 3] and j in
+ * [begin, N) (the upper triangle of that row block; only j's residue > i's residue counts). residue [N], chainAtom
+ * and realAtom [B, N] describe each atom; s [B, 1, 1] is the wall's spread.
+ */
+torch::Tensor exclusionOfRows(const torch::Tensor& x, const torch::Tensor& residue, const torch::Tensor& chainAtom,
+                              const torch::Tensor& realAtom, const torch::Tensor& s, int64_t begin, int64_t end) {
+    const auto rows = Slice(begin, end), cols = Slice(begin, None);
+    torch::Tensor xi = x.index({Slice(), rows}), xj = x.index({Slice(), cols});
+    torch::Tensor r = torch::sqrt((xi.unsqueeze(2) - xj.unsqueeze(1)).pow(2).sum(-1) + SmallestDistance * SmallestDistance); // [B, R, C]
+    // The pairs: atom p of residue i and atom q of residue j > i, both real, j not the linked next residue.
+    torch::Tensor ri = residue.index({rows}).unsqueeze(1), rj = residue.index({cols}).unsqueeze(0);
+    torch::Tensor ci = chainAtom.index({Slice(), rows}).unsqueeze(2), cj = chainAtom.index({Slice(), cols}).unsqueeze(1);
+    torch::Tensor linked = (rj == ri + 1).unsqueeze(0) & (ci == cj);
+    torch::Tensor use = (rj > ri).unsqueeze(0) & ~linked & realAtom.index({Slice(), rows}).unsqueeze(2) &
+                        realAtom.index({Slice(), cols}).unsqueeze(1); // [B, R, C]
+
+    const double r0 = GeometryPrior::ExclusionRadius;
     torch::Tensor a = (r - r0) / s, b = (r + r0) / s, q = 2.0 * r * r0 / s.pow(2);
     torch::Tensor inside = a <= 0;
     // Inside the wall: 1 - F = phi(a) [sqrt(pi/2) (erfcx(-a/sqrt2) + erfcx(b/sqrt2) e^-q) - (s/r) expm1(-q)], every
@@ -125,7 +129,73 @@ torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const t
     torch::Tensor f = torch::special_ndtr(-ao) - torch::special_ndtr(-b) - (s / r) * (density(ao) - density(b));
     torch::Tensor energyOutside = -torch::log1p(-f.clamp_min(0.0));
     torch::Tensor energy = torch::where(inside, energyInside, energyOutside);
-    return (energy * use.to(options.dtype())).sum({1, 2});
+    return (energy * use.to(energy.dtype())).sum({1, 2});
+}
+
+/** The row blocks' bounds for B structures of N atoms: blocks of at most blockPairs pairs (at least one row). */
+std::vector<std::pair<int64_t, int64_t>> exclusionRowBlocks(int64_t B, int64_t N, int64_t blockPairs) {
+    const int64_t rows = std::max<int64_t>(1, blockPairs / std::max<int64_t>(1, B * N));
+    std::vector<std::pair<int64_t, int64_t>> blocks;
+    for (int64_t begin = 0; begin < N; begin += rows)
+        blocks.emplace_back(begin, std::min(N, begin + rows));
+    return blocks;
+}
+
+/**
+ * The exclusion term evaluated block by block, recomputed in the backward pass (activation checkpointing), so
+ * that memory stays O(block) instead of O(B N^2) while values and gradients are the dense evaluation's. The
+ * backward is itself differentiable: with create_graph (grad mode on inside backward) each block's gradient is
+ * built on the saved inputs' graph; otherwise each block's graph is freed before the next.
+ */
+class BlockedExclusion : public torch::autograd::Function<BlockedExclusion> {
+public:
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& s,
+                                 const torch::Tensor& residue, const torch::Tensor& chainAtom, const torch::Tensor& realAtom,
+                                 int64_t blockPairs) {
+        ctx->save_for_backward({x, s, residue, chainAtom, realAtom});
+        ctx->saved_data["blockPairs"] = blockPairs;
+        torch::Tensor total = torch::zeros({x.size(0)}, x.options());
+        for (const auto& [begin, end] : exclusionRowBlocks(x.size(0), x.size(1), blockPairs))
+            total = total + exclusionOfRows(x, residue, chainAtom, realAtom, s, begin, end);
+        return total;
+    }
+
+    static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list gradOutputs) {
+        const auto saved = ctx->get_saved_variables();
+        const torch::Tensor &residue = saved[2], &chainAtom = saved[3], &realAtom = saved[4];
+        const torch::Tensor weight = gradOutputs[0].view({-1});
+        const bool createGraph = torch::GradMode::is_enabled();
+        const int64_t blockPairs = ctx->saved_data["blockPairs"].toInt();
+        torch::Tensor x = createGraph ? saved[0] : saved[0].detach().requires_grad_(true);
+        torch::Tensor s = createGraph ? saved[1] : saved[1].detach().requires_grad_(true);
+        torch::AutoGradMode enable(true);
+        torch::Tensor gradX = torch::zeros_like(x), gradS = torch::zeros_like(s);
+        for (const auto& [begin, end] : exclusionRowBlocks(x.size(0), x.size(1), blockPairs)) {
+            torch::Tensor e = (exclusionOfRows(x, residue, chainAtom, realAtom, s, begin, end) * weight).sum();
+            auto g = torch::autograd::grad({e}, {x, s}, {}, /*retain_graph=*/createGraph, /*create_graph=*/createGraph,
+                                           /*allow_unused=*/true);
+            if (g[0].defined())
+                gradX = gradX + g[0];
+            if (g[1].defined())
+                gradS = gradS + g[1];
+        }
+        return {gradX, gradS, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    }
+};
+
+} // namespace
+
+torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
+                                             const torch::Tensor& sigma, int64_t densePairs, int64_t blockPairs) {
+    const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
+    torch::Tensor x = atoms.reshape({B, N, 3});
+    torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(atoms.device()).dtype(torch::kLong)).repeat_interleave(3);
+    torch::Tensor chainAtom = chains.repeat_interleave(3, 1), realAtom = real.to(torch::kBool).repeat_interleave(3, 1);
+    torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B, 1, 1});
+    // Up to ExclusionDensePairs (training batches): one plain autograd evaluation, nothing recomputed.
+    if (B * N * N <= densePairs)
+        return exclusionOfRows(x, residue, chainAtom, realAtom, s, 0, N);
+    return BlockedExclusion::apply(x, s, residue, chainAtom, realAtom, blockPairs);
 }
 
 torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,

@@ -297,6 +297,52 @@ TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
     }
 }
 
+TEST(GeometryPrior, ExclusionInBlocksEqualsTheDenseEvaluation) {
+    // Two structures of 12 residues, squeezed along the helix axis so that residues i and i + 3 and i + 4 come
+    // within the wall, with a chain break, a masked residue and a different sigma each; blocks of one row (blockPairs
+    // below B N) and of several rows against the dense evaluation: energy, both first derivatives (atoms, sigma)
+    // and the second derivative (a Hessian-vector product through the recomputed backward). On the GPU too where
+    // there is one (the force path at thousands of residues runs the blocks there).
+    const int L = 12;
+    std::vector<torch::Device> devices = {torch::kCPU};
+    if (torch::cuda::is_available())
+        devices.push_back(torch::Device(torch::kCUDA, 0));
+    for (const torch::Device& device : devices) {
+        auto on = torch::TensorOptions().device(device);
+        torch::Tensor atoms = torch::cat({helixAtoms(L, 21), helixAtoms(L, 22)}, 0);
+        atoms.select(-1, 2).mul_(0.45);
+        atoms = atoms.to(device);
+        torch::Tensor chains = torch::zeros({2, L}, torch::kInt64);
+        chains[1].slice(0, 7).fill_(1);
+        chains = chains.to(device);
+        torch::Tensor real = torch::ones({2, L}, torch::kBool);
+        real[0][5] = false;
+        real = real.to(device);
+        torch::Tensor sigmaValues = torch::tensor({0.02, 0.15}, torch::kFloat64).to(device);
+        torch::manual_seed(4);
+        torch::Tensor direction = torch::randn(atoms.sizes(), torch::kFloat64).to(device);
+        torch::Tensor weights = torch::tensor({1.0, 0.7}, torch::kFloat64).to(device);
+        auto evaluate = [&](int64_t densePairs, int64_t blockPairs) {
+            torch::Tensor x = atoms.clone().requires_grad_(true), sigma = sigmaValues.clone().requires_grad_(true);
+            torch::Tensor e = GeometryPrior::exclusionEnergy(x, chains, real, sigma, densePairs, blockPairs);
+            auto g = torch::autograd::grad({(e * weights).sum()}, {x, sigma}, {}, true, true);
+            torch::Tensor hv = torch::autograd::grad({(g[0] * direction).sum()}, {x})[0];
+            return std::vector<torch::Tensor>{e.detach(), g[0].detach(), g[1].detach(), hv};
+        };
+        const auto dense = evaluate(GeometryPrior::ExclusionDensePairs, GeometryPrior::ExclusionBlockPairs);
+        ASSERT_GT(dense[0].min().item<double>(), 1.0) << device; // the wall is felt in both structures
+        const int64_t N = 3 * L;
+        for (int64_t blockPairs : {int64_t(1), 2 * N * 5}) {
+            const auto blocked = evaluate(0, blockPairs);
+            for (size_t k = 0; k < dense.size(); k++) {
+                const double scale = dense[k].abs().max().item<double>();
+                EXPECT_LT((blocked[k] - dense[k]).abs().max().item<double>(), 1e-12 * scale)
+                    << device << " quantity " << k << " blockPairs " << blockPairs;
+            }
+        }
+    }
+}
+
 TEST(GeometryPrior, BondSystemSolveEqualsADenseSolve) {
     // Rows of different segmentations (absent slots split a row into independent paths), sigma per row, and
     // lengths that are and are not powers of two; the oracle is torch's dense solver on the same matrix.

@@ -124,6 +124,12 @@ namespace GeometryPrior {
     constexpr double ExclusionRadius = 0.27;
     /** Version 5's intrinsic width of the exclusion wall (nm), added to the noise: s^2 = 2 sigma^2 + width^2. */
     constexpr double ExclusionWidth = 0.01;
+    /** Up to this many atom pairs exclusionEnergy() is one dense evaluation (a training batch of 64 crops of 256
+     *  residues has 38 M); above it (a chain of 8,208 residues has 606 M) it runs in blocks of ExclusionBlockPairs. */
+    constexpr int64_t ExclusionDensePairs = int64_t(1) << 26;
+    /** The most atom pairs one block of the blocked exclusionEnergy() holds (about 25 tensors of this size live
+     *  at once: 1.6 GB in float32). */
+    constexpr int64_t ExclusionBlockPairs = int64_t(1) << 24;
     /**
      * Version 5's exclusion term [B] (kT): for every pair of frame atoms of two real residues that are neither
      * the same residue nor linked neighbours (consecutive residues with equal chain ids), minus the log-density of
@@ -134,11 +140,14 @@ namespace GeometryPrior {
      *
      * F is the probability that a Gaussian of spread s about a point at distance r lies inside the ball. A hard
      * wall as sigma -> 0, negligible at large sigma. Inside the wall 1 - F is evaluated in log space (erfcx), so
-     * the energy and its first and second derivatives stay finite for any r. Dense over the atom pairs of each
-     * structure: memory O(B (3L)^2). real [B, L] (bool).
+     * the energy and its first and second derivatives stay finite for any r. Up to ExclusionDensePairs atom pairs
+     * (B (3L)^2) it is one dense evaluation; above, it runs over blocks of rows and recomputes each block in the
+     * backward pass, so memory stays O(ExclusionBlockPairs) at any length with the same values and derivatives
+     * (first and second). real [B, L] (bool). densePairs and blockPairs replace those limits (tests).
      */
     torch::Tensor exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                  const torch::Tensor& sigma);
+                                  const torch::Tensor& sigma, int64_t densePairs = ExclusionDensePairs,
+                                  int64_t blockPairs = ExclusionBlockPairs);
     /**
      * Solves K y = b for a symmetric positive definite block-tridiagonal K by block parallel cyclic
      * reduction (ceil(log2 L) vectorised levels of 3 x 3 block products and closed-form inverses, no host
