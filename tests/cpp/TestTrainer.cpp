@@ -6,6 +6,7 @@
 #include "flashipa/Dataset.h"
 #include "flashipa/GeometryPriorStatistics.h"
 #include "flashipa/ResidueTypes.h"
+#include "flashipa/ThreadingDecoys.h"
 #include "flashipa/Trainer.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <algorithm>
@@ -750,4 +751,125 @@ TEST(Trainer, DataParallelResumesOnAnyDivisorOfTheBatch) {
     }, &errors);
     for (const auto& e : errors)
         EXPECT_NE(e.find("the processes of the data-parallel run disagree on the seed"), std::string::npos) << e;
+}
+
+TEST(ThreadingDecoys, EachDecoyIsACentredWindowOfAChainOfItsKindAtLeastAsLongWithItsOwnNoise) {
+    // Proteins of 5, 7, 7 and 3 residues (one with a chain break) and one RNA of 4 (no other RNA: no decoy), padded
+    // to 8. Each decoy, less its own sigma x eps, must equal a centred contiguous window of the clean backbone of
+    // another structure of its kind with at least its length, with that window's chain ids; padding stays empty;
+    // and over many generators every allowed donor is drawn.
+    const int64_t B = 5, L = 8;
+    const std::vector<int64_t> length = {5, 7, 7, 3, 4};
+    StructureBatch batch;
+    batch.mask = torch::zeros({B, L}, torch::kBool);
+    batch.types = torch::zeros({B, L}, torch::kInt64);
+    batch.chains = torch::full({B, L}, -1, torch::kInt64);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < length[b]; i++) {
+            batch.mask[b][i] = true;
+            batch.types[b][i] = b == 4 ? ResidueType::FirstNucleotide + i % 4 : (i + b) % 20;
+            batch.chains[b][i] = b == 1 && i >= 4 ? 11 : 10 * b;
+        }
+    torch::manual_seed(3);
+    torch::Tensor real = batch.mask.to(torch::kFloat64).view({B, L, 1, 1});
+    torch::Tensor clean = torch::randn({B, L, 3, 3}, torch::kFloat64) * real, eps = torch::randn({B, L, 3, 3}, torch::kFloat64) * real;
+    torch::Tensor sigma = torch::tensor({0.1, 0.2, 0.3, 0.4, 0.5}, torch::kFloat64);
+    std::vector<std::set<int64_t>> drawn(B);
+    for (uint64_t seed = 0; seed < 60; seed++) {
+        at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+        ThreadingDecoys decoys = threadingDecoys(batch, clean, sigma, eps, generator);
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t n = length[b];
+            EXPECT_EQ(decoys.atoms[b].narrow(0, n, L - n).abs().max().item<double>(), 0.0);
+            if (b == 4) {
+                EXPECT_EQ(decoys.use[b].item<double>(), 0.0);
+                continue;
+            }
+            ASSERT_EQ(decoys.use[b].item<double>(), 1.0) << b;
+            torch::Tensor backbone = decoys.atoms[b].narrow(0, 0, n) - sigma[b] * eps[b].narrow(0, 0, n);
+            EXPECT_LT(backbone.mean(std::vector<int64_t>{0, 1}).abs().max().item<double>(), 1e-12);
+            int matches = 0;
+            for (int64_t d = 0; d < 4; d++) {
+                if (d == b || length[d] < n)
+                    continue;
+                for (int64_t start = 0; start + n <= length[d]; start++) {
+                    torch::Tensor window = clean[d].narrow(0, start, n);
+                    window = window - window.mean(std::vector<int64_t>{0, 1}, true);
+                    if ((window - backbone).abs().max().item<double>() < 1e-12 &&
+                        torch::equal(decoys.chains[b].narrow(0, 0, n), batch.chains[d].narrow(0, start, n))) {
+                        matches++;
+                        drawn[b].insert(d);
+                    }
+                }
+            }
+            EXPECT_EQ(matches, 1) << "structure " << b << " seed " << seed;
+        }
+    }
+    EXPECT_EQ(drawn[0], (std::set<int64_t>{1, 2}));
+    EXPECT_EQ(drawn[1], (std::set<int64_t>{2}));
+    EXPECT_EQ(drawn[2], (std::set<int64_t>{1}));
+    EXPECT_EQ(drawn[3], (std::set<int64_t>{0, 1, 2}));
+}
+
+TEST(Trainer, ThreadingContrastKeepsTheDrawsResumesAndSplitsOverProcesses) {
+    // With threadedWeight > 0: (1) the first step's score-matching loss equals that of a run without the contrast
+    // (the decoys are drawn after the batch and its noise), and the contrast is reported, near log 2 for an untrained
+    // model that barely tells backbones apart; (2) 3 + 3 resumed steps equal 6 straight, bitwise, the weight kept by
+    // the checkpoint, and a resume may change it; (3) two processes of batch 2 train as one of batch 4 (float64,
+    // 1e-10 as in DataParallelEqualsOneProcessWithTheWholeBatch).
+    TempDir tmp;
+    const std::string& dir = tmp.path;
+    std::string data = writeDataset(dir, "data.safetensors");
+    auto options = [&](const std::string& out, double weight) {
+        TrainerOptions o = tinyOptions(data, dir + "/" + out, 6);
+        o.dtype = torch::kFloat64;
+        o.threadedWeight = weight;
+        return o;
+    };
+    Trainer plain(options("plain", 0.0)), threaded(options("threaded", 0.5));
+    StepResult p = plain.trainStep(), t = threaded.trainStep();
+    EXPECT_EQ(p.loss, t.loss);
+    EXPECT_TRUE(std::isnan(p.threadedLoss));
+    ASSERT_TRUE(std::isfinite(t.threadedLoss));
+    EXPECT_NEAR(t.threadedLoss, std::log(2.0), 0.5);
+    EXPECT_GT(maxDifference(parameters(plain.model()), parameters(threaded.model())), 0.0); // the contrast moved the weights
+
+    Trainer straight(options("straight", 0.5));
+    ASSERT_TRUE(straight.run());
+    TrainerOptions first = options("chunked", 0.5);
+    first.stopAfterSteps = 3;
+    {
+        Trainer a(first);
+        ASSERT_FALSE(a.run());
+    }
+    SafetensorsContents checkpoint = Safetensors::read(dir + "/chunked/checkpoint.safetensors");
+    EXPECT_EQ(checkpoint.metadata.at("trainer.threaded_weight"), "0.5");
+    {
+        Trainer resumed(resumeOptions(dir + "/chunked", 10));
+        EXPECT_EQ(resumed.options().threadedWeight, 0.5);
+        ASSERT_TRUE(resumed.run());
+        EXPECT_EQ(maxDifference(parameters(straight.model()), parameters(resumed.model())), 0.0);
+        EXPECT_EQ(maxDifference(parameters(straight.ema()), parameters(resumed.ema())), 0.0);
+    }
+    TrainerOptions changed = resumeOptions(dir + "/chunked", 10);
+    changed.resumeThreadedWeight = 2.0;
+    changed.steps = 7;
+    EXPECT_EQ(Trainer(changed).options().threadedWeight, 2.0);
+
+    TrainerOptions single = options("single", 0.5);
+    single.batchSize = 4;
+    single.steps = 3;
+    Trainer one(single);
+    ASSERT_TRUE(one.run());
+    std::vector<std::vector<torch::Tensor>> weights(2);
+    runRanks(2, [&](int rank, std::shared_ptr<TrainingCommunicator> communicator) {
+        TrainerOptions o = options("ranks", 0.5);
+        o.batchSize = 2;
+        o.steps = 3;
+        Trainer trainer(o, communicator);
+        EXPECT_TRUE(trainer.run());
+        weights[rank] = parameters(trainer.model());
+    });
+    EXPECT_EQ(maxDifference(weights[0], weights[1]), 0.0);
+    EXPECT_LT(maxDifference(parameters(one.model()), weights[0]), 1e-10);
 }

@@ -38,6 +38,9 @@ data and noise:
   --crop N                 longest crop in residues (default 128)
   --rna-prob P             probability that a sampled structure is RNA (default 0.3)
   --sigma-min S --sigma-max S   noise range in nm (default: the model configuration's, 0.01 and 2.0)
+  --threaded-weight W      add W x the threading contrast (each sequence's native backbone against another
+                           structure's, same noise; docs/MODEL.md), default 0: off; on --resume it
+                           changes the run's weight from this step on
 optimiser:
   --lr X                   peak learning rate (default 1e-3)
   --warmup N               linear warm-up steps, then cosine decay (default 200)
@@ -90,7 +93,7 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
     TrainCommandLine parsed;
     TrainerOptions& options = parsed.options;
     int& threads = parsed.threads;
-    bool stepsGiven = false, batchGiven = false;
+    bool stepsGiven = false, batchGiven = false, threadedGiven = false;
     double sigmaMin = 0, sigmaMax = 0;
     std::map<std::string, std::function<void(const std::string&)>> valued = {
         {"--data", [&](const std::string& v) { options.datasetPath = v; }},
@@ -136,6 +139,7 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
         {"--sigma-features", [&](const std::string& v) { options.model.sigmaFeatures = std::stoi(v); }},
         {"--geometry-prior", [&](const std::string& v) { options.model.geometryPrior = std::stoi(v); }},
         {"--init-from", [&](const std::string& v) { options.initFrom = v; }},
+        {"--threaded-weight", [&](const std::string& v) { options.threadedWeight = std::stod(v); threadedGiven = true; }},
     };
     for (size_t i = 0; i < args.size(); i++) {
         const std::string& arg = args[i];
@@ -173,6 +177,12 @@ TrainCommandLine parseTrainCommandLine(const std::vector<std::string>& args, con
         options.model.sigmaMax = sigmaMax;
     if (options.resume && !stepsGiven)
         options.steps = 0; // the checkpoint's
+    if (options.resume && threadedGiven) {
+        if (!(std::isfinite(options.threadedWeight) && options.threadedWeight >= 0))
+            throw std::invalid_argument("--threaded-weight must be finite and >= 0");
+        options.resumeThreadedWeight = options.threadedWeight; // from this step on
+        options.threadedWeight = 0;
+    }
     if (options.resume && batchGiven) {
         if (options.batchSize < 1)
             throw std::invalid_argument("--batch-size must be >= 1");

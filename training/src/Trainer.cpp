@@ -3,6 +3,7 @@
 #include "flashipa/Trainer.h"
 #include "flashipa/Checkpoint.h"
 #include "flashipa/GeometryPriorStatistics.h"
+#include "flashipa/ThreadingDecoys.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <cerrno>
 #include <chrono>
@@ -151,13 +152,16 @@ struct Trainer::Noised {
     torch::Tensor weight;   // [B, L, 1, 1] 1 on real residues
     torch::Tensor count;    // [B] real coordinates (9 per residue)
     torch::Tensor total;    // [] real coordinates of the whole batch, this process's shard and the others'
+    StructureBatch decoy;   // withDecoys: the threading decoys (atoms noised with the same sigma and eps), same shape
+    torch::Tensor decoyUse; // [B] 1 where the structure has a decoy
+    torch::Tensor decoys;   // [] structures with a decoy in the whole batch
 };
 
 namespace {
 // Per-structure sums of (sigma * dE/dx~ - eps)^2 over real coordinates, [B]. With createGraph the sums
 // are differentiable w.r.t. the model's parameters (double backward through the math backend).
 torch::Tensor residualSums(EnergyModel& model, const StructureBatch& batch, const torch::Tensor& eps, const torch::Tensor& sigma,
-                           const torch::Tensor& weight, bool createGraph) {
+                           const torch::Tensor& weight, bool createGraph, torch::Tensor* energyOut = nullptr) {
     torch::Tensor xt = batch.atoms.detach().requires_grad_(true);
     StructureBatch input = batch;
     input.atoms = xt;
@@ -165,6 +169,8 @@ torch::Tensor residualSums(EnergyModel& model, const StructureBatch& batch, cons
     // model guards numerically; it also avoids host synchronisations.
     torch::Tensor energy = model->forward(input, sigma, AttentionBackend::Math, false);
     torch::Tensor grad = torch::autograd::grad({energy.sum()}, {xt}, {}, createGraph, createGraph)[0];
+    if (energyOut)
+        *energyOut = energy;
     torch::Tensor residual = (sigma.view({-1, 1, 1, 1}) * grad - eps) * weight;
     return residual.pow(2).sum({1, 2, 3});
 }
@@ -199,6 +205,10 @@ Trainer::Trainer(const TrainerOptions& options, std::shared_ptr<TrainingCommunic
             throw std::invalid_argument("trainer: validationBatchSize must be >= 0");
         if (options_.validationBatchSize == 0)
             options_.validationBatchSize = globalBatchSize();
+        if (!(std::isfinite(options_.threadedWeight) && options_.threadedWeight >= 0))
+            throw std::invalid_argument("trainer: threadedWeight must be finite and >= 0");
+        if (options_.resumeThreadedWeight >= 0)
+            throw std::invalid_argument("trainer: resumeThreadedWeight changes a resumed run; a new run takes threadedWeight");
         if (options_.dtype != torch::kFloat32 && options_.dtype != torch::kFloat64)
             throw std::invalid_argument("trainer: dtype must be float32 or float64");
         if (!(options_.emaDecay >= 0 && options_.emaDecay < 1))
@@ -344,7 +354,8 @@ double Trainer::learningRate(int64_t step) const {
     return peak * (f + (1 - f) * 0.5 * (1 + std::cos(M_PI * progress)));
 }
 
-Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard) {
+Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard,
+                               bool withDecoys) {
     // Everything random is drawn on the CPU in double, then moved: the same numbers on every device.
     // The draws are those of the whole batch on every process; keepShard then keeps this process's rows.
     const int64_t B = batch.atoms.size(0), L = batch.atoms.size(1);
@@ -391,27 +402,49 @@ Trainer::Noised Trainer::noise(const StructureBatch& batch, at::Generator& gener
     n.batch.types = shard(batch.types).to(device_);
     n.batch.chains = shard(batch.chains).to(device_);
     n.batch.mask = shard(batch.mask).to(device_);
+    if (withDecoys) {
+        ThreadingDecoys decoys = threadingDecoys(batch, x, sigma, eps, generator);
+        n.decoy.atoms = shard(decoys.atoms).to(options);
+        n.decoy.types = n.batch.types;
+        n.decoy.chains = shard(decoys.chains).to(device_);
+        n.decoy.mask = n.batch.mask;
+        n.decoyUse = shard(decoys.use).to(options);
+        n.decoys = decoys.use.sum().to(options);
+    }
     return n;
 }
 
 StepResult Trainer::trainStep() {
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(mixSeed(options_.seed, TrainStream, step_));
     StructureBatch batch = dataset_->sampleBatch(DatasetSplit::Train, globalBatchSize(), options_.crop, generator, options_.rnaProbability);
-    Noised n = noise(batch, generator, nullptr, true);
+    const bool threading = options_.threadedWeight > 0;
+    Noised n = noise(batch, generator, nullptr, true, threading);
 
     model_->train();
     for (auto& p : model_->parameters())
         p.mutable_grad().reset();
-    torch::Tensor sums = residualSums(model_, n.batch, n.eps, n.sigma, n.weight, true);
+    torch::Tensor nativeEnergy;
+    torch::Tensor sums = residualSums(model_, n.batch, n.eps, n.sigma, n.weight, true, threading ? &nativeEnergy : nullptr);
     // Normalised by the whole batch's coordinates: the processes' losses and gradients add up to the batch's.
     torch::Tensor loss = sums.sum() / n.total;
-    loss.backward();
+    torch::Tensor threaded;
+    if (threading) {
+        // The same noise on a backbone the sequence does not belong to: a logistic loss on the energy gap, normalised
+        // by the whole batch's decoys (one step's losses add up over processes as the score-matching term's do).
+        torch::Tensor decoyEnergy = model_->forward(n.decoy, n.sigma, AttentionBackend::Math, false);
+        threaded = (torch::nn::functional::softplus(nativeEnergy - decoyEnergy) * n.decoyUse).sum() / n.decoys.clamp_min(1.0);
+        (loss + options_.threadedWeight * threaded).backward();
+    } else {
+        loss.backward();
+    }
 
     StepResult result;
     result.learningRate = learningRate(step_);
     std::vector<torch::Tensor> params = model_->parameters();
     if (worldSize() == 1) {
         result.loss = loss.item<double>();
+        if (threading)
+            result.threadedLoss = threaded.item<double>();
     } else {
         // One all-reduce of [every gradient, whether each is defined, the loss]: a gradient is defined for
         // the batch when it is on some process, as autograd defines it on a single process.
@@ -422,10 +455,11 @@ StepResult Trainer::trainStep() {
             pieces.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(options_.dtype) : torch::zeros({p.numel()}, p.options().dtype(options_.dtype)));
         }
         pieces.push_back(torch::tensor(defined, torch::kFloat64).to(loss.options()));
+        pieces.push_back((threading ? threaded.detach() : torch::zeros({}, loss.options())).reshape({1}));
         pieces.push_back(loss.detach().reshape({1}));
         torch::Tensor flat = torch::cat(pieces);
         communicator_->allReduceSum(flat);
-        torch::Tensor flags = flat.narrow(0, flat.size(0) - 1 - (int64_t) params.size(), (int64_t) params.size()).to(torch::kCPU);
+        torch::Tensor flags = flat.narrow(0, flat.size(0) - 2 - (int64_t) params.size(), (int64_t) params.size()).to(torch::kCPU);
         int64_t offset = 0;
         for (size_t i = 0; i < params.size(); i++) {
             if (flags[i].item<double>() > 0)
@@ -435,6 +469,8 @@ StepResult Trainer::trainStep() {
             offset += params[i].numel();
         }
         result.loss = flat[-1].item<double>();
+        if (threading)
+            result.threadedLoss = flat[-2].item<double>();
     }
     torch::Tensor squaredNorm = torch::zeros({}, torch::TensorOptions().device(device_).dtype(torch::kFloat64));
     for (auto& p : params)
@@ -596,7 +632,7 @@ void Trainer::openLog(bool append) {
     out << "step,wall_s,train_loss,val_loss";
     for (const auto& name : bandColumnNames())
         out << "," << name;
-    out << ",val_baseline,lr,grad_norm\n";
+    out << ",val_baseline,lr,grad_norm,threaded_loss\n";
     for (const auto& line : kept)
         out << line << "\n";
 }
@@ -613,7 +649,8 @@ void Trainer::logRow(const StepResult* train, const ValidationResult* val) {
     for (size_t band = 0; band < bandColumnNames().size(); band++)
         out << "," << (val ? number(val->bandLoss[band]) : "");
     out << "," << (val ? number(val->baseline) : "");
-    out << "," << (train ? number(train->learningRate) : "") << "," << (train ? number(train->gradNorm) : "") << "\n";
+    out << "," << (train ? number(train->learningRate) : "") << "," << (train ? number(train->gradNorm) : "");
+    out << "," << (train ? number(train->threadedLoss) : "") << "\n";
 }
 
 bool Trainer::run() {
@@ -667,6 +704,8 @@ bool Trainer::run() {
             std::cout << "step " << step_ << "/" << options_.steps << "  loss " << formatDouble(r.loss, 5) << " (avg "
                       << formatDouble(smoothed, 5) << ")  |g| " << formatDouble(r.gradNorm, 4) << "  lr "
                       << formatDouble(r.learningRate, 4) << "  " << formatDouble(now() - t0, 3) << " s" << (r.skipped ? "  SKIPPED (non-finite)" : "");
+            if (std::isfinite(r.threadedLoss))
+                std::cout << "  threaded " << formatDouble(r.threadedLoss, 4);
             if (validateNext) {
                 std::cout << "  | val " << formatDouble(v.loss, 5) << " [";
                 for (size_t band = 0; band < v.bandLoss.size(); band++)
@@ -739,6 +778,7 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     metadata["trainer.rna_probability"] = formatDouble(options_.rnaProbability);
     metadata["trainer.validation_batches"] = std::to_string(options_.validationBatches);
     metadata["trainer.validation_batch_size"] = std::to_string(options_.validationBatchSize);
+    metadata["trainer.threaded_weight"] = formatDouble(options_.threadedWeight);
     metadata["counters.step"] = std::to_string(step_);
     metadata["counters.wall_seconds"] = formatDouble(wallSeconds_);
     metadata["rng.seed"] = std::to_string(options_.seed);
@@ -834,6 +874,13 @@ void Trainer::loadCheckpoint(const std::string& path) {
     o.emaDecay = meta.real("trainer.ema_decay");
     o.rnaProbability = meta.real("trainer.rna_probability");
     o.validationBatches = (int) meta.integer("trainer.validation_batches");
+    // The threading contrast: the run's (checkpoints written before it existed: off) unless the resume sets it.
+    o.threadedWeight = contents.metadata.count("trainer.threaded_weight") ? meta.real("trainer.threaded_weight") : 0.0;
+    if (options_.resumeThreadedWeight >= 0)
+        o.threadedWeight = options_.resumeThreadedWeight;
+    if (!(std::isfinite(o.threadedWeight) && o.threadedWeight >= 0))
+        fail("trainer.threaded_weight must be finite and >= 0");
+    o.resumeThreadedWeight = -1;
     o.seed = meta.unsignedInteger("rng.seed");
     if (o.datasetPath.empty())
         o.datasetPath = meta.text("dataset.path");

@@ -40,6 +40,10 @@ struct TrainerOptions {
     double maxMinutes = 0;             ///< stop this chunk (after a checkpoint) before this much wall time (<= 0: no limit)
     int64_t stopAfterSteps = 0;        ///< stop this chunk after this many steps (<= 0: no limit)
     bool resume = false;               ///< continue from outDir/checkpoint.safetensors
+    double threadedWeight = 0;         ///< weight of the threading contrast (docs/MODEL.md, "Threading contrast"): per
+                                       ///< structure softplus(E(native) - E(threaded decoy)) at the same sigma and
+                                       ///< noise; 0: off (pure denoising score matching)
+    double resumeThreadedWeight = -1;  ///< with resume: >= 0 replaces the run's threadedWeight from this step on
     std::string initFrom;              ///< a new run starts from this exported model's weights (same architecture;
                                        ///< the geometry-prior version may differ: the prior is measured anew)
     bool verbose = true;               ///< progress lines on stdout
@@ -82,6 +86,8 @@ struct StepResult {
     double gradNorm = 0;   ///< global gradient norm before clipping
     double learningRate = 0;
     bool skipped = false;  ///< non-finite loss or gradient: no update
+    double threadedLoss = NAN; ///< with threadedWeight > 0: the threading contrast's mean over the batch's structures
+                               ///< that have a decoy (kT; log 2 when native and decoy are not told apart)
 };
 
 /**
@@ -95,6 +101,12 @@ struct StepResult {
  * Randomness: every step draws from its own CPU generator seeded from (seed, step), so a run is
  * reproducible on the CPU and a resumed run continues exactly as an uninterrupted one: the checkpoint
  * holds model, EMA, Adam moments and the step, and the seed is its RNG state.
+ *
+ * With threadedWeight > 0 each step also compares every structure with a threading decoy: the clean backbone of
+ * another structure of the batch of the same molecule type and at least its length (a random window of it),
+ * carrying the first structure's sequence and noised with its sigma and eps. The loss adds threadedWeight x the
+ * mean over structures of softplus(E(native) - E(decoy)), a logistic classifier of which of two backbones a
+ * sequence belongs to, which denoising score matching alone does not constrain (docs/MODEL.md).
  *
  * Data parallel (with a TrainingCommunicator of N processes): every process draws the step's whole batch
  * of N x batchSize structures and its noise from the step's generator, keeps its own batchSize rows, and
@@ -156,7 +168,8 @@ public:
 
 private:
     struct Noised;
-    Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard);
+    Noised noise(const StructureBatch& batch, at::Generator& generator, const torch::Tensor* fixedSigma, bool keepShard,
+                 bool withDecoys = false);
     void loadCheckpoint(const std::string& path);
     void initialiseFrom(const std::string& path);
     void checkProcessesAgree();
