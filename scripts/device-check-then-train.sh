@@ -4,6 +4,8 @@
 # several batches (device-batch-probe.sh, when PROBE_BATCHES is set: the chunk then trains with the batch it
 # chooses) and trains a chunk of the run in the time left before DEADLINE_S seconds after the start (default 560;
 # no chunk when under a minute is left). Unlike device-train-and-check.sh nothing shares the GPU with the timings.
+# On a short device budget: CHECK_STEPS="cuda prior" and a smaller DEADLINE_S (the CUDA suites and the geometry
+# prior's, then the chunk).
 # Carry .whl, .whl-extra and .dataset. Environment of the chunk: RUN, STEPS (device-train-chunk.sh). Logs land in
 # $OUT/logs.tgz, the probe's table in $OUT/batch_probe.md, the chunk's files in $OUT/<run name>.
 set -u

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU machine only: build with the Python module, then every test suite (CTest, pytest), then the
-# extra steps named in $STEPS (space-separated): "crash" (why a plugin exception kills Python: a
-# backtrace under cuda-gdb, the symbol bindings of the throw and the catch, the CPU/kernel features),
+# extra steps named in $STEPS (space-separated): "prior" (the geometry prior's tests, GPU included), "crash" (why a
+# plugin exception kills Python: a backtrace under cuda-gdb, the symbol bindings of the throw and the catch, the CPU/kernel features),
 # "bench" (benchmarks/backend_md_accuracy.py, and md_benchmark's force-alone timings with sdpa and auto).
 # Carry .whl (scripts/device-wheels.sh); "rest" also needs .whl-extra (gemmi, pdbfixer, pydssp, ...).
 # Logs land in $OUT.
@@ -104,6 +104,11 @@ elif [[ " $STEPS " == *" cuda "* ]]; then
     cudaSuites
 elif [[ " $STEPS " == *" rest "* ]]; then
     restSuites
+fi
+if [[ " $STEPS " == *" prior "* ]]; then
+    # The geometry prior's tests, whose exclusion term also runs in blocks on the GPU (not in the cuda label).
+    echo "== CTest (geometry prior)"
+    (cd $BUILD && ctest --timeout 120 --output-on-failure -R GeometryPrior 2>&1 | tee $OUT/ctest-prior.log | grep -E 'tests passed|Failed|\*\*\*' | head -10)
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
     # The default backend's accuracy in MD and its model time against sdpa, side by side in one run.
