@@ -844,6 +844,15 @@ TEST(Trainer, ThreadingContrastKeepsTheDrawsResumesAndSplitsOverProcesses) {
     }
     SafetensorsContents checkpoint = Safetensors::read(dir + "/chunked/checkpoint.safetensors");
     EXPECT_EQ(checkpoint.metadata.at("trainer.threaded_weight"), "0.5");
+    EXPECT_EQ(checkpoint.metadata.at("trainer.threaded_gap"), "per_residue");
+    {
+        // A run whose contrast used the whole chain's gap (a checkpoint without trainer.threaded_gap) is refused.
+        SafetensorsContents legacy = checkpoint;
+        legacy.metadata.erase("trainer.threaded_gap");
+        TempDir legacyDir;
+        Safetensors::write(legacyDir.path + "/checkpoint.safetensors", legacy.tensors, legacy.metadata);
+        expectThrowsWith([&] { Trainer t(resumeOptions(legacyDir.path, 10)); }, "whole chain's energy gap");
+    }
     {
         Trainer resumed(resumeOptions(dir + "/chunked", 10));
         EXPECT_EQ(resumed.options().threadedWeight, 0.5);

@@ -38,8 +38,8 @@ data and noise:
   --crop N                 longest crop in residues (default 128)
   --rna-prob P             probability that a sampled structure is RNA (default 0.3)
   --sigma-min S --sigma-max S   noise range in nm (default: the model configuration's, 0.01 and 2.0)
-  --threaded-weight W      add W x the threading contrast (each sequence's native backbone against another
-                           structure's, same noise; docs/MODEL.md), default 0: off; on --resume it
+  --threaded-weight W      add W x the threading contrast (per-residue energy gap of each sequence's native
+                           backbone against another structure's, same noise; docs/MODEL.md), default 0: off; on --resume it
                            changes the run's weight from this step on
 optimiser:
   --lr X                   peak learning rate (default 1e-3)

@@ -429,10 +429,14 @@ StepResult Trainer::trainStep() {
     torch::Tensor loss = sums.sum() / n.total;
     torch::Tensor threaded;
     if (threading) {
-        // The same noise on a backbone the sequence does not belong to: a logistic loss on the energy gap, normalised
-        // by the whole batch's decoys (one step's losses add up over processes as the score-matching term's do).
+        // The same noise on a backbone the sequence does not belong to: a logistic loss on the energy gap per residue
+        // (an extensive gap's gradient grows with the chain and outweighs the score matching's under the clip;
+        // docs/MODEL.md "Discrimination"), normalised by the whole batch's decoys (one step's losses add up over
+        // processes as the score-matching term's do).
         torch::Tensor decoyEnergy = model_->forward(n.decoy, n.sigma, AttentionBackend::Math, false);
-        threaded = (torch::nn::functional::softplus(nativeEnergy - decoyEnergy) * n.decoyUse).sum() / n.decoys.clamp_min(1.0);
+        torch::Tensor residues = (n.count / 9.0).clamp_min(1.0);
+        torch::Tensor gap = (nativeEnergy - decoyEnergy) / residues;
+        threaded = (torch::nn::functional::softplus(gap) * n.decoyUse).sum() / n.decoys.clamp_min(1.0);
         (loss + options_.threadedWeight * threaded).backward();
     } else {
         loss.backward();
@@ -779,6 +783,7 @@ void Trainer::saveCheckpoint(const std::string& pathIn) {
     metadata["trainer.validation_batches"] = std::to_string(options_.validationBatches);
     metadata["trainer.validation_batch_size"] = std::to_string(options_.validationBatchSize);
     metadata["trainer.threaded_weight"] = formatDouble(options_.threadedWeight);
+    metadata["trainer.threaded_gap"] = "per_residue";
     metadata["counters.step"] = std::to_string(step_);
     metadata["counters.wall_seconds"] = formatDouble(wallSeconds_);
     metadata["rng.seed"] = std::to_string(options_.seed);
@@ -876,6 +881,10 @@ void Trainer::loadCheckpoint(const std::string& path) {
     o.validationBatches = (int) meta.integer("trainer.validation_batches");
     // The threading contrast: the run's (checkpoints written before it existed: off) unless the resume sets it.
     o.threadedWeight = contents.metadata.count("trainer.threaded_weight") ? meta.real("trainer.threaded_weight") : 0.0;
+    // The contrast's gap is per residue; a checkpoint trained with the contrast on the whole chain's gap (builds before
+    // trainer.threaded_gap existed) would continue under a different loss.
+    if (o.threadedWeight > 0 && (!contents.metadata.count("trainer.threaded_gap") || contents.metadata.at("trainer.threaded_gap") != "per_residue"))
+        fail("this run's threading contrast used the whole chain's energy gap (an earlier build); this build's is per residue");
     if (options_.resumeThreadedWeight >= 0)
         o.threadedWeight = options_.resumeThreadedWeight;
     if (!(std::isfinite(o.threadedWeight) && o.threadedWeight >= 0))

@@ -40,9 +40,9 @@ struct TrainerOptions {
     double maxMinutes = 0;             ///< stop this chunk (after a checkpoint) before this much wall time (<= 0: no limit)
     int64_t stopAfterSteps = 0;        ///< stop this chunk after this many steps (<= 0: no limit)
     bool resume = false;               ///< continue from outDir/checkpoint.safetensors
-    double threadedWeight = 0;         ///< weight of the threading contrast (docs/MODEL.md, "Threading contrast"): per
-                                       ///< structure softplus(E(native) - E(threaded decoy)) at the same sigma and
-                                       ///< noise; 0: off (pure denoising score matching)
+    double threadedWeight = 0;         ///< weight of the threading contrast (docs/MODEL.md, "Discrimination"): per
+                                       ///< structure softplus((E(native) - E(threaded decoy)) / residues) at the same
+                                       ///< sigma and noise; 0: off (pure denoising score matching)
     double resumeThreadedWeight = -1;  ///< with resume: >= 0 replaces the run's threadedWeight from this step on
     std::string initFrom;              ///< a new run starts from this exported model's weights (same architecture;
                                        ///< the geometry-prior version may differ: the prior is measured anew)
@@ -105,7 +105,7 @@ struct StepResult {
  * With threadedWeight > 0 each step also compares every structure with a threading decoy: the clean backbone of
  * another structure of the batch of the same molecule type and at least its length (a random window of it),
  * carrying the first structure's sequence and noised with its sigma and eps. The loss adds threadedWeight x the
- * mean over structures of softplus(E(native) - E(decoy)), a logistic classifier of which of two backbones a
+ * mean over structures of softplus((E(native) - E(decoy)) / residues), a logistic classifier of which of two backbones a
  * sequence belongs to, which denoising score matching alone does not constrain (docs/MODEL.md).
  *
  * Data parallel (with a TrainingCommunicator of N processes): every process draws the step's whole batch
