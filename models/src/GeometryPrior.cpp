@@ -51,8 +51,8 @@ torch::Tensor GeometryPrior::chainWeight(const torch::Tensor& sigma, const torch
 torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                     const torch::Tensor& mask, const torch::Tensor& sigma, const torch::Tensor& stats,
                                     int version, const torch::Tensor& bondCovariance) {
-    if (version < 1 || version > 5)
-        throw std::invalid_argument("geometry prior: version must be 1, 2, 3, 4 or 5, got " + std::to_string(version));
+    if (version < 1 || version > 6)
+        throw std::invalid_argument("geometry prior: version must be 1 to 6, got " + std::to_string(version));
     if (version >= 4 && !(bondCovariance.defined() && bondCovariance.numel() == 3))
         throw std::invalid_argument("geometry prior: versions 4 and 5 need the bond covariances (c0, c1, c2)");
     const int64_t B = atoms.size(0), L = atoms.size(1);
@@ -89,8 +89,8 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
         total = total + backboneChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), stats);
     if (version >= 4)
         total = total + correlatedChainEnergy(atoms, types, chains, real, sigma.to(atoms.dtype()).view({B}), bondCovariance);
-    if (version == 5)
-        total = total + exclusionEnergy(atoms, chains, real, sigma.to(atoms.dtype()).view({B}));
+    if (version >= 5)
+        total = total + exclusionEnergy(atoms, chains, real, sigma.to(atoms.dtype()).view({B}), exclusionNearest(version));
     return total;
 }
 
@@ -99,17 +99,19 @@ namespace {
 /**
  * The exclusion term [B] of the pairs (atom i, atom j) with i in rows [begin, end) of x [B, N, 3] and j in
  * [begin, N) (the upper triangle of that row block; only j's residue > i's residue counts). residue [N], chainAtom
- * and realAtom [B, N] describe each atom; s [B, 1, 1] is the wall's spread.
+ * and realAtom [B, N] describe each atom; s [B, 1, 1] is the wall's spread; residues of one chain segment count
+ * only at least `nearest` apart.
  */
 torch::Tensor exclusionOfRows(const torch::Tensor& x, const torch::Tensor& residue, const torch::Tensor& chainAtom,
-                              const torch::Tensor& realAtom, const torch::Tensor& s, int64_t begin, int64_t end) {
+                              const torch::Tensor& realAtom, const torch::Tensor& s, int64_t nearest, int64_t begin, int64_t end) {
     const auto rows = Slice(begin, end), cols = Slice(begin, None);
     torch::Tensor xi = x.index({Slice(), rows}), xj = x.index({Slice(), cols});
     torch::Tensor r = torch::sqrt((xi.unsqueeze(2) - xj.unsqueeze(1)).pow(2).sum(-1) + SmallestDistance * SmallestDistance); // [B, R, C]
-    // The pairs: atom p of residue i and atom q of residue j > i, both real, j not the linked next residue.
+    // The pairs: atom p of residue i and atom q of residue j > i, both real, j not within `nearest` - 1 residues of i
+    // along the same chain segment (segment ids are contiguous, so equal ids of i and j cover the residues between).
     torch::Tensor ri = residue.index({rows}).unsqueeze(1), rj = residue.index({cols}).unsqueeze(0);
     torch::Tensor ci = chainAtom.index({Slice(), rows}).unsqueeze(2), cj = chainAtom.index({Slice(), cols}).unsqueeze(1);
-    torch::Tensor linked = (rj == ri + 1).unsqueeze(0) & (ci == cj);
+    torch::Tensor linked = (rj < ri + nearest).unsqueeze(0) & (ci == cj);
     torch::Tensor use = (rj > ri).unsqueeze(0) & ~linked & realAtom.index({Slice(), rows}).unsqueeze(2) &
                         realAtom.index({Slice(), cols}).unsqueeze(1); // [B, R, C]
 
@@ -151,12 +153,13 @@ class BlockedExclusion : public torch::autograd::Function<BlockedExclusion> {
 public:
     static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& s,
                                  const torch::Tensor& residue, const torch::Tensor& chainAtom, const torch::Tensor& realAtom,
-                                 int64_t blockPairs) {
+                                 int64_t nearest, int64_t blockPairs) {
         ctx->save_for_backward({x, s, residue, chainAtom, realAtom});
+        ctx->saved_data["nearest"] = nearest;
         ctx->saved_data["blockPairs"] = blockPairs;
         torch::Tensor total = torch::zeros({x.size(0)}, x.options());
         for (const auto& [begin, end] : exclusionRowBlocks(x.size(0), x.size(1), blockPairs))
-            total = total + exclusionOfRows(x, residue, chainAtom, realAtom, s, begin, end);
+            total = total + exclusionOfRows(x, residue, chainAtom, realAtom, s, nearest, begin, end);
         return total;
     }
 
@@ -165,13 +168,13 @@ public:
         const torch::Tensor &residue = saved[2], &chainAtom = saved[3], &realAtom = saved[4];
         const torch::Tensor weight = gradOutputs[0].view({-1});
         const bool createGraph = torch::GradMode::is_enabled();
-        const int64_t blockPairs = ctx->saved_data["blockPairs"].toInt();
+        const int64_t nearest = ctx->saved_data["nearest"].toInt(), blockPairs = ctx->saved_data["blockPairs"].toInt();
         torch::Tensor x = createGraph ? saved[0] : saved[0].detach().requires_grad_(true);
         torch::Tensor s = createGraph ? saved[1] : saved[1].detach().requires_grad_(true);
         torch::AutoGradMode enable(true);
         torch::Tensor gradX = torch::zeros_like(x), gradS = torch::zeros_like(s);
         for (const auto& [begin, end] : exclusionRowBlocks(x.size(0), x.size(1), blockPairs)) {
-            torch::Tensor e = (exclusionOfRows(x, residue, chainAtom, realAtom, s, begin, end) * weight).sum();
+            torch::Tensor e = (exclusionOfRows(x, residue, chainAtom, realAtom, s, nearest, begin, end) * weight).sum();
             auto g = torch::autograd::grad({e}, {x, s}, {}, /*retain_graph=*/createGraph, /*create_graph=*/createGraph,
                                            /*allow_unused=*/true);
             if (g[0].defined())
@@ -179,14 +182,16 @@ public:
             if (g[1].defined())
                 gradS = gradS + g[1];
         }
-        return {gradX, gradS, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+        return {gradX, gradS, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
     }
 };
 
 } // namespace
 
 torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                             const torch::Tensor& sigma, int64_t densePairs, int64_t blockPairs) {
+                                             const torch::Tensor& sigma, int64_t nearest, int64_t densePairs, int64_t blockPairs) {
+    if (nearest < 2)
+        throw std::invalid_argument("exclusionEnergy: nearest must be >= 2 (linked neighbours are bonded)");
     const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
     torch::Tensor x = atoms.reshape({B, N, 3});
     torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(atoms.device()).dtype(torch::kLong)).repeat_interleave(3);
@@ -194,8 +199,8 @@ torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const t
     torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B, 1, 1});
     // Up to ExclusionDensePairs (training batches): one plain autograd evaluation, nothing recomputed.
     if (B * N * N <= densePairs)
-        return exclusionOfRows(x, residue, chainAtom, realAtom, s, 0, N);
-    return BlockedExclusion::apply(x, s, residue, chainAtom, realAtom, blockPairs);
+        return exclusionOfRows(x, residue, chainAtom, realAtom, s, nearest, 0, N);
+    return BlockedExclusion::apply(x, s, residue, chainAtom, realAtom, nearest, blockPairs);
 }
 
 torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,

@@ -23,7 +23,7 @@ const std::vector<IntField>& intFields() {
         {"pairDim", &ModelConfig::pairDim, 1, 1024},          {"relPosFrequencies", &ModelConfig::relPosFrequencies, 0, 256},
         {"numBlocks", &ModelConfig::numBlocks, 1, 128},       {"transitionFactor", &ModelConfig::transitionFactor, 1, 16},
         {"sigmaFeatures", &ModelConfig::sigmaFeatures, 1, 256},
-        {"geometryPrior", &ModelConfig::geometryPrior, 0, 5, true},
+        {"geometryPrior", &ModelConfig::geometryPrior, 0, 6, true},
     };
     return fields;
 }

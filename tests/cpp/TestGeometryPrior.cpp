@@ -94,7 +94,7 @@ TEST(GeometryPrior, HarmonicAtSmallSigmaAndFlatAtLargeSigma) {
 }
 
 TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
-    for (int version : {1, 2, 3, 4, 5}) {
+    for (int version : {1, 2, 3, 4, 5, 6}) {
         SCOPED_TRACE("geometry prior version " + std::to_string(version));
         ModelConfig config;
         config.geometryPrior = version;
@@ -104,7 +104,7 @@ TEST(GeometryPrior, PartOfTheEnergyWithFiniteDifferenceGradients) {
         const int64_t K = (int64_t) GeometryPrior::pairKinds().size();
         // Not measured: NaN, never a plausible number.
         StructureBatch batch = twoResidues();
-        if (version == 5) { // four residues of a tight helix: pairs (i, i + 2) and (i, i + 3) sit at the wall
+        if (version >= 5) { // four residues of a tight helix: pairs (i, i + 2) and (i, i + 3) sit at the wall
             batch.atoms = helixAtoms(4, 3);
             batch.types = torch::tensor({0, 5, 7, 2}, torch::kInt64).view({1, 4});
             batch.chains = torch::zeros({1, 4}, torch::kInt64);
@@ -232,8 +232,9 @@ torch::Tensor farResidues() {
     return atoms;
 }
 
-double exclusionOf(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real, double sigma) {
-    return GeometryPrior::exclusionEnergy(atoms, chains, real, torch::full({1}, sigma, torch::kFloat64)).item<double>();
+double exclusionOf(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real, double sigma,
+                   int64_t nearest = 2) {
+    return GeometryPrior::exclusionEnergy(atoms, chains, real, torch::full({1}, sigma, torch::kFloat64), nearest).item<double>();
 }
 
 } // namespace
@@ -275,6 +276,16 @@ TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
     masked[0][2] = false;
     EXPECT_GT(exclusionOf(twoApart, chains, real, 0.05), 0.1);
     EXPECT_EQ(exclusionOf(twoApart, chains, masked, 0.05), 0.0);
+    // Version 6 (nearest 3): a residue two apart no longer counts, unless a chain break lies between; three apart does.
+    EXPECT_EQ(GeometryPrior::exclusionNearest(5), 2);
+    EXPECT_EQ(GeometryPrior::exclusionNearest(6), 3);
+    EXPECT_EQ(exclusionOf(twoApart, chains, real, 0.05, 3), 0.0);
+    torch::Tensor breakBetween = torch::tensor({0, 0, 1, 1}, torch::kInt64).view({1, 4});
+    EXPECT_NEAR(exclusionOf(twoApart, breakBetween, real, 0.05, 3), exclusionClosedForm(0.25, 0.05), 1e-9);
+    torch::Tensor threeApart = farResidues();
+    threeApart[0][3][0][0] = 0.25, threeApart[0][3][0][1] = 0.0;
+    EXPECT_NEAR(exclusionOf(threeApart, chains, real, 0.05, 3), exclusionClosedForm(0.25, 0.05), 1e-9);
+    EXPECT_THROW(exclusionOf(threeApart, chains, real, 0.05, 1), std::invalid_argument);
     // Gradients against central differences, inside and outside the wall, with every atom near others.
     for (double sigma : {0.01, 0.05, 0.3}) {
         torch::Tensor atoms = helixAtoms(5, 11);
@@ -322,22 +333,24 @@ TEST(GeometryPrior, ExclusionInBlocksEqualsTheDenseEvaluation) {
         torch::manual_seed(4);
         torch::Tensor direction = torch::randn(atoms.sizes(), torch::kFloat64).to(device);
         torch::Tensor weights = torch::tensor({1.0, 0.7}, torch::kFloat64).to(device);
-        auto evaluate = [&](int64_t densePairs, int64_t blockPairs) {
+        auto evaluate = [&](int64_t nearest, int64_t densePairs, int64_t blockPairs) {
             torch::Tensor x = atoms.clone().requires_grad_(true), sigma = sigmaValues.clone().requires_grad_(true);
-            torch::Tensor e = GeometryPrior::exclusionEnergy(x, chains, real, sigma, densePairs, blockPairs);
+            torch::Tensor e = GeometryPrior::exclusionEnergy(x, chains, real, sigma, nearest, densePairs, blockPairs);
             auto g = torch::autograd::grad({(e * weights).sum()}, {x, sigma}, {}, true, true);
             torch::Tensor hv = torch::autograd::grad({(g[0] * direction).sum()}, {x})[0];
             return std::vector<torch::Tensor>{e.detach(), g[0].detach(), g[1].detach(), hv};
         };
-        const auto dense = evaluate(GeometryPrior::ExclusionDensePairs, GeometryPrior::ExclusionBlockPairs);
-        ASSERT_GT(dense[0].min().item<double>(), 1.0) << device; // the wall is felt in both structures
-        const int64_t N = 3 * L;
-        for (int64_t blockPairs : {int64_t(1), 2 * N * 5}) {
-            const auto blocked = evaluate(0, blockPairs);
-            for (size_t k = 0; k < dense.size(); k++) {
-                const double scale = dense[k].abs().max().item<double>();
-                EXPECT_LT((blocked[k] - dense[k]).abs().max().item<double>(), 1e-12 * scale)
-                    << device << " quantity " << k << " blockPairs " << blockPairs;
+        for (int64_t nearest : {2, 3}) {
+            const auto dense = evaluate(nearest, GeometryPrior::ExclusionDensePairs, GeometryPrior::ExclusionBlockPairs);
+            ASSERT_GT(dense[0].min().item<double>(), 1.0) << device; // the wall is felt in both structures
+            const int64_t N = 3 * L;
+            for (int64_t blockPairs : {int64_t(1), 2 * N * 5}) {
+                const auto blocked = evaluate(nearest, 0, blockPairs);
+                for (size_t k = 0; k < dense.size(); k++) {
+                    const double scale = dense[k].abs().max().item<double>();
+                    EXPECT_LT((blocked[k] - dense[k]).abs().max().item<double>(), 1e-12 * scale)
+                        << device << " quantity " << k << " blockPairs " << blockPairs << " nearest " << nearest;
+                }
             }
         }
     }

@@ -324,7 +324,7 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 TRAINER = os.path.join(ROOT, "build", "bin", "flashipa-train")
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4, 5], ids=["prior1", "prior2", "prior3", "prior4", "prior5"])
+@pytest.fixture(scope="module", params=[1, 2, 3, 4, 5, 6], ids=["prior1", "prior2", "prior3", "prior4", "prior5", "prior6"])
 def priorModelPath(request, tmp_path_factory):
     import subprocess
     import sys

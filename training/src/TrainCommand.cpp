@@ -56,9 +56,10 @@ validation and checkpoints:
 model size (default: ModelConfig's):
   --node-dim N --heads N --head-dim N --query-points N --value-points N --pair-rank N --pair-dim N
   --blocks N --rel-pos-frequencies N --transition-factor N --sigma-features N
-  --geometry-prior 0..5    add the analytic geometry prior to the energy (docs/MODEL.md; default 0:
+  --geometry-prior 0..6    add the analytic geometry prior to the energy (docs/MODEL.md; default 0:
                            none; 1 bond terms, 2 weighted, 3 with the chain term, 4 with the bond-angle
-                           correlated chain term, 5 with the exclusion between non-neighbouring residues),
+                           correlated chain term, 5 with the exclusion between non-neighbouring residues,
+                           6 with it only between residues at least three apart along a segment),
                            its statistics measured on the training split
 data parallel (several processes, one per GPU, or Gloo processes on the CPU):
   python -m openmmflashipa.train --nproc N [these options]

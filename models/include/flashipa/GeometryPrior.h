@@ -40,7 +40,8 @@ struct GeometryPairKind {
  * correlatedChainEnergy() instead: the same correction for a chain whose neighbouring bonds are correlated
  * as in the data (bond angles), with the covariances measureBondCovariance() finds on the training split.
  * Version 5 is version 4 plus exclusionEnergy(): frame atoms of residues that are not bonded neighbours are kept
- * apart (docs/MODEL.md, "Generated samples clash").
+ * apart (docs/MODEL.md, "Generated samples clash"). Version 6 counts only residues at least three apart along a
+ * chain segment (exclusionNearest()).
  */
 namespace GeometryPrior {
     /** The pair kinds, in the order of the stats rows. */
@@ -119,8 +120,9 @@ namespace GeometryPrior {
      */
     torch::Tensor correlatedChainEnergy(const torch::Tensor& atoms, const torch::Tensor& types, const torch::Tensor& chains,
                                         const torch::Tensor& real, const torch::Tensor& sigma, const torch::Tensor& bondCovariance);
-    /** Version 5's exclusion radius (nm): frame atoms of non-neighbouring residues are never closer in the data
-     *  (150 training chains: the smallest such distance 0.242 nm, about one pair per 100 residues below 0.3 nm). */
+    /** The exclusion radius (nm) of versions 5 and 6: frame atoms of non-neighbouring residues are hardly ever closer
+     *  in the data (150 training chains: the smallest such distance 0.242 nm, a C(i)-N(i+2) pair, and 1.4 pairs per
+     *  100 residues below 0.3 nm; without the i, i+2 pairs 0.286 nm; benchmarks/results/prior/close_pairs_cpu.md). */
     constexpr double ExclusionRadius = 0.27;
     /** Version 5's intrinsic width of the exclusion wall (nm), added to the noise: s^2 = 2 sigma^2 + width^2. */
     constexpr double ExclusionWidth = 0.01;
@@ -131,8 +133,17 @@ namespace GeometryPrior {
      *  at once: 1.6 GB in float32). */
     constexpr int64_t ExclusionBlockPairs = int64_t(1) << 24;
     /**
-     * Version 5's exclusion term [B] (kT): for every pair of frame atoms of two real residues that are neither
-     * the same residue nor linked neighbours (consecutive residues with equal chain ids), minus the log-density of
+     * The smallest separation along a chain segment at which the exclusion term counts a pair of residues: 2 in
+     * version 5 (every pair but linked neighbours), 3 in version 6, which leaves the i, i+2 pairs to the bond terms
+     * and the network: their C(i)-N(i+2) distance is set by the torsions of the residue between, below 0.35 nm in
+     * 42 % of native residues (short in the helical region), not a contact the term's uniform density describes
+     * (docs/MODEL.md, "Generated samples clash").
+     */
+    constexpr int64_t exclusionNearest(int version) { return version >= 6 ? 3 : 2; }
+    /**
+     * The exclusion term [B] of versions 5 and 6 (kT): for every pair of frame atoms of two real residues that are
+     * neither the same residue nor within nearest - 1 residues along one chain segment (nearest = 2: all but linked
+     * neighbours, consecutive residues with equal chain ids; see exclusionNearest()), minus the log-density of
      * the pair's distance r when the true separation is spread uniformly outside a ball of radius r0
      * (ExclusionRadius) and each atom is noised by sigma (s^2 = 2 sigma^2 + ExclusionWidth^2 per component):
      *
@@ -146,7 +157,7 @@ namespace GeometryPrior {
      * (first and second). real [B, L] (bool). densePairs and blockPairs replace those limits (tests).
      */
     torch::Tensor exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                  const torch::Tensor& sigma, int64_t densePairs = ExclusionDensePairs,
+                                  const torch::Tensor& sigma, int64_t nearest = 2, int64_t densePairs = ExclusionDensePairs,
                                   int64_t blockPairs = ExclusionBlockPairs);
     /**
      * Solves K y = b for a symmetric positive definite block-tridiagonal K by block parallel cyclic

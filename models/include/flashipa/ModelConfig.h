@@ -25,8 +25,9 @@ struct ModelConfig {
     int geometryPrior = 0;         ///< 1: add the analytic geometry prior (GeometryPrior.h) to the energy; 2: the
                                    ///< same with its chain weight; 3: with the backbone chain term; 4: with the
                                    ///< correlated (bond-angle) chain term instead; 5: 4 with the exclusion
-                                   ///< between non-neighbouring residues; absent from older checkpoints' metadata
-                                   ///< (read as 0)
+                                   ///< between non-neighbouring residues; 6: 5 with the exclusion only between
+                                   ///< residues at least three apart along a chain segment; absent from older
+                                   ///< checkpoints' metadata (read as 0)
     double sigmaMin = 0.01;        ///< nm; smallest noise level the model is meant for
     double sigmaMax = 2.0;         ///< nm; largest noise level the model is meant for
 

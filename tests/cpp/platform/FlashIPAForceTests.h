@@ -158,7 +158,7 @@ std::unique_ptr<TestSystem> makePriorSystem(int L, int version) {
 // Models with the geometry prior (the v2 model's energy is network + prior; versions 3 and 4 solve a
 // (block-)tridiagonal system per chain): forces are -dE/dx by central differences on this platform.
 TEST_F(FlashIPAForceTest, GeometryPriorModelForcesMatchFiniteDifferences) {
-    for (int version : {1, 3, 4, 5}) {
+    for (int version : {1, 3, 4, 5, 6}) {
         auto test = makePriorSystem(16, version);
         EXPECT_LT(finiteDifferenceForceError(*test, 2), 1e-4) << "geometry prior version " << version;
     }

@@ -141,8 +141,8 @@ class ModelConfig:
         for key, minimum in _INT_FIELDS.items():
             if getattr(self, key) < minimum:
                 raise ValueError("model configuration: %s = %d must be >= %d" % (key, getattr(self, key), minimum))
-        if self.geometryPrior not in (0, 1, 2, 3, 4, 5):
-            raise ValueError("model configuration: geometryPrior = %d must be 0, 1, 2, 3, 4 or 5" % self.geometryPrior)
+        if self.geometryPrior not in (0, 1, 2, 3, 4, 5, 6):
+            raise ValueError("model configuration: geometryPrior = %d must be 0, 1, 2, 3, 4, 5 or 6" % self.geometryPrior)
         if not (self.sigmaMin > 0 and self.sigmaMax > self.sigmaMin):
             raise ValueError("model configuration: need 0 < sigmaMin < sigmaMax (nm)")
 
@@ -702,9 +702,10 @@ def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1, b
     (rna, offset, atom i, atom j) with (d0, s0), minus the log-density of the pair's difference vector under
     noise sigma: log r + (r - d0)^2 / 2v - log(1 - exp(-2 r d0 / v)), v = s0^2 + 2 sigma^2; version 2
     multiplies each kind's sum by chain_weight(sigma, d0); version 3 adds backbone_chain_energy, version 4
-    correlated_chain_energy with the bond covariances (c0, c1, c2), version 5 that and exclusion_energy."""
+    correlated_chain_energy with the bond covariances (c0, c1, c2), version 5 that and exclusion_energy, version 6
+    the same with the exclusion only between residues at least three apart along a segment."""
     if version >= 4 and bond_covariance is None:
-        raise ValueError("geometry prior versions 4 and 5 need the bond covariances (c0, c1, c2)")
+        raise ValueError("geometry prior versions 4 to 6 need the bond covariances (c0, c1, c2)")
     B, L = types.shape
     rna = types >= FIRST_NUCLEOTIDE
     two_sigma2 = 2.0 * sigma.to(atoms.dtype).pow(2).view(B, 1)
@@ -733,8 +734,8 @@ def geometry_prior(atoms, types, chains, real, sigma, pairs, stats, version=1, b
     if version >= 4:
         total = total + correlated_chain_energy(atoms, types, chains, real, sigma.to(atoms.dtype).view(B),
                                                 bond_covariance.to(atoms.dtype))
-    if version == 5:
-        total = total + exclusion_energy(atoms, chains, real, sigma.to(atoms.dtype).view(B))
+    if version >= 5:
+        total = total + exclusion_energy(atoms, chains, real, sigma.to(atoms.dtype).view(B), nearest=exclusion_nearest(version))
     return total
 
 
@@ -743,9 +744,16 @@ EXCLUSION_RADIUS = 0.27
 EXCLUSION_WIDTH = 0.01
 
 
-def exclusion_energy(atoms, chains, real, sigma):
-    """Version 5's exclusion term [B] (kT; GeometryPrior::exclusionEnergy): over the frame-atom pairs of real
-    residues that are neither the same residue nor linked neighbours, -log(1 - F(r)) with F the probability that a
+def exclusion_nearest(version):
+    """GeometryPrior::exclusionNearest: the smallest separation along a chain segment at which the exclusion term
+    counts a pair of residues (version 5: 2, version 6: 3)."""
+    return 3 if version >= 6 else 2
+
+
+def exclusion_energy(atoms, chains, real, sigma, nearest=2):
+    """The exclusion term [B] of versions 5 and 6 (kT; GeometryPrior::exclusionEnergy): over the frame-atom pairs
+    of real residues that are neither the same residue nor within nearest - 1 residues along one chain segment
+    (nearest = 2: all but linked neighbours), -log(1 - F(r)) with F the probability that a
     Gaussian of spread s (s^2 = 2 sigma^2 + EXCLUSION_WIDTH^2) about a point at distance r lies inside the ball of
     radius EXCLUSION_RADIUS; 1 - F in log space inside the wall, -log1p(-F) outside."""
     B, L = chains.shape
@@ -754,7 +762,7 @@ def exclusion_energy(atoms, chains, real, sigma):
     r = torch.sqrt((x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1) + 1e-12)
     residue = torch.arange(L, device=atoms.device).repeat_interleave(3)
     later = residue.unsqueeze(0) > residue.unsqueeze(1)
-    following = residue.unsqueeze(0) == residue.unsqueeze(1) + 1
+    following = residue.unsqueeze(0) < residue.unsqueeze(1) + nearest
     chain_atom, real_atom = chains.repeat_interleave(3, 1), real.bool().repeat_interleave(3, 1)
     linked = following.unsqueeze(0) & (chain_atom.unsqueeze(2) == chain_atom.unsqueeze(1))
     use = later.unsqueeze(0) & ~linked & real_atom.unsqueeze(2) & real_atom.unsqueeze(1)
