@@ -54,7 +54,7 @@ torch::Tensor GeometryPrior::energy(const torch::Tensor& atoms, const torch::Ten
     if (version < 1 || version > 6)
         throw std::invalid_argument("geometry prior: version must be 1 to 6, got " + std::to_string(version));
     if (version >= 4 && !(bondCovariance.defined() && bondCovariance.numel() == 3))
-        throw std::invalid_argument("geometry prior: versions 4 and 5 need the bond covariances (c0, c1, c2)");
+        throw std::invalid_argument("geometry prior: versions 4 to 6 need the bond covariances (c0, c1, c2)");
     const int64_t B = atoms.size(0), L = atoms.size(1);
     torch::Tensor real = mask.defined() ? mask.to(torch::kBool) : torch::ones({B, L}, types.options().dtype(torch::kBool));
     torch::Tensor rna = types >= ResidueType::FirstNucleotide;

@@ -434,7 +434,7 @@ StepResult Trainer::trainStep() {
         // docs/MODEL.md "Discrimination"), normalised by the whole batch's decoys (one step's losses add up over
         // processes as the score-matching term's do).
         torch::Tensor decoyEnergy = model_->forward(n.decoy, n.sigma, AttentionBackend::Math, false);
-        torch::Tensor residues = (n.count / 9.0).clamp_min(1.0);
+        torch::Tensor residues = n.batch.mask.to(nativeEnergy.options()).sum(1).clamp_min(1.0);
         torch::Tensor gap = (nativeEnergy - decoyEnergy) / residues;
         threaded = (torch::nn::functional::softplus(gap) * n.decoyUse).sum() / n.decoys.clamp_min(1.0);
         (loss + options_.threadedWeight * threaded).backward();
