@@ -1,5 +1,6 @@
 #include "flashipa/GeometryPrior.h"
 #include "flashipa/ResidueTypes.h"
+#include "ExclusionPairs.h"
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -186,21 +187,104 @@ public:
     }
 };
 
-} // namespace
-
-torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                             const torch::Tensor& sigma, int64_t nearest, int64_t densePairs, int64_t blockPairs) {
-    if (nearest < 2)
-        throw std::invalid_argument("exclusionEnergy: nearest must be >= 2 (linked neighbours are bonded)");
-    const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
-    torch::Tensor x = atoms.reshape({B, N, 3});
-    torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(atoms.device()).dtype(torch::kLong)).repeat_interleave(3);
+/** The Tensors evaluation of x [B, N, 3] with spread s [B, 1, 1]: dense up to densePairs pairs, else in blocks. */
+torch::Tensor exclusionByTensors(const torch::Tensor& x, const torch::Tensor& s, const torch::Tensor& chains, const torch::Tensor& real,
+                                 int64_t nearest, int64_t densePairs, int64_t blockPairs) {
+    const int64_t B = x.size(0), N = x.size(1), L = N / 3;
+    torch::Tensor residue = torch::arange(L, torch::TensorOptions().device(x.device()).dtype(torch::kLong)).repeat_interleave(3);
     torch::Tensor chainAtom = chains.repeat_interleave(3, 1), realAtom = real.to(torch::kBool).repeat_interleave(3, 1);
-    torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B, 1, 1});
     // Up to ExclusionDensePairs (training batches): one plain autograd evaluation, nothing recomputed.
     if (B * N * N <= densePairs)
         return exclusionOfRows(x, residue, chainAtom, realAtom, s, nearest, 0, N);
     return BlockedExclusion::apply(x, s, residue, chainAtom, realAtom, nearest, blockPairs);
+}
+
+/**
+ * The gradient of the pairwise evaluation, (w dE/dx, w dE/ds) for weights w [B], as an autograd node of its own:
+ * its forward is the saved analytic gradient; its backward (a Hessian-vector product, wanted only where a caller
+ * differentiates a gradient with respect to the atoms or the spread) recomputes the Tensors evaluation. A
+ * trainer that differentiates only with respect to its parameters never runs it.
+ */
+class PairwiseExclusionGradient : public torch::autograd::Function<PairwiseExclusionGradient> {
+public:
+    static torch::autograd::tensor_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& w, const torch::Tensor& x,
+                                                const torch::Tensor& s, const torch::Tensor& gradAtoms, const torch::Tensor& gradSpread,
+                                                const torch::Tensor& chains, const torch::Tensor& real, int64_t nearest) {
+        ctx->save_for_backward({w, x, s, gradAtoms, gradSpread, chains, real});
+        ctx->saved_data["nearest"] = nearest;
+        return {w.view({-1, 1, 1}) * gradAtoms, w * gradSpread};
+    }
+
+    static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list gradOutputs) {
+        const auto saved = ctx->get_saved_variables();
+        const torch::Tensor &w = saved[0], &gradAtoms = saved[3], &gradSpread = saved[4], &chains = saved[5], &real = saved[6];
+        torch::Tensor vx = gradOutputs[0].defined() ? gradOutputs[0] : torch::zeros_like(gradAtoms);
+        torch::Tensor vs = gradOutputs[1].defined() ? gradOutputs[1] : torch::zeros_like(gradSpread);
+        torch::Tensor gradW = (vx * gradAtoms).sum({1, 2}) + vs * gradSpread;
+        const bool createGraph = torch::GradMode::is_enabled();
+        torch::Tensor x = createGraph ? saved[1] : saved[1].detach().requires_grad_(true);
+        torch::Tensor s = createGraph ? saved[2] : saved[2].detach().requires_grad_(true);
+        torch::AutoGradMode enable(true);
+        torch::Tensor e = exclusionByTensors(x, s.view({-1, 1, 1}), chains, real, ctx->saved_data["nearest"].toInt(),
+                                             GeometryPrior::ExclusionDensePairs, GeometryPrior::ExclusionBlockPairs);
+        auto g = torch::autograd::grad({(e * w.detach()).sum()}, {x, s}, {}, /*retain_graph=*/true, /*create_graph=*/true,
+                                       /*allow_unused=*/true);
+        torch::Tensor product = torch::zeros({}, x.options());
+        if (g[0].defined())
+            product = product + (g[0] * vx).sum();
+        if (g[1].defined())
+            product = product + (g[1] * vs).sum();
+        auto h = torch::autograd::grad({product}, {x, s}, {}, createGraph, createGraph, /*allow_unused=*/true);
+        torch::Tensor hx = h[0].defined() ? h[0] : torch::zeros_like(x), hs = h[1].defined() ? h[1] : torch::zeros_like(s);
+        return {gradW, hx, hs, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    }
+};
+
+/**
+ * The Pairwise evaluation (GeometryPrior::ExclusionEvaluation): the energy [B] of x [B, N, 3] with spread s [B]
+ * from exclusionPairSums(), its first derivatives saved from the same pass.
+ */
+class PairwiseExclusion : public torch::autograd::Function<PairwiseExclusion> {
+public:
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& s,
+                                 const torch::Tensor& chains, const torch::Tensor& real, int64_t nearest) {
+        ExclusionPairSums sums = exclusionPairSums(x, s, chains, real, nearest, GeometryPrior::ExclusionRadius, SmallestDistance,
+                                                   GeometryPrior::ExclusionCutoffSpreads);
+        ctx->save_for_backward({x, s, sums.gradAtoms, sums.gradSpread, chains, real});
+        ctx->saved_data["nearest"] = nearest;
+        return sums.energy;
+    }
+
+    static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list gradOutputs) {
+        const auto saved = ctx->get_saved_variables();
+        const torch::Tensor w = gradOutputs[0].view({-1});
+        torch::Tensor gradX, gradS;
+        if (torch::GradMode::is_enabled()) {
+            // create_graph: a differentiable gradient, through its own node (second derivatives by the Tensors evaluation).
+            auto g = PairwiseExclusionGradient::apply(w, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                                      ctx->saved_data["nearest"].toInt());
+            gradX = g[0], gradS = g[1];
+        } else {
+            gradX = w.view({-1, 1, 1}) * saved[2];
+            gradS = w * saved[3];
+        }
+        return {gradX, gradS, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    }
+};
+
+} // namespace
+
+torch::Tensor GeometryPrior::exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
+                                             const torch::Tensor& sigma, int64_t nearest, ExclusionEvaluation evaluation,
+                                             int64_t densePairs, int64_t blockPairs) {
+    if (nearest < 2)
+        throw std::invalid_argument("exclusionEnergy: nearest must be >= 2 (linked neighbours are bonded)");
+    const int64_t B = atoms.size(0), L = atoms.size(1), N = 3 * L;
+    torch::Tensor x = atoms.reshape({B, N, 3});
+    torch::Tensor s = torch::sqrt(2.0 * sigma.to(atoms.dtype()).pow(2) + ExclusionWidth * ExclusionWidth).view({B});
+    if (evaluation == ExclusionEvaluation::Pairwise && exclusionPairSumsApply(x))
+        return PairwiseExclusion::apply(x, s, chains, real.to(torch::kBool), nearest);
+    return exclusionByTensors(x, s.view({B, 1, 1}), chains, real, nearest, densePairs, blockPairs);
 }
 
 torch::Tensor GeometryPrior::solveBondSystem(const torch::Tensor& bonds, const torch::Tensor& present, const torch::Tensor& diagonal,

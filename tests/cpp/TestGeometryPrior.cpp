@@ -232,14 +232,17 @@ torch::Tensor farResidues() {
     return atoms;
 }
 
-double exclusionOf(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real, double sigma,
-                   int64_t nearest = 2) {
-    return GeometryPrior::exclusionEnergy(atoms, chains, real, torch::full({1}, sigma, torch::kFloat64), nearest).item<double>();
-}
-
 } // namespace
 
-TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
+namespace {
+
+/** The exclusion term against its closed form, pair selection and finite differences, for one evaluation. */
+void expectExclusionIsTheNoisedPairMarginal(GeometryPrior::ExclusionEvaluation evaluation) {
+    auto exclusionOf = [evaluation](const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real, double sigma,
+                                    int64_t nearest = 2) {
+        return GeometryPrior::exclusionEnergy(atoms, chains, real, torch::full({1}, sigma, torch::kFloat64), nearest, evaluation)
+            .item<double>();
+    };
     torch::Tensor chains = torch::zeros({1, 4}, torch::kInt64), real = torch::ones({1, 4}, torch::kBool);
     // Residues far apart: nothing.
     EXPECT_EQ(exclusionOf(farResidues(), chains, real, 0.05), 0.0);
@@ -292,7 +295,8 @@ TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
         atoms[0][3] = atoms[0][0] + torch::tensor({0.2, 0.05, 0.1}, torch::kFloat64); // residue 3 onto residue 0
         torch::Tensor x = atoms.clone().requires_grad_(true);
         torch::Tensor c = torch::zeros({1, 5}, torch::kInt64), m = torch::ones({1, 5}, torch::kBool);
-        torch::Tensor g = torch::autograd::grad({GeometryPrior::exclusionEnergy(x, c, m, torch::full({1}, sigma, torch::kFloat64)).sum()}, {x})[0];
+        torch::Tensor g =
+            torch::autograd::grad({GeometryPrior::exclusionEnergy(x, c, m, torch::full({1}, sigma, torch::kFloat64), 2, evaluation).sum()}, {x})[0];
         EXPECT_TRUE(torch::isfinite(g).all().item<bool>());
         double worst = 0, scale = g.abs().max().item<double>();
         ASSERT_GT(scale, 0.0);
@@ -305,6 +309,15 @@ TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
             worst = std::max(worst, std::abs(numeric - g.view({-1})[k].item<double>()));
         }
         EXPECT_LT(worst, 1e-5 * scale) << "sigma " << sigma;
+    }
+}
+
+} // namespace
+
+TEST(GeometryPrior, ExclusionIsTheNoisedPairMarginalOfNonNeighbours) {
+    for (auto evaluation : {GeometryPrior::ExclusionEvaluation::Pairwise, GeometryPrior::ExclusionEvaluation::Tensors}) {
+        SCOPED_TRACE(evaluation == GeometryPrior::ExclusionEvaluation::Pairwise ? "pairwise" : "tensors");
+        expectExclusionIsTheNoisedPairMarginal(evaluation);
     }
 }
 
@@ -335,7 +348,8 @@ TEST(GeometryPrior, ExclusionInBlocksEqualsTheDenseEvaluation) {
         torch::Tensor weights = torch::tensor({1.0, 0.7}, torch::kFloat64).to(device);
         auto evaluate = [&](int64_t nearest, int64_t densePairs, int64_t blockPairs) {
             torch::Tensor x = atoms.clone().requires_grad_(true), sigma = sigmaValues.clone().requires_grad_(true);
-            torch::Tensor e = GeometryPrior::exclusionEnergy(x, chains, real, sigma, nearest, densePairs, blockPairs);
+            torch::Tensor e = GeometryPrior::exclusionEnergy(x, chains, real, sigma, nearest, GeometryPrior::ExclusionEvaluation::Tensors,
+                                                              densePairs, blockPairs);
             auto g = torch::autograd::grad({(e * weights).sum()}, {x, sigma}, {}, true, true);
             torch::Tensor hv = torch::autograd::grad({(g[0] * direction).sum()}, {x})[0];
             return std::vector<torch::Tensor>{e.detach(), g[0].detach(), g[1].detach(), hv};
@@ -354,6 +368,75 @@ TEST(GeometryPrior, ExclusionInBlocksEqualsTheDenseEvaluation) {
             }
         }
     }
+}
+
+TEST(GeometryPrior, PairwiseExclusionEqualsTheTensorEvaluation) {
+    // The pairwise evaluation (CPU loop; the GPU kernel where there is a GPU) against the Tensors evaluation in
+    // float64: energy, first derivatives with and without create_graph, and a Hessian-vector product through the
+    // pairwise gradient's own node. Structures: two squeezed 12-residue helices (pairs inside the wall, a chain
+    // break, a masked residue; sigma 0.02 and 0.15 nm), and three compact random chains of 150 residues (450 atoms:
+    // several of the kernel's 128-atom tiles, partner ranges split across blocks) at sigma 0.01, 0.3 and 1.5 nm
+    // (at 1.5 nm no pair is beyond the cut-off of 12 spreads). In float32 the same against the float64 Tensors
+    // evaluation.
+    std::vector<torch::Device> devices = {torch::kCPU};
+    if (torch::cuda::is_available())
+        devices.push_back(torch::Device(torch::kCUDA, 0));
+    torch::Tensor helices = torch::cat({helixAtoms(12, 21), helixAtoms(12, 22)}, 0);
+    helices.select(-1, 2).mul_(0.45);
+    torch::Tensor helixChains = torch::zeros({2, 12}, torch::kInt64), helixReal = torch::ones({2, 12}, torch::kBool);
+    helixChains[1].slice(0, 7).fill_(1);
+    helixReal[0][5] = false;
+    torch::manual_seed(11);
+    const int64_t L = 150;
+    torch::Tensor steps = torch::randn({3, L, 1, 3}, torch::kFloat64);
+    steps = 0.38 * steps / steps.norm(2, -1, true);
+    torch::Tensor walk = torch::cumsum(steps, 1);
+    walk = 0.55 * walk; // compact: residues come within the wall
+    torch::Tensor chainsWalk = torch::zeros({3, L}, torch::kInt64), realWalk = torch::ones({3, L}, torch::kBool);
+    chainsWalk[2].slice(0, 90).fill_(1);
+    realWalk[1].slice(0, 40, 45).fill_(false);
+    torch::Tensor walkAtoms = walk + 0.12 * torch::randn({3, L, 3, 3}, torch::kFloat64);
+    struct Case {
+        torch::Tensor atoms, chains, real, sigma;
+    };
+    const std::vector<Case> cases = {{helices, helixChains, helixReal, torch::tensor({0.02, 0.15}, torch::kFloat64)},
+                                     {walkAtoms, chainsWalk, realWalk, torch::tensor({0.01, 0.3, 1.5}, torch::kFloat64)}};
+    using Evaluation = GeometryPrior::ExclusionEvaluation;
+    for (const torch::Device& device : devices)
+        for (size_t c = 0; c < cases.size(); c++)
+            for (int64_t nearest : {2, 3}) {
+                const Case& k = cases[c];
+                auto on = [&](const torch::Tensor& t) { return t.to(device); };
+                torch::manual_seed(5);
+                torch::Tensor direction = on(torch::randn(k.atoms.sizes(), torch::kFloat64));
+                torch::Tensor weights = on(torch::linspace(1.0, 0.5, k.sigma.size(0), torch::kFloat64));
+                auto evaluate = [&](Evaluation evaluation, torch::Dtype dtype, bool createGraph) {
+                    torch::Tensor x = on(k.atoms).to(dtype).requires_grad_(true), sigma = on(k.sigma).to(dtype).requires_grad_(true);
+                    torch::Tensor e = GeometryPrior::exclusionEnergy(x, on(k.chains), on(k.real), sigma, nearest, evaluation);
+                    auto g = torch::autograd::grad({(e * weights.to(dtype)).sum()}, {x, sigma}, {}, createGraph, createGraph);
+                    std::vector<torch::Tensor> out = {e.detach(), g[0].detach(), g[1].detach()};
+                    if (createGraph)
+                        out.push_back(torch::autograd::grad({(g[0] * direction.to(dtype)).sum()}, {x})[0]);
+                    return out;
+                };
+                const auto oracle = evaluate(Evaluation::Tensors, torch::kFloat64, true);
+                ASSERT_GT(oracle[0].min().item<double>(), 0.5) << device; // every structure feels the wall
+                const char* names[] = {"energy", "d/dx", "d/dsigma", "Hessian-vector"};
+                for (bool createGraph : {false, true}) {
+                    const auto pairwise = evaluate(Evaluation::Pairwise, torch::kFloat64, createGraph);
+                    for (size_t q = 0; q < pairwise.size(); q++) {
+                        const double scale = oracle[q].abs().max().item<double>();
+                        EXPECT_LT((pairwise[q] - oracle[q]).abs().max().item<double>(), 1e-11 * scale)
+                            << device << " case " << c << " nearest " << nearest << " " << names[q] << " create_graph " << createGraph;
+                    }
+                }
+                const auto single = evaluate(Evaluation::Pairwise, torch::kFloat32, false);
+                for (size_t q = 0; q < single.size(); q++) {
+                    const double scale = oracle[q].abs().max().item<double>();
+                    EXPECT_LT((single[q].to(torch::kFloat64) - oracle[q]).abs().max().item<double>(), 2e-5 * scale)
+                        << device << " float32 case " << c << " nearest " << nearest << " " << names[q];
+                }
+            }
 }
 
 TEST(GeometryPrior, BondSystemSolveEqualsADenseSolve) {

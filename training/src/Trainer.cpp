@@ -437,10 +437,15 @@ StepResult Trainer::trainStep() {
         torch::Tensor residues = n.batch.mask.to(nativeEnergy.options()).sum(1).clamp_min(1.0);
         torch::Tensor gap = (nativeEnergy - decoyEnergy) / residues;
         threaded = (torch::nn::functional::softplus(gap) * n.decoyUse).sum() / n.decoys.clamp_min(1.0);
-        (loss + options_.threadedWeight * threaded).backward();
-    } else {
-        loss.backward();
     }
+    // Gradients of the trained parameters only: the noised atoms are a leaf of the graph too, and their gradient
+    // (a Hessian-vector product of the energy, through the network and the prior's pairwise exclusion term,
+    // GeometryPrior::ExclusionEvaluation) is not wanted here.
+    std::vector<torch::Tensor> trained;
+    for (const auto& p : model_->parameters())
+        if (p.requires_grad())
+            trained.push_back(p);
+    torch::autograd::backward({threading ? loss + options_.threadedWeight * threaded : loss}, {}, std::nullopt, false, trained);
 
     StepResult result;
     result.learningRate = learningRate(step_);

@@ -141,6 +141,17 @@ namespace GeometryPrior {
      */
     constexpr int64_t exclusionNearest(int version) { return version >= 6 ? 3 : 2; }
     /**
+     * How exclusionEnergy() evaluates the term. Pairwise (the default): one pass over the atom pairs on the CPU or
+     * the GPU (models/kernels/ExclusionPairs.cu), energy and first derivatives analytic, memory linear in the
+     * atoms, pairs beyond ExclusionRadius + ExclusionCutoffSpreads s skipped; a second derivative, where a caller
+     * asks for one, comes from the Tensors evaluation, recomputed in the backward pass. Tensors: LibTorch
+     * operations over the pair matrix (dense up to densePairs, then in blocks), differentiable to any order; the
+     * pairwise evaluation's test oracle, and the route for dtypes and devices the kernels do not take.
+     */
+    enum class ExclusionEvaluation { Pairwise, Tensors };
+    /** The pairwise evaluation skips pairs farther than ExclusionRadius + this many spreads s: their term is below 1e-31 kT. */
+    constexpr double ExclusionCutoffSpreads = 12.0;
+    /**
      * The exclusion term [B] of versions 5 and 6 (kT): for every pair of frame atoms of two real residues that are
      * neither the same residue nor within nearest - 1 residues along one chain segment (nearest = 2: all but linked
      * neighbours, consecutive residues with equal chain ids; see exclusionNearest()), minus the log-density of
@@ -154,11 +165,13 @@ namespace GeometryPrior {
      * the energy and its first and second derivatives stay finite for any r. Up to ExclusionDensePairs atom pairs
      * (B (3L)^2) it is one dense evaluation; above, it runs over blocks of rows and recomputes each block in the
      * backward pass, so memory stays O(ExclusionBlockPairs) at any length with the same values and derivatives
-     * (first and second). real [B, L] (bool). densePairs and blockPairs replace those limits (tests).
+     * (first and second). real [B, L] (bool). That is the Tensors evaluation; the default is the Pairwise one
+     * (ExclusionEvaluation). densePairs and blockPairs replace the Tensors evaluation's limits (tests).
      */
     torch::Tensor exclusionEnergy(const torch::Tensor& atoms, const torch::Tensor& chains, const torch::Tensor& real,
-                                  const torch::Tensor& sigma, int64_t nearest = 2, int64_t densePairs = ExclusionDensePairs,
-                                  int64_t blockPairs = ExclusionBlockPairs);
+                                  const torch::Tensor& sigma, int64_t nearest = 2,
+                                  ExclusionEvaluation evaluation = ExclusionEvaluation::Pairwise,
+                                  int64_t densePairs = ExclusionDensePairs, int64_t blockPairs = ExclusionBlockPairs);
     /**
      * Solves K y = b for a symmetric positive definite block-tridiagonal K by block parallel cyclic
      * reduction (ceil(log2 L) vectorised levels of 3 x 3 block products and closed-form inverses, no host
