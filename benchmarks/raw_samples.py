@@ -11,7 +11,7 @@ self-consistency check measures; training set: 0.29 and 0.27), and the clashes o
 clashes after refinement; validation natives: none).
 
     python benchmarks/raw_samples.py --model A.safetensors --model B.safetensors [--samples 3] [--steps 60]
-        [--sigma-max 1.2 --sigma-max 0.8] [--score-scale 1 --score-scale 4]
+        [--sigma-max 1.2 --sigma-max 0.8] [--score-scale 1 --score-scale 4] [--churn 0 --churn 0.3]
 """
 import argparse
 import itertools
@@ -52,21 +52,24 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--sigma-max", type=float, action="append", help="nm (repeatable; default 1.2 and 2.0)")
     p.add_argument("--score-scale", type=float, action="append", help="lambda (repeatable; default 1)")
+    p.add_argument("--churn", type=float, action="append", help="the sampler's churn (repeatable; default 0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     sigmas = args.sigma_max or [1.2, 2.0]
     scales = args.score_scale or [1.0]
+    churns = args.churn or [0.0]
     training_rg = 0.362 * args.length ** 0.298  # the training set's Rg(L) fit (evaluation targets)
-    print("| model | σ_max (nm) | λ | links connected | C–N+1 median (nm) | Cα–Cα median (nm; 0.38) | "
+    print("| model | σ_max (nm) | λ | churn | links connected | C–N+1 median (nm) | Cα–Cα median (nm; 0.38) | "
           "Rg (nm; training %.2f) | φ > 0 | helix | strand | clashes / 100 res |" % training_rg)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
-        for sigma_max, scale in itertools.product(sigmas, scales):
+        for sigma_max, scale, churn in itertools.product(sigmas, scales, churns):
             chains = generate("protein", args.length, numSamples=args.samples, seed=args.seed, numSteps=args.steps,
-                              sigmaMax=sigma_max, device="cpu", modelPath=model, progress=False, scoreScale=scale)
+                              sigmaMax=sigma_max, device="cpu", modelPath=model, progress=False, scoreScale=scale,
+                              churn=churn)
             s = summarise([c.frames for c in chains])
-            print("| %s | %.1f | %g | %.2f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f | %.1f |" % (
-                model, sigma_max, scale, s["connected"], s["link"], s["caca"], s["rg"], s["phi_positive"], s["helix"],
+            print("| %s | %.1f | %g | %g | %.2f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f | %.1f |" % (
+                model, sigma_max, scale, churn, s["connected"], s["link"], s["caca"], s["rg"], s["phi_positive"], s["helix"],
                 s["strand"], s["clashes"]), flush=True)
 
 

@@ -15,7 +15,7 @@ import torch
 import openmmflashipa
 from openmmflashipa import torch_twin
 from openmmflashipa.annealing import AnnealingIntegrator
-from openmmflashipa.generate import frameSystem, generate
+from openmmflashipa.generate import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, frameSystem, generate
 from openmmflashipa.openmmflashipa import _chainStart, _sampleFrameAtoms
 
 UNK_AA = openmmflashipa.ResidueType.UnknownAminoAcid
@@ -119,6 +119,22 @@ def test_score_scale_is_checked_everywhere():
     # The binding's own check (the C++ sampler's std::invalid_argument), under generate's.
     with pytest.raises(ValueError, match="scoreScale must be positive"):
         _sampleFrameAtoms("", [UNK_AA] * 3, [0] * 3, 1, 2, 0.5, 0.05, 0, "cpu", 0.0, 0.0)
+
+
+def test_churn_reaches_the_sampler_and_is_checked():
+    # generate(churn=...) is the C++ sampler's churn (its statistics: tests/cpp/TestBackboneSampler.cpp): the same
+    # frames as the binding called directly, reproducible with a seed, and not the deterministic flow's.
+    churned = generate("protein", 6, 2, seed=5, numSteps=4, progress=False, churn=0.3, platform="CPU")
+    raw = _sampleFrameAtoms("", [UNK_AA] * 6, [0] * 6, 2, 4, DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, 5, "cpu", 0.3, 1.0)
+    direct = np.frombuffer(raw, dtype=np.float64).reshape(2, 6, 3, 3)
+    assert all(np.array_equal(b.frames, d) for b, d in zip(churned, direct))
+    plain = generate("protein", 6, 2, seed=5, numSteps=4, progress=False, platform="CPU")
+    assert not np.allclose(plain[0].frames, churned[0].frames)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="churn must be non-negative"):
+            generate("protein", 5, 1, numSteps=2, progress=False, churn=bad)
+    with pytest.raises(ValueError, match="churn needs method='sampler'"):
+        generate("protein", 5, 1, numSteps=2, progress=False, churn=0.1, method="openmm", platform="Reference")
 
 
 def test_generation_is_reproducible_with_a_seed():
