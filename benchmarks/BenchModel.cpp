@@ -1,8 +1,8 @@
 // flashipa-bench-model: GPU time of the energy model alone (energy + forces + parameter derivatives, the
 // exact work the CUDA platform does per step), replayed from a CUDA graph as the plugin does. Subtracting
 // it from the learned force's per-step cost in md_benchmark.py gives the plugin's own overhead. The peak column
-// is the caching allocator's peak of the capture and replays (a version-5 model's exclusion term is evaluated in
-// blocks above GeometryPrior::ExclusionDensePairs atom pairs, so its memory stays bounded at any length).
+// is the caching allocator's peak of the capture and replays (the exclusion term of prior versions 5 and 6 is
+// evaluated pair by pair, GeometryPrior::ExclusionEvaluation, in memory linear in the atoms).
 //   flashipa-bench-model [--lengths 114,513,2052,8208] [--replays 200] [--model PATH]
 #include "flashipa/DefaultModel.h"
 #include "flashipa/ForceEvaluator.h"
