@@ -49,6 +49,27 @@ def _residues(topology):
     return [(r.chain.id, r.id, r.name) for r in topology.residues()]
 
 
+def test_all_atom_preparation_is_reproducible():
+    """The same input gives the same all-atom system and positions (PDBFixer's added atoms and Modeller's hydrogens,
+    which start from Python's global random numbers): before this was seeded, the hydrogens of a perturbed protein
+    moved by up to 0.23 nm between two calls, so two refinement routes started from different structures. The
+    caller's random state is left as it was."""
+    import random
+    pdb = app.PDBFile(PROTEIN_PDB)
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.delete([a for a in modeller.topology.atoms() if a.element == app.element.hydrogen])
+    xyz = np.asarray(modeller.positions.value_in_unit(unit.nanometer))
+    noisy = unit.Quantity(xyz + np.random.default_rng(3).normal(0.0, NOISE, xyz.shape), unit.nanometer)
+    random.seed(11)
+    expected = [random.random() for _ in range(3)]
+    random.seed(11)
+    runs = [allAtomSystem(modeller.topology, noisy, withForce=False) for _ in range(2)]
+    assert [random.random() for _ in range(3)] == expected
+    first, second = (np.asarray(r[2].value_in_unit(unit.nanometer)) for r in runs)
+    assert runs[0][1].getNumAtoms() == runs[1][1].getNumAtoms() > modeller.topology.getNumAtoms()  # hydrogens added
+    assert np.array_equal(first, second)
+
+
 def test_native_obc2_equals_amber14_obc2_xml():
     """refine's OBC2 is openmm.GBSAOBCForce with mbondi2 radii; amber14's implicit/obc2.xml is a CustomGBForce
     of the same model. Measured on this protein (955 atoms) on the Reference platform: energies 0.0009 kJ/mol

@@ -30,6 +30,7 @@ Errors name their cause.
 import collections
 import io
 import os
+import random
 import warnings
 
 import numpy as np
@@ -785,14 +786,21 @@ def nativeOBC2(system, topology):
 
 
 def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperature=300.0, implicitSolvent="obc2",
-                  modelPath=None, withForce=True, notes=None):
+                  modelPath=None, withForce=True, notes=None, seed=0):
     """Split chains at gaps (topology.splitAtGaps: each piece its own chain with its own termini), complete the
     structure with PDBFixer (nonstandard residues replaced by their standard parents, with a warning; missing heavy
     atoms and hydrogens; never missing residues) and build amber14-all + implicit solvent (amberSystem) +
     FlashIPAForce in force group 1. Returns (system, topology, positions); what was changed is appended to the
-    list `notes` when one is given."""
+    list `notes` when one is given. `seed` seeds the Langevin steps PDBFixer takes where added atoms land too close
+    to others, so the same input gives the same system."""
     topology, _ = splitAtGaps(topology, positions)
     fixer = _fixer(topology, positions)
+    # The same input gives the same system and positions: PDBFixer relaxes added heavy atoms in a seeded Langevin
+    # run, and Modeller.addHydrogens starts some hydrogens at positions from Python's global `random` (seeded here
+    # and restored after) before minimising them; both on Reference, whose force sums do not depend on threads.
+    # Unseeded, the hydrogens of a perturbed 60-residue protein moved by up to 0.23 nm from run to run, so two
+    # refinement routes started from different structures.
+    fixer.platform = openmm.Platform.getPlatformByName("Reference")
     fixer.missingResidues = {}  # never invent missing residues; gaps stay gaps (findMissingResidues not called)
     pseudouridines = _pseudouridinesAsUridines(fixer.topology)
     if pseudouridines:
@@ -827,8 +835,13 @@ def allAtomSystem(topology, positions, sigma=DEFAULT_SIGMA, scale=1.0, temperatu
     if added and notes is not None:
         notes.append("PDBFixer added missing heavy atoms: " + "; ".join(added[:20]) +
                      ("; ... and %d more" % (len(added) - 20) if len(added) > 20 else ""))
-    fixer.addMissingAtoms()
-    fixer.addMissingHydrogens(7.0)
+    fixer.addMissingAtoms(seed=int(seed))
+    randomState = random.getstate()
+    random.seed(int(seed))
+    try:
+        fixer.addMissingHydrogens(7.0)
+    finally:
+        random.setstate(randomState)
     system = amberSystem(fixer.topology, implicitSolvent)
     if withForce:
         # Chain breaks from the bonds: PDBFixer's topology has no bond across a gap (each piece is a chain).
@@ -849,7 +862,8 @@ def _refineAllAtom(polymer, others, sigma, scale, implicitSolvent, modelPath, se
     residues, inputXyz = others
     notes = []
     system, topology, positions = allAtomSystem(topology, positions, sigma, scale, settings["temperature"],
-                                                implicitSolvent, modelPath, withForce=scale != 0, notes=notes)
+                                                implicitSolvent, modelPath, withForce=scale != 0, notes=notes,
+                                                seed=settings["seed"])
     if residues and hetero == "fixed":
         fixedXyz = [inputXyz[a.index] for r, _ in residues for a in r.atoms() if _heavy(a)]
         wall = heteroWall(topology, positions, fixedXyz)
