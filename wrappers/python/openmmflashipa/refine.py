@@ -185,7 +185,8 @@ def refine(structure, out=None, platform=None, sigma=DEFAULT_SIGMA, scale=1.0, t
     implicitSolvent : 'obc2' (native GBSAOBCForce) or 'gbn2' (amber14's CustomGBForce)
     level : None (choose), 'all-atom' or 'backbone'
     seed : int
-        Langevin random seed
+        seeds the Langevin steps and the all-atom preparation (the hydrogens and heavy atoms PDBFixer adds), so
+        the same input and seed give the same starting structure
     modelPath : str, optional
         a checkpoint; None = the shipped model
     quench : bool
