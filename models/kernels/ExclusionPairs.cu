@@ -13,7 +13,7 @@ namespace FlashIPAPlugin {
 namespace kernels {
 namespace {
 
-constexpr int ExclusionThreads = 128; // atoms i per block, and atoms j per shared-memory tile
+constexpr int ExclusionThreads = ExclusionTileAtoms; // atoms i per block, and atoms j per shared-memory tile
 
 /** nvcc's device functions for float and double, as exclusionPair() wants them. */
 template <typename T>

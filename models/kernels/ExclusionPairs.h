@@ -11,6 +11,9 @@
 namespace FlashIPAPlugin {
 namespace kernels {
 
+/** Atoms per block (one thread each) and per shared-memory tile of partners; the caller sizes the splits with it. */
+constexpr int ExclusionTileAtoms = 128;
+
 struct ExclusionPairsProblem {
     int structures = 0;        ///< B
     int residues = 0;          ///< L; atoms N = 3 L, atom n belongs to residue n / 3

@@ -89,9 +89,9 @@ ExclusionPairSums exclusionPairSums(const torch::Tensor& xIn, const torch::Tenso
                                     double cutoffSpreads) {
     if (!exclusionPairSumsApply(xIn))
         throw std::invalid_argument("exclusion pairs: atoms must be float32 or float64 on the CPU or a GPU with the kernels built");
-    const int64_t B = xIn.size(0), N = xIn.size(1), L = N / 3;
-    if (xIn.dim() != 3 || xIn.size(2) != 3 || N != 3 * L || chainsIn.sizes() != torch::IntArrayRef{B, L} ||
-        realIn.sizes() != torch::IntArrayRef{B, L} || sIn.numel() != B)
+    const bool atomsShaped = xIn.dim() == 3 && xIn.size(2) == 3 && xIn.size(1) % 3 == 0;
+    const int64_t B = atomsShaped ? xIn.size(0) : 0, N = atomsShaped ? xIn.size(1) : 0, L = N / 3;
+    if (!atomsShaped || chainsIn.sizes() != torch::IntArrayRef{B, L} || realIn.sizes() != torch::IntArrayRef{B, L} || sIn.numel() != B)
         throw std::invalid_argument("exclusion pairs: want atoms [B, 3 L, 3], spread [B], chains and real [B, L]");
     torch::NoGradGuard noGrad;
     torch::Tensor x = xIn.detach().contiguous(), s = sIn.detach().reshape({B}).to(x.dtype()).contiguous();
@@ -108,9 +108,9 @@ ExclusionPairSums exclusionPairSums(const torch::Tensor& xIn, const torch::Tenso
         c10::cuda::CUDAGuard guard(x.device());
         // Enough blocks to fill the GPU: a short chain's atoms alone give few blocks, so each atom's partner range
         // is then cut into parts (at most 16), each with its own partial sums.
-        const int64_t atomBlocks = B * ((N + 127) / 128), wanted = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        splits = std::min<int64_t>(16, std::max<int64_t>(1, (wanted + atomBlocks - 1) / atomBlocks));
-        splits = std::min<int64_t>(splits, std::max<int64_t>(1, (N + 127) / 128));
+        const int64_t tiles = (N + kernels::ExclusionTileAtoms - 1) / kernels::ExclusionTileAtoms, atomBlocks = B * tiles;
+        const int64_t wanted = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        splits = std::max<int64_t>(1, std::min<int64_t>({16, tiles, (wanted + atomBlocks - 1) / std::max<int64_t>(1, atomBlocks)}));
         torch::Tensor chains = chainsIn.to(torch::kInt32).contiguous(), real = realIn.to(torch::kUInt8).contiguous();
         partial = torch::empty({splits, B, N, 5}, x.options());
         kernels::ExclusionPairsProblem p;
